@@ -1,0 +1,391 @@
+"""`KVCache`: lookup / store / retrieve / prefetch / invalidate — the one orchestrator.
+
+The memory tier (the static pool) answers first; byte tiers below it (disk, remote) are asked for
+what memory lacks, their hits are checked, decoded and promoted into the pool. Stores land in the
+pool and are written down by a background writer. Any failure below memory is counted, logged once
+and treated as a miss: the engine recomputes, slower but never wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from nencache.codecs import RawCodec, get_codec
+from nencache.config import CacheConfig, load_config
+from nencache.errors import ChunkMissingError, ClosedError, CorruptChunkError, LayoutError, PoolExhaustedError
+from nencache.keys import ChunkSpan, TokenIds, chunk_spans, namespace_digest, partial_key, salted, token_array
+from nencache.layout import KVLayout
+from nencache.pool import MemoryPool
+from nencache.stats import CacheCounters
+from nencache.tiers.base import Tier
+from nencache.tiers.factory import build_lower_tiers
+from nencache.tiers.memory import MemoryTier
+from nencache.writer import LowerTier, WriteBehind
+
+log = logging.getLogger("nencache")
+
+
+class KVCache:
+    """A multi-tier cache of attention KV, keyed by token prefixes, for one model (one namespace)."""
+
+    def __init__(
+        self,
+        config: CacheConfig | None = None,
+        layout: KVLayout | None = None,
+        model_id: str = "",
+        *,
+        fingerprint: str = "",
+        extra: str = "",
+        lower_tiers: Sequence[tuple[Tier, str]] | None = None,
+    ) -> None:
+        if layout is None:
+            raise LayoutError("KVCache needs a KVLayout (layers, KV heads, head dim, dtype) of the model it caches")
+        self.config = config if config is not None else load_config().config
+        self.layout = layout
+        self.model_id = model_id
+        self.chunk_size = self.config.chunk_size
+        self.namespace = namespace_digest(model_id, layout, self.chunk_size, fingerprint=fingerprint, extra=extra,
+                                          tenant=self.config.tenant)
+        cpu_codec = get_codec(self.config.cpu_codec)
+        page_bytes = (layout.nbytes(self.chunk_size) if isinstance(cpu_codec, RawCodec)
+                      else cpu_codec.max_encoded_size(layout, self.chunk_size))
+        pool = MemoryPool(int(self.config.cpu_size), page_bytes, pin_memory=self.config.pin_memory)
+        self.memory = MemoryTier(pool, layout, cpu_codec)
+        pairs = lower_tiers if lower_tiers is not None else build_lower_tiers(self.config, self.namespace.hex())
+        self.lower = [LowerTier(tier, get_codec(codec)) for tier, codec in pairs]
+        self._writer = (WriteBehind(self.lower, self.config.write_queue_chunks, self._tier_failed,
+                                    after_write=None if self.config.local_cpu else self._forget_staged)
+                        if self.lower else None)
+        self._counters = CacheCounters()
+        self._partials: dict[bytes, set[int]] = {}
+        self._inflight: dict[bytes, Future[Any]] = {}
+        self._lock = threading.Lock()
+        self._io: ThreadPoolExecutor | None = None
+        self._warned: set[str] = set()
+        self._closed = False
+
+    # --- public API --------------------------------------------------------------------------------
+    def lookup(self, token_ids: TokenIds, *, salt: str | bytes | None = None) -> int:
+        """Length, in tokens, of the longest prefix of `token_ids` whose KV is cached in any tier."""
+        self._check_open()
+        tokens = token_array(token_ids)
+        namespace = salted(self.namespace, salt)
+        spans = chunk_spans(tokens, self.chunk_size, namespace, include_partial=False)
+        keys = [span.key for span in spans]
+        found = self._leading_run(keys)
+        matched = found * self.chunk_size
+        if matched < len(tokens):  # a stored partial chunk may extend the run
+            matched += self._match_partial(keys[found - 1] if found else namespace, tokens[matched:])
+        self._counters.count_lookup(len(tokens), matched, found, len(keys) - found)
+        return matched
+
+    def store(self, token_ids: TokenIds, kv: torch.Tensor, *, salt: str | bytes | None = None) -> int:
+        """Cache the KV of `token_ids` (`kv`: `[layers, 2, len(token_ids), kv_heads, head_dim]`).
+
+        Chunks already cached are skipped. Returns how many chunks were newly stored. Lower tiers are
+        written in the background (see `flush`).
+        """
+        self._check_open()
+        tokens = token_array(token_ids)
+        self.layout.check(kv, len(tokens))
+        return self._store(tokens, salt, lambda target, s, e: target.copy_(kv[:, :, s:e]))
+
+    def store_layers(self, token_ids: TokenIds, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
+                     salt: str | bytes | None = None) -> int:
+        """Like `store`, from per-layer `(keys, values)` shaped `[kv_heads, tokens, head_dim]` (or with a
+        leading batch dimension of 1), as engines such as transformers keep them. No full-size copy is made.
+        """
+        self._check_open()
+        tokens = token_array(token_ids)
+        views = [(self._heads_first(k, len(tokens)), self._heads_first(v, len(tokens))) for k, v in layers]
+        if len(views) != self.layout.num_layers:
+            raise LayoutError(f"got KV for {len(views)} layers, the layout has {self.layout.num_layers}")
+
+        def fill(target: torch.Tensor, start: int, end: int) -> None:
+            for index, (k, v) in enumerate(views):
+                target[index, 0].copy_(k[:, start:end].transpose(0, 1))
+                target[index, 1].copy_(v[:, start:end].transpose(0, 1))
+
+        return self._store(tokens, salt, fill)
+
+    def retrieve(self, token_ids: TokenIds, *, salt: str | bytes | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """The cached KV of exactly `token_ids`, as `[layers, 2, len(token_ids), kv_heads, head_dim]`.
+
+        `out` (any strides, e.g. a permuted view of an engine's buffer) receives it without a new
+        allocation. Raises `ChunkMissingError` if some of it is not cached: retrieve what `lookup` reported.
+        """
+        self._check_open()
+        tokens = token_array(token_ids)
+        out = self._output(out, len(tokens))
+        got = self.retrieve_prefix(tokens, salt=salt, out=out)
+        if got < len(tokens):
+            raise ChunkMissingError(
+                f"only the first {got} of {len(tokens)} tokens are cached; call lookup() first and retrieve "
+                "at most the prefix it reports"
+            )
+        return out
+
+    def retrieve_prefix(self, token_ids: TokenIds, *, salt: str | bytes | None = None,
+                        out: torch.Tensor | None = None) -> int:
+        """Copy the KV of the longest cached prefix of `token_ids` into `out`; return its length in tokens.
+
+        Unlike `retrieve`, a chunk evicted since `lookup` is not an error: the caller recomputes from there.
+        """
+        self._check_open()
+        tokens = token_array(token_ids)
+        out = self._output(out, len(tokens))
+        spans = chunk_spans(tokens, self.chunk_size, salted(self.namespace, salt), include_partial=True)
+        missing = [span for span in spans if not self.memory.read_into(span.key, out[:, :, span.start : span.end])]
+        if missing:
+            self._wait_inflight([span.key for span in missing])
+            missing = [s for s in missing if not self.memory.read_into(s.key, out[:, :, s.start : s.end])]
+        if missing:
+            fetched = self._fetch_lower(missing, out)
+            missing = [span for span in missing if span.key not in fetched]
+        got = missing[0].start if missing else len(tokens)
+        self._counters.add(retrieved_tokens=got, retrieved_bytes=self.layout.nbytes(got))
+        return got
+
+    def prefetch(self, token_ids: TokenIds, *, salt: str | bytes | None = None) -> Future[int]:
+        """Start promoting the chunks of `token_ids` from lower tiers into memory; `retrieve` waits for them.
+
+        Call it when a request is queued. The future resolves to the number of chunks promoted.
+        """
+        self._check_open()
+        tokens = token_array(token_ids)
+        spans = chunk_spans(tokens, self.chunk_size, salted(self.namespace, salt), include_partial=True)
+        todo = [span for span in spans if span.key not in self.memory]
+        done: Future[int] = Future()
+        if not todo or not self.lower:
+            done.set_result(0)
+            return done
+        future = self._executor().submit(self._promote, todo)
+        with self._lock:
+            for span in todo:
+                self._inflight.setdefault(span.key, future)
+        future.add_done_callback(lambda _: self._clear_inflight(todo, future))
+        return future
+
+    def invalidate(self, token_ids: TokenIds | None = None, *, salt: str | bytes | None = None) -> None:
+        """Drop a prefix's chunks (`token_ids` given) or everything of this namespace, in every tier."""
+        self._check_open()
+        if self._writer is not None:
+            self._writer.flush()
+        if token_ids is None:
+            self.memory.clear()
+            with self._lock:
+                self._partials.clear()
+            for lower in self.lower:
+                self._guard(lower.tier, lower.tier.clear, None)
+            return
+        keys = [s.key for s in chunk_spans(token_ids, self.chunk_size, salted(self.namespace, salt))]
+        self.memory.delete(keys)
+        for lower in self.lower:
+            self._guard(lower.tier, lambda t=lower.tier: t.delete(keys), None)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every stored chunk is written to the lower tiers and durable there."""
+        self._check_open()
+        return True if self._writer is None else self._writer.flush(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the cache and of each tier (hits, misses, stored/evicted chunks and bytes, errors)."""
+        data: dict[str, Any] = self._counters.as_dict()
+        memory = self.memory.stats()
+        data.update(evicted_chunks=memory.evicted_chunks, evicted_bytes=memory.evicted_bytes,
+                    pool_bytes=self.memory.pool.capacity_bytes, pool_used_bytes=memory.bytes_used)
+        if self._writer is not None:
+            data.update(write_pending=self._writer.pending, write_dropped=self._writer.dropped)
+        data["tiers"] = {"memory": memory.as_dict()} | {l.tier.name: l.tier.stats().as_dict() for l in self.lower}
+        return data
+
+    def close(self) -> None:
+        """Flush pending writes, stop background work, release the pool. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+        self.memory.close()
+        for lower in self.lower:
+            self._guard(lower.tier, lower.tier.close, None)
+
+    def __enter__(self) -> "KVCache":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- internals -------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this KVCache is closed; create a new one")
+
+    def _output(self, out: torch.Tensor | None, num_tokens: int) -> torch.Tensor:
+        if out is None:
+            return torch.empty(self.layout.shape(num_tokens), dtype=self.layout.dtype)
+        return self.layout.check(out, num_tokens)
+
+    def _heads_first(self, tensor: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        if tensor.dim() == 4 and tensor.shape[0] == 1:
+            tensor = tensor[0]
+        expected = (self.layout.num_kv_heads, num_tokens, self.layout.head_dim)
+        if tuple(tensor.shape) != expected or tensor.dtype != self.layout.dtype:
+            raise LayoutError(f"layer KV is {tuple(tensor.shape)} {tensor.dtype}; expected {expected} {self.layout.dtype}")
+        return tensor
+
+    def _store(self, tokens: np.ndarray, salt: str | bytes | None,
+               fill: Callable[[torch.Tensor, int, int], object]) -> int:
+        namespace = salted(self.namespace, salt)
+        spans = chunk_spans(tokens, self.chunk_size, namespace, include_partial=self.config.save_unfull_chunk)
+        new = 0
+        for index, span in enumerate(spans):
+            try:
+                stored = self.memory.put_filled(span.key, span.num_tokens,
+                                                lambda target, s=span: fill(target, s.start, s.end))
+            except PoolExhaustedError as exc:
+                self._warn_once("pool", f"store skipped: {exc}")
+                self._counters.add(store_failures=1)
+                break
+            if span.num_tokens < self.chunk_size:
+                self._remember_partial(spans[index - 1].key if index else namespace, span.num_tokens)
+            if stored:
+                new += 1
+                self._counters.add(stored_chunks=1, stored_bytes=self.layout.nbytes(span.num_tokens))
+                if self._writer is not None:
+                    lease = self.memory.lease(span.key, count=False)
+                    if lease is not None:
+                        self._writer.submit(lease)
+        return new
+
+    def _leading_run(self, keys: list[bytes]) -> int:
+        """How many leading keys some tier holds, asking memory first, then each lower tier in order."""
+        found = 0
+        while found < len(keys):
+            found += self.memory.contains_prefix(keys[found:])
+            if found == len(keys):
+                break
+            for lower in self.lower:
+                advanced = self._guard(lower.tier, lambda t=lower.tier: t.contains_prefix(keys[found:]), 0)
+                if advanced:
+                    found += advanced
+                    break
+            else:
+                break
+        return found
+
+    def _match_partial(self, parent: bytes, rest: np.ndarray) -> int:
+        """The longest stored partial chunk after `parent` that is a prefix of `rest` (0 if none)."""
+        with self._lock:
+            lengths = {n for n in self._partials.get(parent, ()) if n <= len(rest)}
+        if len(rest) < self.chunk_size:
+            lengths.add(len(rest))
+        for length in sorted(lengths, reverse=True):
+            key = partial_key(parent, rest[:length])
+            if key in self.memory or any(
+                self._guard(l.tier, lambda t=l.tier: t.contains_prefix([key]), 0) for l in self.lower
+            ):
+                return length
+        return 0
+
+    def _remember_partial(self, parent: bytes, length: int) -> None:
+        with self._lock:
+            self._partials.setdefault(parent, set()).add(length)
+
+    def _fetch_lower(self, spans: list[ChunkSpan], out: torch.Tensor | None) -> set[bytes]:
+        """Fetch `spans` from the lower tiers, check, decode, promote into memory and copy into `out`."""
+        fetched: set[bytes] = set()
+        for lower in self.lower:
+            wanted = [span for span in spans if span.key not in fetched]
+            if not wanted:
+                break
+            blobs = self._guard(lower.tier, lambda t=lower.tier: t.get([s.key for s in wanted]), None)
+            for span, blob in zip(wanted, blobs or ()):
+                if blob is None:
+                    continue
+                chunk = self._decode(lower, span, blob)
+                if chunk is None:
+                    continue
+                if out is not None:
+                    out[:, :, span.start : span.end].copy_(chunk)
+                try:
+                    self.memory.put_tensor(span.key, chunk)
+                except PoolExhaustedError:
+                    pass  # served, just not promoted
+                fetched.add(span.key)
+                self._counters.add(lower_hits=1)
+        return fetched
+
+    def _decode(self, lower: LowerTier, span: ChunkSpan, blob: Any) -> torch.Tensor | None:
+        try:
+            chunk = lower.codec.decode(blob, expected_key=span.key)
+            if tuple(chunk.shape) != self.layout.shape(span.num_tokens) or chunk.dtype != self.layout.dtype:
+                raise CorruptChunkError(f"chunk holds {tuple(chunk.shape)} {chunk.dtype}, not this layout")
+            return chunk
+        except CorruptChunkError as exc:
+            stats = lower.tier.stats()
+            with stats.lock:
+                stats.corrupt += 1
+            self._warn_once(f"corrupt:{lower.tier.name}", f"{lower.tier.name}: dropped a corrupt chunk ({exc})")
+            self._guard(lower.tier, lambda: lower.tier.delete([span.key]), None)
+            return None
+
+    def _promote(self, spans: list[ChunkSpan]) -> int:
+        return len(self._fetch_lower(spans, None))
+
+    def _wait_inflight(self, keys: list[bytes]) -> None:
+        with self._lock:
+            futures = {id(f): f for k in keys if (f := self._inflight.get(k)) is not None}
+        for future in futures.values():
+            try:
+                future.result()
+            except Exception:  # a failed prefetch is just a miss
+                pass
+
+    def _clear_inflight(self, spans: list[ChunkSpan], future: Future[Any]) -> None:
+        with self._lock:
+            for span in spans:
+                if self._inflight.get(span.key) is future:
+                    del self._inflight[span.key]
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._io is None:
+                self._io = ThreadPoolExecutor(max_workers=self.config.io_threads, thread_name_prefix="nencache-io")
+            return self._io
+
+    def _forget_staged(self, key: bytes) -> None:
+        """With `local_cpu` off, the pool only stages chunks until they are written below."""
+        self.memory.delete([key])
+
+    def _guard(self, tier: Tier, call: Any, default: Any) -> Any:
+        """Run a lower-tier call; any failure is counted, logged once per tier, and returns `default`."""
+        try:
+            return call()
+        except Exception as exc:
+            self._tier_failed(tier, exc)
+            return default
+
+    def _tier_failed(self, tier: Tier, exc: BaseException) -> None:
+        stats = tier.stats()
+        with stats.lock:
+            stats.errors += 1
+        self._counters.add(tier_errors=1)
+        self._warn_once(f"tier:{tier.name}", f"tier {tier.name} failed ({exc!r}); treating it as a miss")
+
+    def _warn_once(self, topic: str, message: str) -> None:
+        with self._lock:
+            if topic in self._warned:
+                return
+            self._warned.add(topic)
+        log.warning(message)

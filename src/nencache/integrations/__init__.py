@@ -1,0 +1,1 @@
+"""Adapters for inference engines (transformers, vLLM, SGLang). Each imports its engine lazily."""

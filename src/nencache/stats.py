@@ -1,0 +1,42 @@
+"""`CacheCounters`: the cache-level counters behind `KVCache.stats()`."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, fields
+
+
+@dataclass(slots=True)
+class CacheCounters:
+    """Lookups and their hit rate in chunks and tokens, stores, retrieves, errors."""
+
+    lookups: int = 0
+    lookup_tokens: int = 0
+    hit_tokens: int = 0
+    hits: int = 0
+    misses: int = 0
+    stored_chunks: int = 0
+    stored_bytes: int = 0
+    store_failures: int = 0
+    retrieved_tokens: int = 0
+    retrieved_bytes: int = 0
+    lower_hits: int = 0
+    tier_errors: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **amounts: int) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                setattr(self, name, getattr(self, name) + amount)
+
+    def count_lookup(self, tokens: int, matched: int, hit_chunks: int, missed_chunks: int) -> None:
+        with self._lock:
+            self.lookups += 1
+            self.lookup_tokens += tokens
+            self.hit_tokens += matched
+            self.hits += hit_chunks
+            self.misses += missed_chunks
+
+    def as_dict(self) -> dict[str, int]:
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}

@@ -1,0 +1,74 @@
+"""The `Tier` protocol every byte tier implements, and the counters every tier keeps.
+
+A byte tier (disk, Redis, a NenCache server, a peer) stores whole chunks in the shared byte format
+(`nencache.format`) under 16-byte keys. A tier instance serves one namespace: `clear()` removes what
+this instance stores for that namespace and nothing else. Tiers may raise (`TierError`, `OSError`,
+...); `KVCache` turns any failure below memory into a counted miss.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(slots=True)
+class TierStats:
+    """Counters of one tier. Updated under `lock` by the tier; read as a dict by `KVCache.stats()`."""
+
+    hits: int = 0
+    misses: int = 0
+    stored_chunks: int = 0
+    stored_bytes: int = 0
+    read_bytes: int = 0
+    evicted_chunks: int = 0
+    evicted_bytes: int = 0
+    errors: int = 0
+    corrupt: int = 0
+    dropped: int = 0
+    chunks: int = 0
+    bytes_used: int = 0
+    capacity_bytes: int = 0
+    read_seconds: float = 0.0
+    write_seconds: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lock"}
+
+
+@runtime_checkable
+class Tier(Protocol):
+    """A place chunks live below the memory pool."""
+
+    name: str
+
+    def contains_prefix(self, keys: Sequence[bytes]) -> int:
+        """How many of `keys`, from the first, are present (stops at the first missing one)."""
+        ...
+
+    def get(self, keys: Sequence[bytes]) -> list[bytes | bytearray | memoryview | None]:
+        """The stored blobs of `keys` (header included), `None` where absent. Fetched in parallel where possible."""
+        ...
+
+    def put(self, items: Sequence[tuple[bytes, bytes | bytearray | memoryview]]) -> None:
+        """Store blobs under keys; an existing key may be kept or overwritten."""
+        ...
+
+    def delete(self, keys: Sequence[bytes]) -> None:
+        """Forget these keys (missing ones are ignored)."""
+        ...
+
+    def clear(self) -> None:
+        """Forget everything this tier holds for its namespace."""
+        ...
+
+    def flush(self) -> None:
+        """Return once everything `put` so far is durable (a no-op where puts are synchronous)."""
+        ...
+
+    def stats(self) -> TierStats: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,39 @@
+"""Build the byte tiers below memory that a `CacheConfig` asks for."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from nencache.config import CacheConfig
+from nencache.errors import ConfigError
+from nencache.tiers.base import Tier
+
+REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis-cluster")
+
+
+def build_lower_tiers(config: CacheConfig, namespace: str) -> list[tuple[Tier, str]]:
+    """(tier, codec name) pairs, fastest first: the disk tier, then the remote tier."""
+    tiers: list[tuple[Tier, str]] = []
+    if config.disk_path:
+        from nencache.tiers.disk import DiskTier
+
+        tiers.append((DiskTier(config.disk_path, namespace, int(config.disk_size), io_threads=config.io_threads),
+                      config.disk_codec))
+    if config.remote_url:
+        tiers.append((build_remote_tier(config, namespace), config.remote_codec))
+    return tiers
+
+
+def build_remote_tier(config: CacheConfig, namespace: str) -> Tier:
+    """The remote tier named by `remote_url`."""
+    url = str(config.remote_url)
+    scheme = urlsplit(url).scheme.lower()
+    if scheme in REDIS_SCHEMES:
+        from nencache.tiers.redis import RedisTier
+
+        return RedisTier(url, namespace, timeout=config.remote_timeout, ttl=config.remote_ttl,
+                         key_prefix=config.remote_key_prefix)
+    raise ConfigError(
+        f"remote_url {url!r}: unsupported scheme {scheme!r}; use redis://, rediss://, unix://, valkey:// "
+        "or redis-cluster://"
+    )

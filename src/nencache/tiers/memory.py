@@ -1,0 +1,265 @@
+"""`MemoryTier`: chunks in the static memory pool, least-recently-used eviction, pinned readers.
+
+Each stored chunk owns one pool page. A chunk is either a raw tensor (its bytes exactly as the
+layout says, the fast path) or a blob in the shared byte format (when the CPU codec compresses, or
+when a byte tier stores through the blob API). Readers pin the page, so a chunk being read or
+written behind is never evicted under them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from nencache.codecs import Codec, RawCodec
+from nencache.errors import LayoutError, PoolExhaustedError, TierError
+from nencache.format import HEADER_SIZE
+from nencache.layout import KVLayout
+from nencache.pool import MemoryPool
+from nencache.tiers.base import TierStats
+
+
+@dataclass(slots=True)
+class Entry:
+    """Where one chunk lives in the pool."""
+
+    page: int
+    nbytes: int
+    num_tokens: int
+    is_blob: bool
+
+
+class ChunkLease:
+    """A pinned chunk: its page cannot be evicted until `release()`."""
+
+    __slots__ = ("_tier", "entry", "key", "_released")
+
+    def __init__(self, tier: "MemoryTier", key: bytes, entry: Entry) -> None:
+        self._tier, self.key, self.entry, self._released = tier, key, entry, False
+
+    def tensor(self) -> torch.Tensor:
+        """The chunk as a `[layers, 2, tokens, kv_heads, head_dim]` tensor (a view for raw chunks)."""
+        return self._tier._as_tensor(self.entry, self.key)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._tier.pool.release(self.entry.page)
+
+
+class MemoryTier:
+    """The CPU tier: a key -> page index over a `MemoryPool`, in LRU order."""
+
+    name = "memory"
+
+    def __init__(self, pool: MemoryPool, layout: KVLayout | None = None, codec: Codec | None = None) -> None:
+        self.pool = pool
+        self.layout = layout
+        self.codec: Codec = codec or RawCodec()
+        self._raw = isinstance(self.codec, RawCodec)
+        self._index: OrderedDict[bytes, Entry] = OrderedDict()
+        self._lock = threading.Lock()
+        self._stats = TierStats(capacity_bytes=pool.capacity_bytes)
+
+    # --- the tensor path used by KVCache -------------------------------------------------------
+    def put_tensor(self, key: bytes, chunk: torch.Tensor) -> bool:
+        """Copy a chunk (any strides, any device) into a page. False if the key was already held."""
+        return self.put_filled(key, chunk.shape[2], lambda target: target.copy_(chunk))
+
+    def put_filled(self, key: bytes, num_tokens: int, fill: Callable[[torch.Tensor], object]) -> bool:
+        """Store a chunk that `fill` writes into the `[layers, 2, tokens, heads, dim]` tensor it is given.
+
+        With the raw codec that tensor is the pool page itself (one copy, no allocation). False if the
+        key was already held (then `fill` is not called).
+        """
+        with self._lock:
+            if key in self._index:
+                self._index.move_to_end(key)
+                return False
+        assert self.layout is not None, "put_filled needs a layout"
+        started = time.perf_counter()
+        shape = self.layout.shape(num_tokens)
+        if self._raw:
+            nbytes = self.layout.nbytes(num_tokens)
+            page = self._take_page(nbytes)
+            try:
+                fill(self.pool.page(page)[:nbytes].view(self.layout.dtype).view(shape))
+            except BaseException:
+                self.pool.release(page)
+                raise
+        else:
+            chunk = torch.empty(shape, dtype=self.layout.dtype)
+            fill(chunk)
+            blob = self.codec.encode(chunk, key)
+            nbytes = len(blob)
+            page = self._take_page(nbytes)
+            self.pool.page(page)[:nbytes].copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+        self._insert(key, Entry(page, nbytes, num_tokens, is_blob=not self._raw), started)
+        return True
+
+    def read_into(self, key: bytes, out: torch.Tensor) -> bool:
+        """Copy a held chunk into `out` (a `[layers, 2, tokens, heads, dim]` view); False on a miss."""
+        lease = self.lease(key)
+        if lease is None:
+            return False
+        try:
+            started = time.perf_counter()
+            out.copy_(lease.tensor())
+            with self._stats.lock:
+                self._stats.read_bytes += lease.entry.nbytes
+                self._stats.read_seconds += time.perf_counter() - started
+        finally:
+            lease.release()
+        return True
+
+    def lease(self, key: bytes, *, count: bool = True) -> ChunkLease | None:
+        """Pin a held chunk or return None; `count` says whether this is a read (hit/miss counted)."""
+        with self._lock:
+            entry = self._index.get(key)
+            if entry is not None:
+                self._index.move_to_end(key)
+                self.pool.acquire(entry.page)
+        if not count:
+            return None if entry is None else ChunkLease(self, key, entry)
+        with self._stats.lock:
+            if entry is None:
+                self._stats.misses += 1
+            else:
+                self._stats.hits += 1
+        return None if entry is None else ChunkLease(self, key, entry)
+
+    def num_tokens(self, key: bytes) -> int | None:
+        with self._lock:
+            entry = self._index.get(key)
+            return None if entry is None else entry.num_tokens
+
+    def __contains__(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    # --- the byte-tier protocol ------------------------------------------------------------------
+    def contains_prefix(self, keys: Sequence[bytes]) -> int:
+        with self._lock:
+            for count, key in enumerate(keys):
+                if key not in self._index:
+                    return count
+            return len(keys)
+
+    def get(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        blobs: list[bytes | None] = []
+        for key in keys:
+            lease = self.lease(key)
+            if lease is None:
+                blobs.append(None)
+                continue
+            try:
+                entry = lease.entry
+                if entry.is_blob:
+                    blobs.append(bytes(self.pool.page(entry.page)[: entry.nbytes].numpy()))
+                else:
+                    blobs.append(RawCodec().encode(lease.tensor(), key))
+            finally:
+                lease.release()
+        return blobs
+
+    def put(self, items: Sequence[tuple[bytes, bytes | bytearray | memoryview]]) -> None:
+        for key, blob in items:
+            if len(blob) > self.pool.page_bytes:
+                raise TierError(f"chunk of {len(blob)} bytes is larger than a pool page ({self.pool.page_bytes})")
+            if len(blob) < HEADER_SIZE:
+                raise LayoutError(f"a blob must hold at least the {HEADER_SIZE}-byte chunk header")
+            with self._lock:
+                if key in self._index:
+                    self._index.move_to_end(key)
+                    continue
+            started = time.perf_counter()
+            page = self._take_page(len(blob))
+            self.pool.page(page)[: len(blob)].copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+            tokens = int.from_bytes(bytes(blob[16:20]), "little")
+            self._insert(key, Entry(page, len(blob), tokens, is_blob=True), started)
+
+    def delete(self, keys: Sequence[bytes]) -> None:
+        for key in keys:
+            with self._lock:
+                entry = self._index.pop(key, None)
+            if entry is not None:
+                self._drop(entry)
+
+    def clear(self) -> None:
+        with self._lock:
+            entries = list(self._index.values())
+            self._index.clear()
+        for entry in entries:
+            self._drop(entry)
+
+    def flush(self) -> None:
+        """Memory writes are synchronous."""
+
+    def stats(self) -> TierStats:
+        with self._stats.lock:
+            self._stats.chunks = len(self._index)
+        return self._stats
+
+    def close(self) -> None:
+        self.clear()
+
+    # --- internals -------------------------------------------------------------------------------
+    def _as_tensor(self, entry: Entry, key: bytes) -> torch.Tensor:
+        page = self.pool.page(entry.page)[: entry.nbytes]
+        if entry.is_blob:
+            return self.codec.decode(memoryview(page.numpy()), expected_key=key)
+        assert self.layout is not None
+        return page.view(self.layout.dtype).view(self.layout.shape(entry.num_tokens))
+
+    def _take_page(self, nbytes: int) -> int:
+        """A free page, evicting least-recently-used unpinned chunks if needed."""
+        if nbytes > self.pool.page_bytes:
+            raise TierError(f"chunk of {nbytes} bytes is larger than a pool page ({self.pool.page_bytes})")
+        while True:
+            page = self.pool.allocate()
+            if page is not None:
+                return page
+            if not self._evict_one():
+                raise PoolExhaustedError(
+                    f"all {self.pool.num_pages} pool pages are in use by readers; raise cpu_size "
+                    "or read fewer chunks at once"
+                )
+
+    def _evict_one(self) -> bool:
+        with self._lock:
+            victim = next((k for k, e in self._index.items() if self.pool.refcount(e.page) == 1), None)
+            if victim is None:
+                return False
+            entry = self._index.pop(victim)
+        self._drop(entry, evicted=True)
+        return True
+
+    def _insert(self, key: bytes, entry: Entry, started: float) -> None:
+        with self._lock:
+            duplicate = key in self._index
+            if not duplicate:
+                self._index[key] = entry
+        if duplicate:  # another thread stored the same chunk meanwhile
+            self.pool.release(entry.page)
+            return
+        with self._stats.lock:
+            self._stats.stored_chunks += 1
+            self._stats.stored_bytes += entry.nbytes
+            self._stats.bytes_used += entry.nbytes
+            self._stats.write_seconds += time.perf_counter() - started
+
+    def _drop(self, entry: Entry, evicted: bool = False) -> None:
+        self.pool.release(entry.page)
+        with self._stats.lock:
+            self._stats.bytes_used -= entry.nbytes
+            if evicted:
+                self._stats.evicted_chunks += 1
+                self._stats.evicted_bytes += entry.nbytes

@@ -1,0 +1,199 @@
+"""KVCache: exact round trips, prefixes, salts, invalidation, bounded memory, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from nencache import CacheConfig, ChunkMissingError, ClosedError, KVCache, KVLayout, LayoutError
+
+LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16)
+
+
+def make_kv(layout: KVLayout, tokens: int, seed: int = 0) -> torch.Tensor:
+    data = torch.randn(layout.shape(tokens), generator=torch.Generator().manual_seed(seed))
+    return data.to(layout.dtype)
+
+
+def make_cache(chunk_size: int = 16, cpu_size: str | int = "16MiB", layout: KVLayout = LAYOUT, **kwargs) -> KVCache:
+    return KVCache(CacheConfig(chunk_size=chunk_size, cpu_size=cpu_size, **kwargs), layout, model_id="test-model")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [16, 37, 64, 1, 100])
+def test_retrieve_is_bit_exact(dtype, tokens) -> None:
+    layout = KVLayout(3, 2, 8, dtype)
+    kv = make_kv(layout, tokens)
+    if dtype != torch.float32:  # include values that only survive an exact byte copy
+        kv.view(torch.int16)[0, 0, 0, 0, :4] = torch.tensor([0x7C01, -1, 0x0001, -32768], dtype=torch.int16)  # NaN payload, NaN, denormal, -0
+    with make_cache(layout=layout) as cache:
+        ids = list(range(1000, 1000 + tokens))
+        assert cache.store(ids, kv) == -(-tokens // 16)
+        assert cache.lookup(ids) == tokens
+        out = cache.retrieve(ids)
+        assert out.dtype == dtype and torch.equal(out.view(torch.uint8), kv.view(torch.uint8))
+
+
+def test_public_api_shapes_and_tensor_tokens() -> None:
+    with make_cache() as cache:
+        ids = torch.arange(50)
+        kv = make_kv(LAYOUT, 50)
+        cache.store(ids, kv)
+        n = cache.lookup(ids)
+        assert n == 50
+        assert torch.equal(cache.retrieve(ids[:n]), kv)
+        assert cache.lookup(ids[:40]) == 32  # the stored partial covers 48..50, not 32..40
+        assert torch.equal(cache.retrieve(ids[:32]), kv[:, :, :32])
+        stats = cache.stats()
+        for field in ("hits", "misses", "stored_chunks", "stored_bytes", "evicted_chunks", "evicted_bytes"):
+            assert field in stats
+        assert stats["tiers"]["memory"]["chunks"] == 4
+
+
+def test_longer_prompt_reuses_stored_partial_chunk() -> None:
+    with make_cache() as cache:
+        ids = list(range(40))
+        cache.store(ids, make_kv(LAYOUT, 40))
+        longer = ids + [7, 8, 9, 10, 11]
+        assert cache.lookup(longer) == 40
+        assert torch.equal(cache.retrieve(longer[:40]), make_kv(LAYOUT, 40))
+
+
+def test_without_unfull_chunks_only_full_chunks_are_kept() -> None:
+    with make_cache(save_unfull_chunk=False) as cache:
+        ids = list(range(40))
+        assert cache.store(ids, make_kv(LAYOUT, 40)) == 2
+        assert cache.lookup(ids) == 32
+
+
+def test_store_skips_chunks_already_held() -> None:
+    with make_cache() as cache:
+        ids = list(range(64))
+        assert cache.store(ids, make_kv(LAYOUT, 64)) == 4
+        assert cache.store(ids[:48] + [1, 2, 3], make_kv(LAYOUT, 51, seed=1)) == 1
+        assert torch.equal(cache.retrieve(ids[:48]), make_kv(LAYOUT, 64)[:, :, :48])
+
+
+def test_a_changed_token_invalidates_the_rest_of_the_prefix() -> None:
+    with make_cache() as cache:
+        ids = list(range(64))
+        cache.store(ids, make_kv(LAYOUT, 64))
+        changed = list(ids)
+        changed[20] = 999
+        assert cache.lookup(changed) == 16
+
+
+def test_salt_isolates_requests() -> None:
+    with make_cache() as cache:
+        ids = list(range(32))
+        cache.store(ids, make_kv(LAYOUT, 32), salt="tenant-a")
+        assert cache.lookup(ids, salt="tenant-a") == 32
+        assert cache.lookup(ids) == 0 and cache.lookup(ids, salt="tenant-b") == 0
+        with pytest.raises(ChunkMissingError):
+            cache.retrieve(ids, salt="tenant-b")
+
+
+def test_different_models_never_share_chunks() -> None:
+    config = CacheConfig(chunk_size=16, cpu_size="1MiB")
+    a = KVCache(config, LAYOUT, model_id="model-a")
+    b = KVCache(config, LAYOUT, model_id="model-b")
+    ids = list(range(32))
+    a.store(ids, make_kv(LAYOUT, 32))
+    assert a.lookup(ids) == 32 and b.lookup(ids) == 0
+    assert a.namespace != b.namespace
+
+
+def test_invalidate_prefix_and_everything() -> None:
+    with make_cache() as cache:
+        cache.store(list(range(48)), make_kv(LAYOUT, 48))
+        cache.store(list(range(100, 132)), make_kv(LAYOUT, 32, seed=3))
+        cache.invalidate(list(range(48)))
+        assert cache.lookup(list(range(48))) == 0 and cache.lookup(list(range(100, 132))) == 32
+        cache.invalidate()
+        assert cache.lookup(list(range(100, 132))) == 0
+        assert cache.stats()["pool_used_bytes"] == 0
+
+
+@pytest.mark.parametrize(
+    ("kv_shape", "dtype", "message"),
+    [
+        ((4, 2, 31, 2, 16), torch.bfloat16, "shape"),  # one token short
+        ((4, 2, 32, 3, 16), torch.bfloat16, "shape"),  # wrong heads
+        ((4, 32, 2, 16), torch.bfloat16, "shape"),  # wrong rank
+        ((4, 2, 32, 2, 16), torch.float32, "dtype"),
+    ],
+)
+def test_bad_kv_raises_and_changes_nothing(kv_shape, dtype, message) -> None:
+    with make_cache() as cache:
+        cache.store(list(range(16)), make_kv(LAYOUT, 16))
+        before = cache.stats()
+        with pytest.raises(LayoutError, match=message):
+            cache.store(list(range(32)), torch.zeros(kv_shape, dtype=dtype))
+        after = cache.stats()
+        assert after["stored_chunks"] == before["stored_chunks"] and after["pool_used_bytes"] == before["pool_used_bytes"]
+        assert torch.equal(cache.retrieve(list(range(16))), make_kv(LAYOUT, 16))
+
+
+def test_bad_tokens_and_bad_out_raise() -> None:
+    with make_cache() as cache:
+        with pytest.raises(LayoutError):
+            cache.store([[1, 2]], make_kv(LAYOUT, 1))
+        with pytest.raises(LayoutError):
+            cache.lookup(torch.ones(3, 3, dtype=torch.long))
+        cache.store(list(range(16)), make_kv(LAYOUT, 16))
+        with pytest.raises(LayoutError):
+            cache.retrieve(list(range(16)), out=torch.empty(LAYOUT.shape(15), dtype=LAYOUT.dtype))
+        with pytest.raises(LayoutError):
+            KVCache(CacheConfig(), None)
+
+
+def test_retrieve_of_uncached_tokens_says_what_to_do() -> None:
+    with make_cache() as cache:
+        cache.store(list(range(16)), make_kv(LAYOUT, 16))
+        with pytest.raises(ChunkMissingError, match="call lookup"):
+            cache.retrieve(list(range(32)))
+
+
+def test_closed_cache_refuses_use() -> None:
+    cache = make_cache()
+    cache.close()
+    cache.close()
+    with pytest.raises(ClosedError):
+        cache.lookup([1, 2, 3])
+
+
+def test_three_times_the_pool_stays_bounded_and_exact() -> None:
+    chunk_bytes = LAYOUT.nbytes(16)
+    with make_cache(cpu_size=20 * chunk_bytes) as cache:
+        pool = cache.memory.pool
+        pointer, size = pool.buffer.data_ptr(), pool.buffer.numel()
+        prompts = [list(range(i * 1000, i * 1000 + 64)) for i in range(15)]  # 60 chunks: 3x the pool
+        for index, ids in enumerate(prompts):
+            cache.store(ids, make_kv(LAYOUT, 64, seed=index))
+        assert pool.buffer.data_ptr() == pointer and pool.buffer.numel() == size
+        stats = cache.stats()
+        assert stats["pool_used_bytes"] <= pool.capacity_bytes and stats["evicted_chunks"] == 40
+        assert cache.lookup(prompts[0]) == 0  # the oldest went first
+        assert cache.lookup(prompts[-1]) == 64
+        for index, ids in enumerate(prompts):
+            n = cache.lookup(ids)
+            if n:
+                assert torch.equal(cache.retrieve(ids[:n]), make_kv(LAYOUT, 64, seed=index)[:, :, :n])
+
+
+def test_no_large_allocation_after_warm_up() -> None:
+    with make_cache(cpu_size="4MiB") as cache:
+        ids = list(range(1000))
+        kv = make_kv(LAYOUT, 1000)
+        out = torch.empty_like(kv)
+        cache.store(ids, kv)
+        cache.retrieve(ids, out=out)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            for _ in range(3):
+                cache.invalidate()
+                cache.store(ids, kv)
+                cache.retrieve(ids, out=out)
+        largest = max((e.self_cpu_memory_usage for e in prof.events()), default=0)
+        assert largest < 64 * 1024, f"an op allocated {largest} bytes on the hot path"
+        assert torch.equal(out, kv)

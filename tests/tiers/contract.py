@@ -1,0 +1,95 @@
+"""The contract every tier honours. A tier's test module subclasses `TierContract` and provides `tier`.
+
+Blobs here are real chunks in the shared byte format, so tiers that check headers accept them.
+"""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from nencache.codecs import RawCodec
+from nencache.tiers.base import Tier, TierStats
+
+
+def make_blob(key: bytes, tokens: int = 8, seed: int = 0) -> bytes:
+    """A small raw-codec chunk stamped with `key`."""
+    gen = torch.Generator().manual_seed(seed)
+    chunk = torch.randn((2, 2, tokens, 2, 8), generator=gen).to(torch.bfloat16)
+    return RawCodec().encode(chunk, key)
+
+
+def make_key(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+class TierContract:
+    """Subclass and define a `tier` fixture that yields a fresh, empty tier (closed by the fixture)."""
+
+    def test_is_a_tier(self, tier: Tier) -> None:
+        assert isinstance(tier, Tier)
+        assert isinstance(tier.name, str) and tier.name
+
+    def test_put_get_roundtrip_exact(self, tier: Tier) -> None:
+        items = [(make_key(i), make_blob(make_key(i), seed=i)) for i in range(5)]
+        tier.put(items)
+        tier.flush()
+        got = tier.get([k for k, _ in items])
+        assert [bytes(g) if g is not None else None for g in got] == [b for _, b in items]
+
+    def test_missing_keys_are_none(self, tier: Tier) -> None:
+        key = make_key(1)
+        tier.put([(key, make_blob(key))])
+        tier.flush()
+        got = tier.get([make_key(99), key, make_key(100)])
+        assert got[0] is None and got[2] is None and bytes(got[1]) == make_blob(key)
+
+    def test_contains_prefix_stops_at_first_gap(self, tier: Tier) -> None:
+        keys = [make_key(i) for i in range(6)]
+        tier.put([(k, make_blob(k)) for i, k in enumerate(keys) if i != 3])
+        tier.flush()
+        assert tier.contains_prefix(keys) == 3
+        assert tier.contains_prefix(keys[:2]) == 2
+        assert tier.contains_prefix([]) == 0
+        assert tier.contains_prefix([make_key(50)] + keys) == 0
+
+    def test_delete_and_clear(self, tier: Tier) -> None:
+        keys = [make_key(i) for i in range(4)]
+        tier.put([(k, make_blob(k)) for k in keys])
+        tier.flush()
+        tier.delete([keys[0], make_key(77)])
+        assert tier.get([keys[0]]) == [None]
+        assert tier.contains_prefix(keys[1:]) == 3
+        tier.clear()
+        assert tier.contains_prefix(keys) == 0
+        assert tier.get(keys) == [None] * 4
+
+    def test_overwrite_same_key_keeps_a_valid_value(self, tier: Tier) -> None:
+        key = make_key(3)
+        tier.put([(key, make_blob(key, seed=1))])
+        tier.put([(key, make_blob(key, seed=1))])
+        tier.flush()
+        assert bytes(tier.get([key])[0]) == make_blob(key, seed=1)
+
+    def test_stats_count_hits_and_misses(self, tier: Tier) -> None:
+        key = make_key(5)
+        tier.put([(key, make_blob(key))])
+        tier.flush()
+        tier.get([key, make_key(6)])
+        stats = tier.stats()
+        assert isinstance(stats, TierStats)
+        assert stats.hits >= 1 and stats.misses >= 1
+        assert stats.stored_chunks >= 1
+
+    def test_many_chunks_of_varied_sizes(self, tier: Tier) -> None:
+        items = [(make_key(1000 + i), make_blob(make_key(1000 + i), tokens=1 + i % 17, seed=i)) for i in range(40)]
+        tier.put(items)
+        tier.flush()
+        got = tier.get([k for k, _ in items])
+        assert all(g is not None and bytes(g) == b for g, (_, b) in zip(got, items))
+
+
+@pytest.fixture
+def blob_factory():
+    return make_blob
