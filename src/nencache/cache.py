@@ -19,6 +19,7 @@ import torch
 
 from nencache.codecs import RawCodec, get_codec
 from nencache.config import CacheConfig, load_config
+from nencache.copy import copy_into
 from nencache.errors import ChunkMissingError, ClosedError, CorruptChunkError, LayoutError, PoolExhaustedError
 from nencache.keys import ChunkSpan, TokenIds, chunk_spans, namespace_digest, partial_key, salted, token_array
 from nencache.layout import KVLayout
@@ -95,7 +96,7 @@ class KVCache:
         self._check_open()
         tokens = token_array(token_ids)
         self.layout.check(kv, len(tokens))
-        return self._store(tokens, salt, lambda target, s, e: target.copy_(kv[:, :, s:e]))
+        return self._store(tokens, salt, lambda target, s, e: copy_into(target, kv[:, :, s:e]))
 
     def store_layers(self, token_ids: TokenIds, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
                      salt: str | bytes | None = None) -> int:
@@ -110,8 +111,8 @@ class KVCache:
 
         def fill(target: torch.Tensor, start: int, end: int) -> None:
             for index, (k, v) in enumerate(views):
-                target[index, 0].copy_(k[:, start:end].transpose(0, 1))
-                target[index, 1].copy_(v[:, start:end].transpose(0, 1))
+                copy_into(target[index, 0], k[:, start:end].transpose(0, 1))
+                copy_into(target[index, 1], v[:, start:end].transpose(0, 1))
 
         return self._store(tokens, salt, fill)
 
@@ -317,7 +318,7 @@ class KVCache:
                 if chunk is None:
                     continue
                 if out is not None:
-                    out[:, :, span.start : span.end].copy_(chunk)
+                    copy_into(out[:, :, span.start : span.end], chunk)
                 try:
                     self.memory.put_tensor(span.key, chunk)
                 except PoolExhaustedError:

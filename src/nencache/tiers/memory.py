@@ -14,9 +14,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from nencache.codecs import Codec, RawCodec
+from nencache.copy import as_numpy, copy_into
 from nencache.errors import LayoutError, PoolExhaustedError, TierError
 from nencache.format import HEADER_SIZE
 from nencache.layout import KVLayout
@@ -69,7 +71,7 @@ class MemoryTier:
     # --- the tensor path used by KVCache -------------------------------------------------------
     def put_tensor(self, key: bytes, chunk: torch.Tensor) -> bool:
         """Copy a chunk (any strides, any device) into a page. False if the key was already held."""
-        return self.put_filled(key, chunk.shape[2], lambda target: target.copy_(chunk))
+        return self.put_filled(key, chunk.shape[2], lambda target: copy_into(target, chunk))
 
     def put_filled(self, key: bytes, num_tokens: int, fill: Callable[[torch.Tensor], object]) -> bool:
         """Store a chunk that `fill` writes into the `[layers, 2, tokens, heads, dim]` tensor it is given.
@@ -98,7 +100,7 @@ class MemoryTier:
             blob = self.codec.encode(chunk, key)
             nbytes = len(blob)
             page = self._take_page(nbytes)
-            self.pool.page(page)[:nbytes].copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+            as_numpy(self.pool.page(page))[:nbytes] = np.frombuffer(blob, dtype=np.uint8)
         self._insert(key, Entry(page, nbytes, num_tokens, is_blob=not self._raw), started)
         return True
 
@@ -109,7 +111,7 @@ class MemoryTier:
             return False
         try:
             started = time.perf_counter()
-            out.copy_(lease.tensor())
+            copy_into(out, lease.tensor())
             with self._stats.lock:
                 self._stats.read_bytes += lease.entry.nbytes
                 self._stats.read_seconds += time.perf_counter() - started
@@ -182,7 +184,7 @@ class MemoryTier:
                     continue
             started = time.perf_counter()
             page = self._take_page(len(blob))
-            self.pool.page(page)[: len(blob)].copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+            as_numpy(self.pool.page(page))[: len(blob)] = np.frombuffer(blob, dtype=np.uint8)
             tokens = int.from_bytes(bytes(blob[16:20]), "little")
             self._insert(key, Entry(page, len(blob), tokens, is_blob=True), started)
 
