@@ -1,0 +1,209 @@
+"""KVCache over lower tiers: write-behind, promotion, prefetch, corrupt bytes, failing and slow tiers.
+
+The lower tier here is a second `MemoryTier` (a real byte tier); the fault-injecting wrappers only add
+delays or exceptions around it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from nencache import CacheConfig, KVCache, KVLayout
+from nencache.format import HEADER_SIZE
+from nencache.pool import MemoryPool
+from nencache.tiers.base import TierStats
+from nencache.tiers.memory import MemoryTier
+
+LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=8, dtype=torch.float16)
+CHUNK = 16
+
+
+def make_kv(tokens: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(LAYOUT.shape(tokens), generator=torch.Generator().manual_seed(seed)).to(LAYOUT.dtype)
+
+
+def byte_tier(name: str = "lower") -> MemoryTier:
+    tier = MemoryTier(MemoryPool(256 * 4096, 4096))
+    tier.name = name
+    return tier
+
+
+class FaultyTier:
+    """Wraps a tier; `fail` makes every call raise, `delay` makes every put slow."""
+
+    def __init__(self, inner: MemoryTier) -> None:
+        self.inner, self.name, self.fail, self.delay = inner, "faulty", False, 0.0
+
+    def _check(self) -> None:
+        if self.fail:
+            raise ConnectionError("tier is down")
+
+    def contains_prefix(self, keys: Sequence[bytes]) -> int:
+        self._check()
+        return self.inner.contains_prefix(keys)
+
+    def get(self, keys):
+        self._check()
+        return self.inner.get(keys)
+
+    def put(self, items) -> None:
+        time.sleep(self.delay)
+        self._check()
+        self.inner.put(items)
+
+    def delete(self, keys) -> None:
+        self._check()
+        self.inner.delete(keys)
+
+    def clear(self) -> None:
+        self._check()
+        self.inner.clear()
+
+    def flush(self) -> None:
+        self._check()
+
+    def stats(self) -> TierStats:
+        return self.inner.stats()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def make_cache(tier, **kwargs) -> KVCache:
+    config = CacheConfig(chunk_size=CHUNK, cpu_size=40 * LAYOUT.nbytes(CHUNK), **kwargs)
+    return KVCache(config, LAYOUT, model_id="m", lower_tiers=[(tier, "raw")])
+
+
+def test_write_behind_then_lower_tier_hit_is_exact_and_promoted() -> None:
+    lower = byte_tier()
+    with make_cache(lower) as cache:
+        ids = list(range(70))
+        cache.store(ids, make_kv(70))
+        assert cache.flush(timeout=10)
+        assert len(lower) == 5
+        cache.memory.clear()
+        assert cache.lookup(ids) == 70
+        assert torch.equal(cache.retrieve(ids), make_kv(70))
+        assert len(cache.memory) == 5  # promoted
+        assert cache.stats()["lower_hits"] == 5
+
+
+def test_prefetch_promotes_before_retrieve() -> None:
+    lower = byte_tier()
+    with make_cache(lower) as cache:
+        ids = list(range(64))
+        cache.store(ids, make_kv(64, seed=2))
+        cache.flush()
+        cache.memory.clear()
+        assert cache.prefetch(ids).result(timeout=10) == 4
+        reads = lower.stats().hits
+        assert torch.equal(cache.retrieve(ids), make_kv(64, seed=2))
+        assert lower.stats().hits == reads  # served from memory, the lower tier was not asked again
+
+
+def test_retrieve_waits_for_an_inflight_prefetch() -> None:
+    lower = FaultyTier(byte_tier())
+    with make_cache(lower) as cache:
+        ids = list(range(64))
+        cache.store(ids, make_kv(64, seed=3))
+        cache.flush()
+        cache.memory.clear()
+        original_get = lower.get
+        lower.get = lambda keys: (time.sleep(0.2), original_get(keys))[1]
+        future = cache.prefetch(ids)
+        assert torch.equal(cache.retrieve(ids), make_kv(64, seed=3))
+        assert future.done() and future.result() == 4
+
+
+def test_corrupt_lower_chunk_is_a_counted_miss_never_a_wrong_tensor() -> None:
+    lower = byte_tier()
+    with make_cache(lower) as cache:
+        ids = list(range(48))
+        cache.store(ids, make_kv(48))
+        cache.flush()
+        cache.memory.clear()
+        keys = list(lower._index)  # noqa: SLF001 - reach into the tier to damage one stored chunk
+        entry = lower._index[keys[1]]
+        page = lower.pool.page(entry.page)
+        page[HEADER_SIZE + 5] ^= 0xFF
+        out = torch.zeros(LAYOUT.shape(48), dtype=LAYOUT.dtype)
+        assert cache.retrieve_prefix(ids, out=out) == 16
+        assert torch.equal(out[:, :, :16], make_kv(48)[:, :, :16])
+        assert lower.stats().corrupt == 1
+        assert keys[1] not in lower  # removed
+        assert cache.lookup(ids) == 16
+
+
+def test_failing_tier_degrades_to_memory_only() -> None:
+    lower = FaultyTier(byte_tier())
+    with make_cache(lower) as cache:
+        lower.fail = True
+        ids = list(range(64))
+        cache.store(ids, make_kv(64))
+        cache.flush()
+        assert cache.lookup(ids) == 64
+        assert torch.equal(cache.retrieve(ids), make_kv(64))
+        assert cache.lookup(list(range(500, 600))) == 0  # a miss everywhere, no exception
+        cache.invalidate()
+        stats = cache.stats()
+        assert stats["tier_errors"] >= 2 and stats["tiers"]["faulty"]["errors"] >= 2
+        lower.fail = False
+        cache.store(ids, make_kv(64))
+        cache.flush()
+        cache.memory.clear()
+        assert cache.lookup(ids) == 64  # the tier is used again once it works
+
+
+def test_full_write_queue_drops_the_oldest_and_never_blocks() -> None:
+    lower = FaultyTier(byte_tier())
+    lower.delay = 0.2
+    with make_cache(lower, write_queue_chunks=2) as cache:
+        started = time.perf_counter()
+        for i in range(8):
+            cache.store(list(range(i * 100, i * 100 + CHUNK)), make_kv(CHUNK, seed=i))
+        assert time.perf_counter() - started < 0.5  # the engine never waits on the slow tier
+        assert cache.stats()["write_dropped"] >= 4
+        cache.flush()
+        assert len(lower.inner) < 8 and all(cache.lookup(list(range(i * 100, i * 100 + CHUNK))) for i in range(8))
+
+
+def test_without_local_cpu_the_pool_only_stages() -> None:
+    lower = byte_tier()
+    with make_cache(lower, local_cpu=False) as cache:
+        ids = list(range(32))
+        cache.store(ids, make_kv(32))
+        cache.flush()
+        deadline = time.time() + 5
+        while len(cache.memory) and time.time() < deadline:
+            time.sleep(0.01)
+        assert len(cache.memory) == 0 and len(lower) == 2
+        assert cache.lookup(ids) == 32
+
+
+def test_concurrent_stores_and_retrieves_stay_exact() -> None:
+    lower = byte_tier()
+    errors: list[BaseException] = []
+    with make_cache(lower) as cache:
+        def worker(seed: int) -> None:
+            try:
+                for round_ in range(20):
+                    ids = list(range(seed * 10_000 + round_ * 100, seed * 10_000 + round_ * 100 + 40))
+                    kv = make_kv(40, seed=seed * 100 + round_)
+                    cache.store(ids, kv)
+                    out = torch.empty_like(kv)
+                    got = cache.retrieve_prefix(ids, out=out)
+                    assert torch.equal(out[:, :, :got], kv[:, :, :got])
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
