@@ -197,3 +197,20 @@ def test_no_large_allocation_after_warm_up() -> None:
         largest = max((e.self_cpu_memory_usage for e in prof.events()), default=0)
         assert largest < 64 * 1024, f"an op allocated {largest} bytes on the hot path"
         assert torch.equal(out, kv)
+
+
+def test_resident_memory_stays_within_the_pool() -> None:
+    psutil = pytest.importorskip("psutil")
+    layout = KVLayout(8, 4, 64, torch.float16)
+    chunk_bytes = layout.nbytes(64)  # 512 KiB
+    pool_bytes = 64 * chunk_bytes  # 32 MiB
+    kv = make_kv(layout, 64 * 16)
+    process = psutil.Process()
+    with make_cache(chunk_size=64, cpu_size=pool_bytes, layout=layout) as cache:
+        before = process.memory_info().rss
+        for round_ in range(12):  # 3x the pool
+            ids = list(range(round_ * 100_000, round_ * 100_000 + 64 * 16))
+            cache.store(ids, kv)
+        grown = process.memory_info().rss - before
+        assert grown <= pool_bytes + 8 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB for a 32 MiB pool"
+        assert cache.stats()["evicted_chunks"] == 12 * 16 - 64
