@@ -1,0 +1,252 @@
+"""Remote tier benchmark: RedisTier against `redis-benchmark` on the same redis-server, and LMCache beside it.
+
+- RedisTier: `put` of a batch of 16 chunk blobs (one pipeline), then `get` of the batch (pipelined GETs,
+  every blob's header, key and CRC checked). Blob sizes 1, 4, 8 MiB (header included).
+- redis-benchmark: `-t set,get -d <same size>` on one connection and on four (`-c 1`, `-c 4`, no pipelining);
+  per operation, the configuration with the better median is the reference. Its requests/s times the
+  value size is its GB/s.
+- Ratio: median over reps of (RedisTier GB/s / redis-benchmark GB/s), both measured in the same rep.
+- LMCache 0.5.6 (`benchmarks/lmcache_side.py --backend redis`, in `.venv-lmcache`, against the same
+  server, `local_cpu=False`) where that environment exists: engine KV -> Redis -> engine KV, its copies
+  included. NenCache is measured the same way: `KVCache` with `local_cpu=False` and `remote_url` on the
+  same server, `store` + `flush`, then `retrieve` into an engine KV tensor. GB/s = 1e9 bytes/s of KV.
+
+    python benchmarks/tiers_remote.py --reps 5 [--sizes 1,4,8] [--no-lmcache]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import command_line, median, table, write_section  # noqa: E402
+
+from nencache.format import HEADER_SIZE, ChunkHeader, checksum  # noqa: E402
+from nencache.tiers.redis import RedisTier  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+LMCACHE_PY = ROOT / ".venv-lmcache" / "bin" / "python"
+LMCACHE_SIDE = ROOT / "benchmarks" / "lmcache_side.py"
+BATCH = 16
+MIB = 1 << 20
+# KV shapes (layers, kv heads, head dim; bf16, 256-token chunks) whose chunk is exactly 1, 4, 8 MiB.
+SHAPES = {1: (8, 2, 64), 2: (16, 2, 64), 4: (32, 2, 64), 8: (32, 4, 64), 16: (32, 8, 64)}
+
+
+@contextmanager
+def redis_server() -> Iterator[int]:
+    """A throwaway redis-server on a free loopback port (no persistence); yields the port."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("redis-server not found: install it (apt-get install redis-server) to run this benchmark")
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="nencache-bench-redis-") as tmp:
+        proc = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                                 "--dir", tmp], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(200):
+                try:
+                    socket.create_connection(("127.0.0.1", port), 0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            yield port
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def make_blobs(size: int, count: int) -> list[tuple[bytes, bytes]]:
+    """`count` valid chunk blobs of exactly `size` bytes (header + random payload), each under its own key."""
+    out = []
+    for _ in range(count):
+        key, payload = os.urandom(16), os.urandom(size - HEADER_SIZE)
+        out.append((key, ChunkHeader(0, 3, 1, 1, 1, 1, len(payload), checksum(payload), key).pack() + payload))
+    return out
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def per_call(fn: Callable[[list], object], arg: list, times: int) -> float:
+    """Seconds per call of `fn(arg)`, timed over `times` calls."""
+    started = time.perf_counter()
+    for _ in range(times):
+        fn(arg)
+    return (time.perf_counter() - started) / times
+
+
+def redis_benchmark(port: int, size: int) -> dict[str, float]:
+    """redis-benchmark GB/s for `size`-byte values, keyed "SET c1", "GET c1", "SET c4", "GET c4"."""
+    out: dict[str, float] = {}
+    requests = max(64, (1024 * MIB) // size)  # long enough runs: its requests/s is counted in whole ms
+    for clients in ("1", "4"):
+        text = subprocess.run(["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-d", str(size), "-t", "set,get",
+                               "-n", str(requests), "-c", clients, "--csv"],
+                              capture_output=True, text=True, check=True, timeout=600).stdout
+        for op, rps in re.findall(r'^"(SET|GET)","([\d.]+)"', text, re.MULTILINE):
+            out[f"{op} c{clients}"] = float(rps) * size / 1e9
+    return out
+
+
+def against_best(ours: list[float], runs: list[dict[str, float]], op: str) -> tuple[float, float, str]:
+    """(redis-benchmark GB/s, median ratio, config) against its better configuration (by median) for `op`."""
+    best = max(("c1", "c4"), key=lambda c: median([r[f"{op} {c}"] for r in runs]))
+    theirs = [r[f"{op} {best}"] for r in runs]
+    return median(theirs), median([a / b for a, b in zip(ours, theirs)]), best
+
+
+def tier_vs_redis_benchmark(port: int, sizes_mib: Sequence[int], reps: int) -> list[list[object]]:
+    tier = RedisTier(f"redis://127.0.0.1:{port}", "bench", timeout=10.0)
+    rows: list[list[object]] = []
+    try:
+        for mib in sizes_mib:
+            size = mib * MIB
+            blobs = make_blobs(size, BATCH)
+            keys = [k for k, _ in blobs]
+            tier.put(blobs)
+            got = tier.get(keys)
+            assert all(g is not None and bytes(g) == b for g, (_, b) in zip(got, blobs)), "RedisTier lost a chunk"
+            del got
+            inner = max(2, (256 * MIB) // (BATCH * size))  # batches per timing: >= 256 MiB moved
+            put_s, get_s, runs = [], [], []
+            for _ in range(reps):
+                put_s.append(per_call(tier.put, blobs, inner))
+                get_s.append(per_call(tier.get, keys, inner))
+                runs.append(redis_benchmark(port, size))
+            assert tier.stats().errors == 0 and tier.stats().corrupt == 0, tier.stats()
+            tier.delete(keys)
+            put = [BATCH * size / s / 1e9 for s in put_s]
+            get = [BATCH * size / s / 1e9 for s in get_s]
+            set_ref, set_ratio, set_cfg = against_best(put, runs, "SET")
+            get_ref, get_ratio, get_cfg = against_best(get, runs, "GET")
+            rows.append([f"{mib} MiB", f"{median(put):.2f}", f"{set_ref:.2f} ({set_cfg})", f"{set_ratio:.0%}",
+                         f"{median(get):.2f}", f"{get_ref:.2f} ({get_cfg})", f"{get_ratio:.0%}"])
+    finally:
+        tier.clear()
+        tier.close()
+    return rows
+
+
+def nencache_kv_path(port: int, mib: int, reps: int) -> tuple[float, float]:
+    """KVCache with only Redis below it (`local_cpu=False`, as LMCache's side): (store GB/s, retrieve GB/s).
+
+    store = `store` + `flush` (every chunk written to Redis); retrieve = `retrieve` into an engine KV tensor
+    (every chunk fetched from Redis, checked and decoded). Fresh tokens each rep, so nothing is skipped.
+    """
+    from nencache import CacheConfig, KVCache, KVLayout
+
+    layers, heads, dim = SHAPES[mib]
+    layout = KVLayout(num_layers=layers, num_kv_heads=heads, head_dim=dim, dtype=torch.bfloat16)
+    tokens = 256 * BATCH
+    kv = torch.randn(layout.shape(tokens)).to(layout.dtype)
+    out = torch.empty_like(kv)
+    nbytes = layout.nbytes(tokens)
+    config = CacheConfig(chunk_size=256, local_cpu=False, remote_url=f"redis://127.0.0.1:{port}",
+                         remote_timeout=10.0, cpu_size=int(nbytes * 1.5))
+    store_s, retrieve_s = [], []
+    with KVCache(config, layout, model_id=f"bench-remote-{mib}") as cache:
+        for rep in range(reps + 1):
+            ids = torch.randint(0, 50000, (tokens,)).tolist()
+            started = time.perf_counter()
+            cache.store(ids, kv)
+            cache.flush()
+            stored = time.perf_counter() - started
+            out.zero_()
+            started = time.perf_counter()
+            cache.retrieve(ids, out=out)
+            retrieved = time.perf_counter() - started
+            assert torch.equal(out, kv), "KV read back from Redis differs"
+            cache.invalidate(ids)
+            if rep:  # the first rep warms up
+                store_s.append(stored)
+                retrieve_s.append(retrieved)
+    return nbytes / median(store_s) / 1e9, nbytes / median(retrieve_s) / 1e9
+
+
+def lmcache_rows(port: int, sizes_mib: Sequence[int], reps: int) -> tuple[list[list[object]], str]:
+    """NenCache and LMCache side by side on the same server and KV shapes (empty when LMCache is not set up)."""
+    if not (LMCACHE_PY.exists() and LMCACHE_SIDE.exists()):
+        return [], "LMCache side skipped: no .venv-lmcache (run `bash benchmarks/setup_lmcache.sh` to add it).\n"
+    from _lmcache import run_lmcache
+
+    rows: list[list[object]] = []
+    notes = []
+    for mib in sizes_mib:
+        if mib not in SHAPES:
+            continue
+        layers, heads, dim = SHAPES[mib]
+        try:
+            ours_store, ours_retrieve = nencache_kv_path(port, mib, reps)
+        except Exception as exc:  # noqa: BLE001 - report it in the table instead of losing the other figures
+            notes.append(f"{mib} MiB: NenCache KVCache run failed: {type(exc).__name__}: {exc}")
+            continue
+        lm = run_lmcache("redis", layers=layers, kv_heads=heads, head_dim=dim, dtype="bf16", chunk_size=256,
+                         chunks=BATCH, reps=reps, extra=["--remote-url", f"redis://127.0.0.1:{port}"])
+        if "error" in lm:
+            notes.append(f"{mib} MiB: {lm['error']}")
+            rows.append([f"{mib} MiB ({layers}x{heads}x{dim})", f"{ours_store:.2f}", "error", "-",
+                         f"{ours_retrieve:.2f}", "error", "-"])
+            continue
+        rows.append([f"{mib} MiB ({layers}x{heads}x{dim})", f"{ours_store:.2f}", f"{lm['store_gbps']:.2f}",
+                     f"{ours_store / lm['store_gbps']:.2f}x", f"{ours_retrieve:.2f}", f"{lm['retrieve_gbps']:.2f}",
+                     f"{ours_retrieve / lm['retrieve_gbps']:.2f}x"])
+    return rows, "".join(f"\nLMCache: {n}\n" for n in notes)
+
+
+def run_remote_part(sizes_mib: Sequence[int] = (1, 4, 8), reps: int = 5, with_lmcache: bool = True) -> str:
+    """Measure, print and return the Markdown section (also written to benchmarks/RESULTS.md)."""
+    torch.set_num_threads(1)  # as lmcache_side.py does; intra-op threads only add contention to chunk copies
+    if shutil.which("redis-benchmark") is None:
+        raise SystemExit("redis-benchmark not found: install redis-server (apt-get install redis-server)")
+    with redis_server() as port:
+        rows = tier_vs_redis_benchmark(port, sizes_mib, reps)
+        lm_rows, lm_note = lmcache_rows(port, sizes_mib, reps) if with_lmcache else ([], "LMCache side skipped.\n")
+    body = (f"Batches of {BATCH} chunk blobs on a local redis-server 7 (no persistence), loopback TCP; medians of "
+            f"{reps} reps; GB/s = 1e9 bytes/s. RedisTier `get` checks each blob's header, key and CRC32. "
+            "redis-benchmark: the better (by median) of `-c 1` and `-c 4`, no pipelining; ratios are medians of per-rep "
+            "ratios.\n\n"
+            + table(["chunk", "RedisTier put GB/s", "redis-benchmark SET GB/s", "put / SET",
+                     "RedisTier get GB/s", "redis-benchmark GET GB/s", "get / GET"], rows) + "\n")
+    if lm_rows:
+        body += ("\nEngine KV -> Redis -> engine KV, 16 chunks of 256 tokens (bf16, shape layers x KV heads x head "
+                 "dim), same server, CPU tier off on both sides (`local_cpu=False`). NenCache: `KVCache` store + "
+                 "flush, then retrieve, raw codec; LMCache 0.5.6: `--backend redis`, naive serde.\n\n"
+                 + table(["chunk", "NenCache store GB/s", "LMCache store GB/s", "store ratio",
+                          "NenCache retrieve GB/s", "LMCache retrieve GB/s", "retrieve ratio"], lm_rows) + "\n")
+    body += lm_note
+    print(body)
+    write_section("tiers: remote (Redis)", body, command_line())
+    return body
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--sizes", default="1,4,8", help="chunk sizes in MiB, comma-separated")
+    parser.add_argument("--no-lmcache", action="store_true", help="skip the LMCache side")
+    args = parser.parse_args()
+    run_remote_part(tuple(int(s) for s in args.sizes.split(",")), args.reps, not args.no_lmcache)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""`RedisTier`: chunks in Redis or Valkey (standalone, TLS, unix socket or cluster), shared by processes.
+
+Keys are `<key_prefix>:<namespace>:` + the 16-byte chunk key; values are the shared byte format,
+checked (header, key, CRC) on the way back. `contains_prefix`, `put` and `delete` are one pipelined
+round trip per server; `get` streams pipelined GETs with a few MiB in flight per server. Redis being
+down, slow or killed never raises: the call is counted as an error, the tier is marked down, and
+until a background probe (exponential backoff, capped at `retry_cap`) reaches Redis again every call
+is an immediate miss (puts are dropped and counted).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from nencache.errors import ClosedError, ConfigError, CorruptChunkError, TierError
+from nencache.format import split_blob
+from nencache.tiers.base import TierStats
+from nencache.tiers.redis_client import Plan, RedisClient, key_slot
+from nencache.tiers.redis_url import parse_url
+from nencache.tiers.resp import ProtocolError, Reply, ReplyError
+
+__all__ = ["RedisTier", "key_slot"]
+
+log = logging.getLogger("nencache.redis")
+
+_FAILURES = (OSError, ReplyError)
+_FIRST_RETRY = 0.25
+_WARN_EVERY = 60.0
+_SCAN_COUNT = 1000
+
+
+class RedisTier:
+    """A byte tier in Redis/Valkey. See the module docstring for the fault behaviour."""
+
+    name = "redis"
+
+    def __init__(self, url: str, namespace: str, *, timeout: float = 0.25, ttl: float | None = None,
+                 key_prefix: str = "nencache", retry_cap: float = 2.0) -> None:
+        if not timeout > 0:
+            raise ConfigError(f"Redis timeout must be > 0 seconds, got {timeout}")
+        if ttl is not None and not ttl > 0:
+            raise ConfigError(f"Redis key TTL must be > 0 seconds or None (no expiry), got {ttl}")
+        if not retry_cap >= _FIRST_RETRY:
+            raise ConfigError(f"Redis retry_cap must be >= {_FIRST_RETRY} seconds, got {retry_cap}")
+        target = parse_url(url)
+        self.url = target.display()
+        try:
+            self._client = RedisClient(target, timeout)
+        except OSError as exc:
+            raise ConfigError(f"cannot load the TLS files named in {self.url}: {exc}") from exc
+        self._prefix = f"{key_prefix}:{namespace}:".encode()
+        self._ttl_args: tuple[str | int, ...] = ("PX", max(1, math.ceil(ttl * 1000))) if ttl else ()
+        self._retry_cap = retry_cap
+        self._stats = TierStats()
+        self._state = threading.Lock()
+        self._closed = threading.Event()
+        self._reconnector: threading.Thread | None = None
+        self._last_warning = -math.inf
+        problem = self._probe()
+        self._up = problem is None
+        if problem is not None:
+            self._warn(f"Redis at {self.url} is unreachable ({_describe(problem)}); serving misses and "
+                       f"retrying in the background every <= {retry_cap:g}s")
+            self._start_reconnector()
+
+    # -- the Tier protocol -------------------------------------------------------------------
+
+    def contains_prefix(self, keys: Sequence[bytes]) -> int:
+        rkeys = self._rkeys(keys)
+        if not rkeys or not self._up:
+            return 0
+        results = self._run_or_fail(lambda: self._client.plan(rkeys, "EXISTS"))
+        if results is None:
+            return 0
+        present = [False] * len(rkeys)
+        for positions, reply in results:
+            if isinstance(reply, ReplyError):
+                self._reply_error(reply)
+            elif reply == 1:
+                present[positions[0]] = True
+        return present.index(False) if False in present else len(present)
+
+    def get(self, keys: Sequence[bytes]) -> list[bytes | bytearray | memoryview | None]:
+        rkeys = self._rkeys(keys)
+        out: list[bytes | bytearray | memoryview | None] = [None] * len(rkeys)
+        if not rkeys:
+            return out
+        started = time.perf_counter()
+        damaged: list[bytes] = []
+        try:
+            for [pos], blob in self._client.exchange(self._client.plan(rkeys, "GET"), window=True) if self._up else ():
+                if isinstance(blob, ReplyError):
+                    self._reply_error(blob)
+                elif isinstance(blob, memoryview) and self._valid(blob, keys[pos], rkeys[pos]):
+                    out[pos] = blob
+                elif blob is not None:
+                    damaged.append(rkeys[pos])
+        except _FAILURES as exc:
+            self._failed(exc)
+        hits = sum(b is not None for b in out)
+        self._count(hits=hits, misses=len(out) - hits, corrupt=len(damaged),
+                    read_bytes=sum(len(b) for b in out if b is not None),
+                    read_seconds=time.perf_counter() - started)
+        if damaged:
+            self._run_or_fail(lambda: self._client.plan(damaged, "UNLINK", per_slot=True))
+        return out
+
+    def put(self, items: Sequence[tuple[bytes, bytes | bytearray | memoryview]]) -> None:
+        rkeys = self._rkeys([k for k, _ in items])
+        if not rkeys:
+            return
+        if not self._up:
+            self._count(dropped=len(rkeys))
+            return
+        started = time.perf_counter()
+        values = [v for _, v in items]
+        results = self._run_or_fail(lambda: self._client.plan(rkeys, "SET", args=[(v, *self._ttl_args) for v in values]))
+        stored = stored_bytes = 0
+        for positions, reply in results or ():
+            if isinstance(reply, ReplyError):
+                self._reply_error(reply)
+            else:
+                stored += 1
+                stored_bytes += memoryview(values[positions[0]]).nbytes
+        self._count(stored_chunks=stored, stored_bytes=stored_bytes, dropped=len(rkeys) - stored,
+                    write_seconds=time.perf_counter() - started)
+
+    def _valid(self, blob: memoryview, key: bytes, rkey: bytes) -> bool:
+        try:
+            split_blob(blob, expected_key=bytes(key))
+        except CorruptChunkError as exc:
+            self._warn(f"Redis key {rkey!r} held a damaged chunk ({exc}); deleting it")
+            return False
+        return True
+
+    def delete(self, keys: Sequence[bytes]) -> None:
+        rkeys = self._rkeys(keys)
+        if rkeys and self._up:
+            for _, reply in self._run_or_fail(lambda: self._client.plan(rkeys, "UNLINK", per_slot=True)) or ():
+                if isinstance(reply, ReplyError):
+                    self._reply_error(reply)
+
+    def clear(self) -> None:
+        """Delete every key of this namespace (SCAN + UNLINK on every server); best effort while down."""
+        self._check_open()
+        if not self._up:
+            self._count(errors=1)
+            self._warn(f"clear() skipped: Redis at {self.url} is unreachable; its keys stay until they expire")
+            return
+        pattern = bytes(b for c in self._prefix for b in (b"\\%c" % c if c in b"*?[]\\" else bytes([c]))) + b"*"
+        try:
+            for address in self._client.servers():
+                cursor = b"0"
+                while True:
+                    reply = self._client.call(address, "SCAN", cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT)
+                    if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], list)):
+                        raise ProtocolError(f"unexpected SCAN reply {reply!r:.80}")
+                    cursor, found = bytes(reply[0]), [bytes(k) for k in reply[1]]  # type: ignore[arg-type]
+                    if found:
+                        self._client.run(self._client.plan(found, "UNLINK", per_slot=True))
+                    if cursor == b"0":
+                        break
+        except _FAILURES as exc:
+            self._failed(exc)
+
+    def flush(self) -> None:
+        """Puts are synchronous: nothing to wait for."""
+
+    def stats(self) -> TierStats:
+        return self._stats
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._state:
+            self._up = False
+            thread = self._reconnector
+        self._client.reset()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=1.0)
+
+    @property
+    def is_up(self) -> bool:
+        """True while Redis answers; False while calls are served as misses."""
+        return self._up
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _rkeys(self, keys: Sequence[bytes]) -> list[bytes]:
+        self._check_open()
+        out = []
+        for key in keys:
+            if not isinstance(key, bytes | bytearray | memoryview):
+                raise TierError(f"RedisTier keys must be bytes (16-byte chunk keys), got {type(key).__name__}")
+            out.append(self._prefix + bytes(key))
+        return out
+
+    def _run_or_fail(self, make_plan: Callable[[], Plan]) -> list[tuple[list[int], Reply]] | None:
+        try:
+            return self._client.run(make_plan())
+        except _FAILURES as exc:
+            self._failed(exc)
+            return None
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def _probe(self) -> BaseException | None:
+        """None if Redis answers, else the problem."""
+        try:
+            self._client.check()
+        except _FAILURES as exc:
+            return exc
+        return None
+
+    def _failed(self, exc: BaseException) -> None:
+        self._count(errors=1)
+        with self._state:
+            was_up, self._up = self._up, False
+        self._client.reset()
+        if was_up and not self._closed.is_set():
+            self._warn(f"Redis at {self.url} failed ({_describe(exc)}); serving misses and retrying in the background")
+        self._start_reconnector()
+
+    def _start_reconnector(self) -> None:
+        with self._state:
+            if self._reconnector is not None or self._closed.is_set():
+                return
+            self._reconnector = threading.Thread(target=self._reconnect, name="nencache-redis-retry", daemon=True)
+            self._reconnector.start()
+
+    def _reconnect(self) -> None:
+        delay = _FIRST_RETRY
+        while not self._closed.wait(delay):
+            if self._probe() is None:
+                with self._state:
+                    self._reconnector = None
+                    self._up = not self._closed.is_set()
+                log.info("Redis at %s is reachable again", self.url)
+                return
+            delay = min(delay * 2, self._retry_cap)
+        with self._state:
+            self._reconnector = None
+
+    def _reply_error(self, reply: ReplyError) -> None:
+        self._count(errors=1)
+        if reply.code in ("MOVED", "ASK"):
+            self._client.mark_stale()
+        else:
+            self._warn(f"Redis at {self.url} replied {reply}")
+
+    def _count(self, **deltas: float) -> None:
+        stats = self._stats
+        with stats.lock:
+            for name, delta in deltas.items():
+                setattr(stats, name, getattr(stats, name) + delta)
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= _WARN_EVERY:
+            self._last_warning = now
+            log.warning(message)
+        else:
+            log.debug(message)
+
+    def _check_open(self) -> None:
+        if self._closed.is_set():
+            raise ClosedError("this RedisTier was closed; create a new one to use Redis again")
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if isinstance(exc, ReplyError) and exc.code in ("WRONGPASS", "NOAUTH"):
+        text += "; check the user and password in the Redis URL"
+    return text
