@@ -61,7 +61,9 @@ class KVCache:
         self.memory = MemoryTier(pool, layout, cpu_codec)
         pairs = lower_tiers if lower_tiers is not None else build_lower_tiers(self.config, self.namespace.hex())
         self.lower = [LowerTier(tier, get_codec(codec)) for tier, codec in pairs]
-        self._writer = (WriteBehind(self.lower, self.config.write_queue_chunks, self._tier_failed,
+        # Queued writes pin their pages: at most half the pool may wait, so stores always find a page.
+        max_pending = max(1, min(self.config.write_queue_chunks, pool.num_pages // 2))
+        self._writer = (WriteBehind(self.lower, max_pending, self._tier_failed,
                                     after_write=None if self.config.local_cpu else self._forget_staged)
                         if self.lower else None)
         self._counters = CacheCounters()
