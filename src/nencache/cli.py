@@ -26,6 +26,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("config", help="print the effective config and where each value came from")
     show.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    serve = commands.add_parser("serve", help="run a NenCache server that KV caches share (remote_url nencache://...)")
+    serve.add_argument("--host", help="address to bind (default server_host, 127.0.0.1); any other address "
+                                      "needs auth_token / NENCACHE_AUTH_TOKEN")
+    serve.add_argument("--port", type=int, help="data port (default server_port, 5870; 0: any free port)")
+    serve.add_argument("--admin-port", type=int, help="admin HTTP port for /healthz, /metrics, /stats "
+                                                      "(default server_admin_port, 5871; 0: any free port; -1: none)")
+    serve.add_argument("--config", default=argparse.SUPPRESS, help="YAML config file (pool size: cpu_size, "
+                                                                   "disk tier: disk_path/disk_size, server_* limits)")
+
+    stats = commands.add_parser("stats", help="print a running server's counters (its admin /stats) as a table")
+    stats.add_argument("--url", help="admin endpoint (default http://127.0.0.1:<server_admin_port>)")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
@@ -37,6 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded = load_config(args.config)
         if args.command == "config":
             return print_config(loaded.config, loaded.sources, as_json=args.json)
+        if args.command == "serve":
+            from nencache.server.command import serve_command
+
+            return serve_command(loaded, config_file=args.config, host=args.host, port=args.port,
+                                 admin_port=args.admin_port)
+        if args.command == "stats":
+            from nencache.server.command import stats_command
+
+            return stats_command(loaded, url=args.url, as_json=args.json)
         if args.command == "demo":
             from nencache.demo import run_demo
 

@@ -8,7 +8,9 @@ from nencache.config import CacheConfig
 from nencache.errors import ConfigError
 from nencache.tiers.base import Tier
 
-REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis-cluster")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis-cluster", "rediss-cluster",
+                 "valkey-cluster", "valkeys-cluster")
+SERVER_SCHEMES = ("nencache", "nencaches")
 
 
 def build_lower_tiers(config: CacheConfig, namespace: str) -> list[tuple[Tier, str]]:
@@ -33,7 +35,11 @@ def build_remote_tier(config: CacheConfig, namespace: str) -> Tier:
 
         return RedisTier(url, namespace, timeout=config.remote_timeout, ttl=config.remote_ttl,
                          key_prefix=config.remote_key_prefix)
+    if scheme in SERVER_SCHEMES:
+        from nencache.server.client import ServerTier
+
+        return ServerTier(url, namespace, timeout=config.remote_timeout, auth_token=config.auth_token)
     raise ConfigError(
-        f"remote_url {url!r}: unsupported scheme {scheme!r}; use redis://, rediss://, unix://, valkey:// "
-        "or redis-cluster://"
+        f"remote_url {url!r}: unsupported scheme {scheme!r}; use nencache://, nencaches://, redis://, rediss://, "
+        "unix://, valkey:// or redis-cluster://"
     )

@@ -1,0 +1,132 @@
+"""Byte channels of the asyncio server: a plain socket (zero-copy) or a TLS stream.
+
+`recv_into` fills caller buffers (pool pages included) with `socket.recv_into`; `send` writes
+memoryviews with `socket.sendmsg` (scatter-gather, no joining, no transport buffer copies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Sequence
+from typing import Protocol
+
+Buffer = bytes | bytearray | memoryview
+_IOV_MAX = 512
+
+
+class Channel(Protocol):
+    async def recv_into(self, view: memoryview, timeout: float | None) -> int:
+        """Read some bytes into `view` (0 at end of stream); `TimeoutError` when nothing came within `timeout`."""
+        ...
+
+    async def send(self, parts: Sequence[Buffer], timeout: float) -> None:
+        """Write all of `parts`; `TimeoutError` if the peer stops reading for `timeout`."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def tune(sock: socket.socket) -> None:
+    """No Nagle delay for small frames; large kernel buffers for chunk transfers."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
+        except OSError:
+            pass
+
+
+async def _ready(register, unregister, fd: int, timeout: float | None) -> None:  # type: ignore[no-untyped-def]
+    future = asyncio.get_running_loop().create_future()
+    register(fd, _wake, future)
+    try:
+        if timeout is None:
+            await future
+        else:
+            async with asyncio.timeout(timeout):
+                await future
+    finally:
+        unregister(fd)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class SocketChannel:
+    """A non-blocking TCP socket driven by the event loop's readiness callbacks."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._fd = sock.fileno()
+        self._loop = asyncio.get_running_loop()
+
+    async def recv_into(self, view: memoryview, timeout: float | None) -> int:
+        while True:
+            try:
+                return self.sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                await _ready(self._loop.add_reader, self._loop.remove_reader, self._fd, timeout)
+
+    async def send(self, parts: Sequence[Buffer], timeout: float) -> None:
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        while views:
+            try:
+                sent = self.sock.sendmsg(views[:_IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                await _ready(self._loop.add_writer, self._loop.remove_writer, self._fd, timeout)
+                continue
+            while sent:
+                if sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+
+    def close(self) -> None:
+        """Send FIN after what was written and drop unread input first, so the peer reads the last frame."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            for _ in range(16):
+                if not self.sock.recv(1 << 16):
+                    break
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class StreamChannel:
+    """A TLS (or any asyncio stream) connection; the TLS layer copies, so nothing is saved here."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def recv_into(self, view: memoryview, timeout: float | None) -> int:
+        async with asyncio.timeout(timeout):
+            data = await self.reader.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    async def send(self, parts: Sequence[Buffer], timeout: float) -> None:
+        for part in parts:
+            if len(part):
+                self.writer.write(part)
+        async with asyncio.timeout(timeout):
+            await self.writer.drain()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def accept_tls(sock: socket.socket, context: object, timeout: float) -> StreamChannel:
+    """Wrap an accepted socket in TLS (the handshake is bounded by `timeout`)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    protocol = asyncio.StreamReaderProtocol(reader)
+    transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock, ssl=context,  # type: ignore[arg-type]
+                                                      ssl_handshake_timeout=timeout)
+    return StreamChannel(reader, asyncio.StreamWriter(transport, protocol, reader, loop))

@@ -1,0 +1,300 @@
+"""`ServerTier`: a byte tier on a NenCache server (`remote_url = "nencache://host:port"`).
+
+Each call takes a pooled connection and pipelines its frames (many in flight, replies matched by
+request id). Every socket call is bounded by `timeout`. A server that is down, slow or killed never
+raises here: the call is counted as an error and answered as a miss, the tier is marked down, and
+until a background probe (exponential backoff) reaches the server again every call is an immediate
+miss. Returned blobs are checked (header, length, key); the codec checks the payload checksum.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from nencache.errors import ClosedError, ConfigError, TierError
+from nencache.server.protocol import KEY_SIZE, Op, ProtocolError, check_namespace, pack_keyed_meta
+from nencache.server.wire import (
+    ErrorReply, Reply, WireConnection, blob_ok, describe_failure, parse_url, split_items, split_keys, token_bytes,
+)
+from nencache.tiers.base import TierStats
+from nencache.tiers.buffers import BufferPool
+
+log = logging.getLogger("nencache.server")
+Blob = bytes | bytearray | memoryview
+T = TypeVar("T")
+_FAILURES = (OSError, ProtocolError, ErrorReply, ssl.SSLError, ValueError, KeyError)
+_FIRST_RETRY = 0.25
+_WARN_EVERY = 60.0
+_MAX_IDLE = 8
+
+
+class ServerTier:
+    """A byte tier on a NenCache server, for one namespace. See the module docstring."""
+
+    name = "server"
+
+    def __init__(self, url: str, namespace: str, *, timeout: float = 0.25, auth_token: str | None = None,
+                 retry_cap: float = 2.0) -> None:
+        if not timeout > 0:
+            raise ConfigError(f"remote_timeout must be > 0 seconds, got {timeout}")
+        self.target = parse_url(url)
+        self.url = self.target.display()
+        try:
+            self.namespace = check_namespace(namespace.encode("ascii"))
+        except (ProtocolError, UnicodeEncodeError):
+            raise ConfigError(f"namespace {namespace!r}: use 1-255 characters of A-Z a-z 0-9 . _ : -") from None
+        self.timeout, self._retry_cap = timeout, retry_cap
+        self._token = token_bytes(auth_token)
+        self._buffers = BufferPool()
+        self._stats = TierStats()
+        self._idle: list[WireConnection] = []
+        self._state = threading.Lock()
+        self._closed = threading.Event()
+        self._reconnector: threading.Thread | None = None
+        self._last_warning = -math.inf
+        self._up = True
+        try:
+            self._checkin(self._connect())
+        except _FAILURES as exc:
+            self._failed(exc)
+
+    @property
+    def is_up(self) -> bool:
+        """True while the server answers; False while calls are served as misses."""
+        return self._up
+
+    # --- the Tier protocol -----------------------------------------------------------------------
+    def contains_prefix(self, keys: Sequence[bytes]) -> int:
+        self._check(keys)
+        if not keys:
+            return 0
+
+        def run(conn: WireConnection) -> int:
+            found = 0
+            for group in split_keys(keys, conn.limits.max_keys):
+                reply = conn.call(Op.EXISTS, count=len(group), meta=pack_keyed_meta(self.namespace, group))
+                found += min(reply.frame.count, len(group))
+                if reply.frame.count < len(group):
+                    break
+            return found
+
+        return self._call(run, 0)
+
+    def get(self, keys: Sequence[bytes]) -> list[Blob | None]:
+        self._check(keys)
+        started = time.perf_counter()
+
+        def run(conn: WireConnection) -> list[Blob | None]:
+            conn.start()
+            groups = split_keys(keys, conn.limits.max_get_keys)
+            ids = [conn.send(Op.GET, count=len(g), meta=pack_keyed_meta(self.namespace, g)) for g in groups]
+            replies = self._read_all(conn, {i: len(g) for i, g in zip(ids, groups)})
+            out: list[Blob | None] = []
+            for request_id, group in zip(ids, groups):
+                blobs = replies[request_id].blobs
+                out.extend(blobs if blobs is not None else [None] * len(group))
+            return out
+
+        blobs = self._call(run, None)
+        if blobs is None:
+            self._count(misses=len(keys))
+            return [None] * len(keys)
+        checked = [blob if blob is None or blob_ok(key, blob) else None for key, blob in zip(keys, blobs)]
+        if corrupt := sum(b is not None for b in blobs) - sum(b is not None for b in checked):
+            self._count(corrupt=corrupt)
+        hits = sum(b is not None for b in checked)
+        self._count(hits=hits, misses=len(keys) - hits, read_seconds=time.perf_counter() - started,
+                    read_bytes=sum(len(b) for b in checked if b is not None))
+        return checked
+
+    def put(self, items: Sequence[tuple[bytes, Blob]]) -> None:
+        self._check([key for key, _ in items])
+        started = time.perf_counter()
+        views = [(key, memoryview(blob).cast("B")) for key, blob in items]
+
+        def run(conn: WireConnection) -> int:
+            limits = conn.limits
+            fitting = [(k, v) for k, v in views if 64 <= v.nbytes <= limits.max_chunk_bytes]
+            if len(fitting) < len(views):
+                self._count(dropped=len(views) - len(fitting))
+                self._warn(f"{len(views) - len(fitting)} chunks are larger than the server's max chunk size "
+                           f"({limits.max_chunk_bytes} bytes) and were not sent; raise server_max_chunk_bytes")
+            conn.start()
+            ids = {}
+            for group in split_items(fitting, limits.max_keys, limits.max_request_bytes):
+                meta = pack_keyed_meta(self.namespace, [k for k, _ in group], [v.nbytes for _, v in group])
+                ids[conn.send(Op.PUT, count=len(group), meta=meta, body=[v for _, v in group])] = len(group)
+            replies = self._read_all(conn, dict(ids))
+            return sum(r.frame.count for r in replies.values() if r.error is None)
+
+        stored = self._call(run, None)
+        if stored is None:
+            self._count(dropped=len(items))
+            return
+        self._count(stored_chunks=stored, stored_bytes=sum(v.nbytes for _, v in views),
+                    write_seconds=time.perf_counter() - started)
+
+    def delete(self, keys: Sequence[bytes]) -> None:
+        self._check(keys)
+
+        def run(conn: WireConnection) -> None:
+            conn.start()
+            groups = split_keys(keys, conn.limits.max_keys)
+            ids = [conn.send(Op.DELETE, count=len(g), meta=pack_keyed_meta(self.namespace, g)) for g in groups]
+            self._read_all(conn, {i: 0 for i in ids})
+
+        if keys:
+            self._call(run, None)
+
+    def clear(self) -> None:
+        self._check([])
+        self._call(lambda conn: conn.call(Op.CLEAR, meta=pack_keyed_meta(self.namespace, [])), None)
+
+    def flush(self) -> None:
+        """Puts are acknowledged once the server holds them: nothing to wait for."""
+
+    def stats(self) -> TierStats:
+        return self._stats
+
+    def server_stats(self) -> dict[str, object] | None:
+        """The server's own counters (as on its admin /stats), or None when it is down."""
+        import json
+
+        reply = self._call(lambda conn: conn.call(Op.STATS), None)
+        return None if reply is None else json.loads(reply.body)
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._state:
+            idle, self._idle = self._idle, []
+            thread = self._reconnector
+        for conn in idle:
+            conn.close()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=1.0)
+
+    # --- calls and health ------------------------------------------------------------------------
+    def _call(self, run: Callable[[WireConnection], T], default: T) -> T:
+        if not self._up:
+            return default
+        try:
+            conn, reused = self._checkout()
+        except _FAILURES as exc:
+            self._failed(exc)
+            return default
+        try:
+            try:
+                result = run(conn)
+            except (ConnectionResetError, BrokenPipeError):
+                if not reused:
+                    raise
+                conn.close()  # a pooled connection the server dropped (e.g. it restarted): once more, fresh
+                conn = self._connect()
+                result = run(conn)
+        except ErrorReply as exc:
+            if exc.closing:
+                conn.close()
+                self._failed(exc)
+            else:  # the server refused this request but is fine
+                self._count(errors=1)
+                self._warn(f"{self.url}: {exc}")
+                self._checkin(conn)
+            return default
+        except _FAILURES as exc:
+            conn.close()
+            self._failed(exc)
+            return default
+        self._checkin(conn)
+        return result
+
+    def _read_all(self, conn: WireConnection, pending: dict[int, int]) -> dict[int, Reply]:
+        """Every pending reply; error replies (the connection stays usable) are counted, not raised."""
+        replies: dict[int, Reply] = {}
+        while pending:
+            reply = conn.read(pending)
+            replies[reply.frame.request_id] = reply
+            if reply.error is not None:
+                self._count(errors=1)
+                self._warn(f"{self.url}: {reply.error}")
+        return replies
+
+    def _connect(self) -> WireConnection:
+        return WireConnection(self.target, self.timeout, self._token, self._buffers)
+
+    def _checkout(self) -> tuple[WireConnection, bool]:
+        """A connection, and whether it was pooled (it may have gone stale)."""
+        with self._state:
+            if self._idle:
+                return self._idle.pop(), True
+        return self._connect(), False
+
+    def _checkin(self, conn: WireConnection) -> None:
+        with self._state:
+            if self._up and not self._closed.is_set() and len(self._idle) < _MAX_IDLE:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _failed(self, exc: BaseException) -> None:
+        self._count(errors=1)
+        with self._state:
+            was_up, self._up = self._up, False
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+        if was_up and not self._closed.is_set():
+            self._warn(f"NenCache server {self.url} failed ({describe_failure(exc)}); serving misses and retrying "
+                       "in the background")
+        self._start_reconnector()
+
+    def _start_reconnector(self) -> None:
+        with self._state:
+            if self._reconnector is not None or self._closed.is_set():
+                return
+            self._reconnector = threading.Thread(target=self._reconnect, name="nencache-server-retry", daemon=True)
+            self._reconnector.start()
+
+    def _reconnect(self) -> None:
+        delay = _FIRST_RETRY
+        while not self._closed.wait(delay):
+            try:
+                conn = self._connect()
+                conn.call(Op.PING)
+            except _FAILURES:
+                delay = min(delay * 2, self._retry_cap)
+                continue
+            with self._state:
+                self._reconnector = None
+                self._up = not self._closed.is_set()
+            self._checkin(conn)
+            log.info("NenCache server %s is reachable again", self.url)
+            return
+        with self._state:
+            self._reconnector = None
+
+    def _check(self, keys: Sequence[bytes]) -> None:
+        if self._closed.is_set():
+            raise ClosedError("this ServerTier was closed; create a new one to use the server again")
+        for key in keys:
+            if not isinstance(key, bytes | bytearray) or len(key) != KEY_SIZE:
+                raise TierError(f"ServerTier keys are {KEY_SIZE}-byte chunk keys, got {key!r:.40}")
+
+    def _count(self, **deltas: float) -> None:
+        with self._stats.lock:
+            for name, delta in deltas.items():
+                setattr(self._stats, name, getattr(self._stats, name) + delta)
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= _WARN_EVERY:
+            self._last_warning = now
+            log.warning(message)
+        else:
+            log.debug(message)
+

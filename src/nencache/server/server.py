@@ -1,0 +1,289 @@
+"""`NenCacheServer`: the asyncio server; `serve` runs one until SIGTERM; `BackgroundServer` runs one in a thread.
+
+Start-up allocates the memory pool once. Shutdown (SIGTERM, SIGINT or `stop`): stop accepting,
+let every connection finish the frame it is reading and the replies in flight, write the disk
+queue down and flush the disk tier, then return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from nencache.errors import ConfigError
+from nencache.server.channel import SocketChannel, accept_tls, tune
+from nencache.server.connection import Connection
+from nencache.server.metrics import ServerCounters
+from nencache.server.protocol import Code, error_frame
+from nencache.server.settings import ServerSettings
+from nencache.server.store import ChunkStore
+
+log = logging.getLogger("nencache.server")
+GRACE_SECONDS = 10.0
+
+
+class PinBudget:
+    """Bounds the pool pages pinned by replies on the wire, so slow readers cannot pin the whole pool.
+
+    Used on the event loop thread only; waiters are served first come, first served.
+    """
+
+    def __init__(self, pages: int) -> None:
+        self.free = pages
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def acquire(self, pages: int) -> None:
+        if not self._waiters and self.free >= pages:
+            self.free -= pages
+            return
+        granted = asyncio.get_running_loop().create_future()
+        self._waiters.append((pages, granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self.release(pages)
+            raise
+
+    def release(self, pages: int) -> None:
+        self.free += pages
+        while self._waiters:
+            wanted, granted = self._waiters[0]
+            if not granted.done():
+                if self.free < wanted:
+                    return
+                self.free -= wanted
+                granted.set_result(None)
+            self._waiters.popleft()
+
+
+class NenCacheServer:
+    """A chunk server on `settings.host:settings.port`, with its admin HTTP endpoint when configured."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.token = settings.auth_token.encode() if settings.auth_token else None
+        self.counters = ServerCounters()
+        self.store = ChunkStore(settings)
+        self.executor = ThreadPoolExecutor(max(2, settings.io_threads), thread_name_prefix="nencache-server-io")
+        self.stopping = False
+        self.port = settings.port
+        self.admin_port: int | None = None
+        self._tls = settings.tls_context()
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._admin: asyncio.AbstractServer | None = None
+        self._connections: dict[Connection, asyncio.Task[None]] = {}
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._stopped = asyncio.Event()
+        self.pins = PinBudget(max(settings.limits.max_get_keys, self.store.pool.num_pages // 2))
+
+    async def start(self) -> None:
+        """Listen on the data port (and the admin port); returns once both accept connections."""
+        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
+        try:
+            self._listener = socket.create_server((self.settings.host, self.settings.port), family=family,
+                                                  backlog=1024)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {self.settings.host}:{self.settings.port} ({_reason(exc)}); "
+                              "choose another --port (server_port) or stop what uses it") from None
+        self._listener.setblocking(False)
+        self.port = self._listener.getsockname()[1]
+        self._accepting = asyncio.create_task(self._accept_loop())
+        if self.settings.admin_port is not None:
+            from nencache.server.admin import start_admin
+
+            try:
+                self._admin = await start_admin(self, self.settings.host, self.settings.admin_port)
+            except OSError as exc:
+                self._listener.close()
+                raise ConfigError(f"cannot listen on admin port {self.settings.admin_port} ({_reason(exc)}); "
+                                  "choose another --admin-port (server_admin_port), or -1 for none") from None
+            self.admin_port = self._admin.sockets[0].getsockname()[1]
+
+    def stats(self) -> dict[str, Any]:
+        server = self.counters.as_dict() | {"host": self.settings.host, "port": self.port,
+                                            "tls": self._tls is not None, "auth": self.token is not None}
+        return {"server": server, **self.store.stats()}
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Graceful shutdown (see the module docstring). Safe to call twice."""
+        if self.stopping:
+            await self._stopped.wait()
+            return
+        self.stopping = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+        if self._listener is not None:
+            self._listener.close()
+        for connection, task in list(self._connections.items()):
+            if connection.idle:
+                task.cancel()
+        pending = set(self._handlers)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=GRACE_SECONDS)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        if self._admin is not None:
+            self._admin.close()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self._close_store)
+        self.executor.shutdown(wait=True)
+        self._stopped.set()
+
+    def _close_store(self) -> None:
+        try:
+            self.store.flush()
+        finally:
+            self.store.close()
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            try:
+                sock, address = await loop.sock_accept(self._listener)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:  # e.g. out of file descriptors: keep serving the open connections
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.05)
+                continue
+            if len(self._handlers) >= self.settings.max_connections:
+                self._refuse(sock)
+                continue
+            task = asyncio.create_task(self._serve(sock, f"{address[0]}:{address[1]}"))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    def _refuse(self, sock: socket.socket) -> None:
+        self.counters.refused += 1
+        self.counters.error(Code.BUSY)
+        header, body = error_frame(0, 0, Code.BUSY, "too many connections (server_max_connections); retry later",
+                                   closing=True)
+        try:
+            sock.setblocking(False)
+            sock.send(header.pack() + body)
+        except OSError:
+            pass
+        sock.close()
+
+    async def _serve(self, sock: socket.socket, peer: str) -> None:
+        try:
+            tune(sock)
+            channel: Any = (SocketChannel(sock) if self._tls is None
+                            else await accept_tls(sock, self._tls, self.settings.io_timeout))
+        except (OSError, TimeoutError) as exc:
+            log.debug("connection %s failed to start: %r", peer, exc)
+            sock.close()
+            return
+        connection = Connection(self, channel, peer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections[connection] = task  # type: ignore[assignment]
+        self.counters.accepted += 1
+        self.counters.connections += 1
+        try:
+            await connection.run()
+        finally:
+            self.counters.connections -= 1
+            del self._connections[connection]
+
+
+def serve(settings: ServerSettings, announce: Callable[[str], None] = print) -> int:
+    """Run a server until SIGTERM/SIGINT, then shut it down gracefully; the exit status (0)."""
+
+    async def main() -> None:
+        server = NenCacheServer(settings)
+        await server.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+        admin = f", admin http://{_url_host(settings.host)}:{server.admin_port}" if server.admin_port else ""
+        tls = "nencaches" if settings.tls_cert else "nencache"
+        announce(f"nencache server listening on {tls}://{_url_host(settings.host)}:{server.port}{admin} "
+                 f"(pool {server.store.pool.capacity_bytes / 2**30:.3g} GiB in {server.store.pool.num_pages} pages "
+                 f"of {server.store.pool.page_bytes} bytes, disk {settings.disk_path or 'off'}, "
+                 f"auth {'on' if server.token else 'off'})")
+        await server.wait_stopped()
+        announce("nencache server stopped; disk tier flushed" if settings.disk_path else "nencache server stopped")
+
+    asyncio.run(main())
+    return 0
+
+
+def _reason(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class BackgroundServer:
+    """A server on its own event loop thread (for tests and for embedding in another program)."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.server: NenCacheServer | None = None
+        self._thread = threading.Thread(target=self._run, name="nencache-server", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("the NenCache server did not start in time")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.port
+
+    @property
+    def url(self) -> str:
+        scheme = "nencaches" if self.settings.tls_cert else "nencache"
+        return f"{scheme}://{_url_host(self.settings.host)}:{self.port}"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._loop is not None and self.server is not None and self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(timeout)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            try:
+                self.server = NenCacheServer(self.settings)
+                await self.server.start()
+            except BaseException as exc:
+                self._error = exc
+                self._ready.set()
+                return
+            self._ready.set()
+            await self.server.wait_stopped()
+
+        asyncio.run(main())
+

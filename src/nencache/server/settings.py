@@ -1,0 +1,148 @@
+"""`ServerSettings`: what a NenCache server runs with, taken from a `CacheConfig` and command-line flags."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from nencache.config import CacheConfig, LoadedConfig, parse_size
+from nencache.errors import ConfigError
+from nencache.server.protocol import Limits
+
+EMBEDDED_POOL = "1GiB"
+EMBEDDED_DISK = "8GiB"
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    """Addresses, limits, the memory pool and the optional disk tier of one server."""
+
+    host: str = "127.0.0.1"
+    port: int = 5870
+    admin_port: int | None = 5871
+    auth_token: str | None = None
+    pool_bytes: int = 1 << 30
+    max_chunk_bytes: int = 8 * 2**20 + 64
+    max_request_bytes: int = 64 * 2**20
+    max_keys: int = 1024
+    max_connections: int = 1024
+    max_namespaces: int = 64
+    io_timeout: float = 30.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    disk_path: str | None = None
+    disk_bytes: int = 16 * 2**30
+    io_threads: int = 4
+    disk_queue_chunks: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_chunk_bytes < 64 or self.max_request_bytes < self.max_chunk_bytes:
+            raise ConfigError("server_max_request_bytes must be at least server_max_chunk_bytes (>= 64 bytes)")
+        if self.pool_bytes < self.max_chunk_bytes:
+            raise ConfigError(f"cpu_size ({self.pool_bytes} bytes) must hold at least one chunk of "
+                              f"server_max_chunk_bytes ({self.max_chunk_bytes}); raise cpu_size")
+        if self.max_keys < 1 or self.max_connections < 1 or self.max_namespaces < 1:
+            raise ConfigError("server_max_keys, server_max_connections and server_max_namespaces must be >= 1")
+        if not self.io_timeout > 0:
+            raise ConfigError(f"server_io_timeout must be positive seconds, got {self.io_timeout}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both server_tls_cert and server_tls_key (PEM files)")
+        if not is_loopback(self.host) and not self.auth_token:
+            raise ConfigError(
+                f"refusing to serve on {self.host}, which is reachable from other machines, without an auth "
+                "token; set auth_token in the config or NENCACHE_AUTH_TOKEN (clients send the same token), "
+                "or bind 127.0.0.1"
+            )
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_chunk_bytes, self.max_request_bytes, self.max_keys)
+
+    @classmethod
+    def from_config(cls, config: CacheConfig, *, host: str | None = None, port: int | None = None,
+                    admin_port: int | None = None) -> ServerSettings:
+        """Settings from `config`; `host`/`port`/`admin_port` given here win (a negative admin_port: no admin)."""
+        admin = config.server_admin_port if admin_port is None else admin_port
+        return cls(
+            host=host or config.server_host,
+            port=config.server_port if port is None else port,
+            admin_port=None if admin is None or admin < 0 else admin,
+            auth_token=config.auth_token or None,
+            pool_bytes=int(config.cpu_size),
+            max_chunk_bytes=int(config.server_max_chunk_bytes),
+            max_request_bytes=int(config.server_max_request_bytes),
+            max_keys=config.server_max_keys,
+            max_connections=config.server_max_connections,
+            max_namespaces=config.server_max_namespaces,
+            io_timeout=config.server_io_timeout,
+            tls_cert=config.server_tls_cert,
+            tls_key=config.server_tls_key,
+            disk_path=config.disk_path,
+            disk_bytes=int(config.disk_size),
+            io_threads=config.io_threads,
+            disk_queue_chunks=config.write_queue_chunks,
+        )
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the TLS certificate {self.tls_cert} / key {self.tls_key}: {exc}") from None
+        return context
+
+
+def embedded_defaults(loaded: LoadedConfig) -> tuple[CacheConfig, str]:
+    """The config `nencache serve` runs with when no config file is given, and a line describing it.
+
+    Keys set in the environment are kept; otherwise the pool is 1 GiB and, when the disk tier is
+    available, a disk tier lives in the user's cache directory.
+    """
+    config, sources = loaded.config, loaded.sources
+    changes: dict[str, object] = {}
+    if "cpu_size" not in sources:
+        changes["cpu_size"] = parse_size(EMBEDDED_POOL)
+    if "disk_path" not in sources and disk_tier_available():
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        changes["disk_path"] = str(base / "nencache" / "server")
+        if "disk_size" not in sources:
+            changes["disk_size"] = parse_size(EMBEDDED_DISK)
+    config = config.replace(**changes)
+    disk = f"disk tier at {config.disk_path} ({_gib(int(config.disk_size))})" if config.disk_path else "no disk tier"
+    line = (f"no config file given: running the embedded defaults ({_gib(int(config.cpu_size))} memory pool, "
+            f"{disk}); pass --config FILE to choose")
+    return config, line
+
+
+def disk_tier_available() -> bool:
+    try:
+        from nencache.tiers.disk import DiskTier  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address `host` names is a loopback address."""
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:g} GiB"

@@ -1,0 +1,265 @@
+"""The client end of one connection to a NenCache server: URL parsing, framing, blocking I/O with deadlines.
+
+Blobs are sent with `sendmsg` straight from the caller's buffers and received with `recv_into`
+straight into pooled buffers: no joining, no intermediate copies.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from nencache.errors import ConfigError, CorruptChunkError
+from nencache.format import HEADER_SIZE as CHUNK_HEADER_SIZE
+from nencache.format import NO_KEY, parse_header
+from nencache.server.protocol import (
+    HEADER_SIZE, MAX_MESSAGE, MAX_TOKEN, Code, Flag, Frame, Limits, Op, ProtocolError, unpack_header,
+    unpack_lengths,
+)
+from nencache.tiers.buffers import BufferPool
+
+Buffer = bytes | bytearray | memoryview
+DEFAULT_PORT = 5870
+_MAX_SMALL_BODY = 16 << 20  # STATS / hello replies
+_MIN_RATE = 50e6  # bytes/s a transfer may not fall below before its deadline passes
+_IOV_MAX = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    host: str
+    port: int
+    tls: bool = False
+    ca_file: str | None = None
+
+    def display(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'nencaches' if self.tls else 'nencache'}://{host}:{self.port}"
+
+
+def parse_url(url: str) -> Target:
+    """`nencache://host[:port]` or `nencaches://host[:port][?ca=/path/ca.pem]` (TLS)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("nencache", "nencaches"):
+        raise ConfigError(f"remote_url {url!r}: a NenCache server URL looks like nencache://127.0.0.1:5870")
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError:
+        raise ConfigError(f"remote_url {url!r}: the port must be a number 1-65535") from None
+    options = dict(parse_qsl(parts.query))
+    unknown = set(options) - {"ca"}
+    if unknown or (options and scheme == "nencache"):
+        raise ConfigError(f"remote_url {url!r}: the only option is ?ca=/path/to/ca.pem, with nencaches://")
+    return Target(parts.hostname or "127.0.0.1", port, scheme == "nencaches", options.get("ca"))
+
+
+class ErrorReply(Exception):
+    """The server answered a request with an error frame."""
+
+    def __init__(self, code: int, message: str, closing: bool) -> None:
+        name = Code(code).name if code in Code._value2member_map_ else str(code)
+        super().__init__(f"server error {name}: {message}")
+        self.code, self.closing = code, closing
+
+
+@dataclass(slots=True)
+class Reply:
+    frame: Frame
+    blobs: list[memoryview | None] | None = None  # GET
+    body: bytes = b""  # everything else
+    error: ErrorReply | None = None
+
+
+class WireConnection:
+    """One socket; `send` any number of frames, then `read` their replies (in whatever order they come)."""
+
+    def __init__(self, target: Target, timeout: float, token: bytes, buffers: BufferPool) -> None:
+        self.timeout, self._buffers = timeout, buffers
+        sock = socket.create_connection((target.host, target.port), timeout=timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
+            if target.tls:
+                context = ssl.create_default_context(cafile=target.ca_file)
+                sock = context.wrap_socket(sock, server_hostname=target.host)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self._ids = itertools.count(1)
+        self._header = bytearray(HEADER_SIZE)
+        self._deadline = 0.0
+        self.limits = Limits(1 << 30, 1 << 30, 1)
+        try:
+            hello: dict[str, Any] = json.loads(self.call(Op.AUTH, meta=token).body)
+            self.limits = Limits(int(hello["max_chunk_bytes"]), int(hello["max_request_bytes"]),
+                                 int(hello["max_keys"]))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    # --- framing -----------------------------------------------------------------------------
+    def send(self, op: Op, *, count: int = 0, meta: bytes = b"", body: Sequence[Buffer] = ()) -> int:
+        """Send one request; its id."""
+        request_id = next(self._ids) & 0xFFFFFFFF
+        body_len = sum(memoryview(b).nbytes for b in body)
+        self.extend_deadline(body_len)
+        header = Frame(op, request_id, count, len(meta), body_len).pack()
+        self._send_all([header, meta, *body])
+        return request_id
+
+    def call(self, op: Op, *, count: int = 0, meta: bytes = b"", body: Sequence[Buffer] = ()) -> Reply:
+        """One request and its reply; an error reply raises `ErrorReply`."""
+        self.start()
+        request_id = self.send(op, count=count, meta=meta, body=body)
+        reply = self.read({request_id: count})
+        if reply.error is not None:
+            raise reply.error
+        return reply
+
+    def start(self) -> None:
+        """Start the deadline of a new exchange."""
+        self._deadline = time.monotonic() + 4 * self.timeout
+
+    def extend_deadline(self, nbytes: int) -> None:
+        self._deadline += nbytes / _MIN_RATE
+
+    def read(self, pending: dict[int, int]) -> Reply:
+        """The next reply of one of `pending` (request id -> key count of a GET, else anything)."""
+        self._read_exact(memoryview(self._header))
+        frame = unpack_header(self._header)
+        if not frame.flags & Flag.RESPONSE:
+            raise ProtocolError(Code.BAD_FRAME, "the server sent a request frame")
+        if frame.is_error:
+            if frame.body_len > MAX_MESSAGE or frame.meta_len:
+                raise ProtocolError(Code.BAD_FRAME, "oversized error frame")
+            message = self._read_bytes(frame.body_len).decode("utf-8", "replace")
+            error = ErrorReply(frame.status, message, bool(frame.flags & Flag.CLOSING))
+            if error.closing:
+                raise error
+            if frame.request_id not in pending:
+                raise ProtocolError(Code.BAD_FRAME, f"error reply to unknown request {frame.request_id}: {error}")
+            pending.pop(frame.request_id)
+            return Reply(frame, error=error)
+        if frame.request_id not in pending:
+            raise ProtocolError(Code.BAD_FRAME, f"reply to unknown request {frame.request_id}")
+        keys = pending.pop(frame.request_id)
+        if frame.op != Op.GET:
+            if frame.meta_len or frame.body_len > _MAX_SMALL_BODY:
+                raise ProtocolError(Code.BAD_FRAME, "malformed reply")
+            return Reply(frame, body=self._read_bytes(frame.body_len))
+        if frame.count != keys or frame.meta_len != 8 * keys:
+            raise ProtocolError(Code.BAD_FRAME, f"GET reply for {frame.count} keys, asked {keys}")
+        lengths = unpack_lengths(self._read_bytes(frame.meta_len), keys)
+        if sum(lengths) != frame.body_len or max(lengths, default=0) > self.limits.max_chunk_bytes:
+            raise ProtocolError(Code.BAD_FRAME, "GET reply lengths do not add up")
+        self.extend_deadline(frame.body_len)
+        blobs: list[memoryview | None] = []
+        for length in lengths:
+            if length == 0:
+                blobs.append(None)
+                continue
+            view = self._buffers.take(length)
+            self._read_exact(view)
+            blobs.append(view)
+        return Reply(frame, blobs=blobs)
+
+    # --- I/O -------------------------------------------------------------------------------------
+    def _remaining(self) -> float:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the NenCache server did not answer in time (remote_timeout)")
+        return min(left, self.timeout)
+
+    def _send_all(self, parts: Sequence[Buffer]) -> None:
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        while views:
+            self.sock.settimeout(self._remaining())
+            sent = self.sock.sendmsg(views[:_IOV_MAX]) if not isinstance(self.sock, ssl.SSLSocket) \
+                else self.sock.send(views[0])
+            while sent:
+                if sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+
+    def _read_exact(self, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            self.sock.settimeout(self._remaining())
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise ConnectionResetError("the NenCache server closed the connection")
+            got += n
+
+    def _read_bytes(self, nbytes: int) -> bytes:
+        out = bytearray(nbytes)
+        self._read_exact(memoryview(out))
+        return bytes(out)
+
+
+def split_keys(keys: Sequence[bytes], size: int) -> list[list[bytes]]:
+    """`keys` in groups of at most `size`."""
+    return [[bytes(k) for k in keys[i : i + size]] for i in range(0, len(keys), size)]
+
+
+Item = tuple[bytes, memoryview]
+
+
+def split_items(items: list[Item], max_keys: int, max_bytes: int) -> list[list[Item]]:
+    """Consecutive PUT batches of at most `max_keys` items and `max_bytes` bytes (a larger item goes alone)."""
+    out: list[list[Item]] = []
+    current: list[Item] = []
+    size = 0
+    for key, view in items:
+        if current and (len(current) == max_keys or size + view.nbytes > max_bytes):
+            out.append(current)
+            current, size = [], 0
+        current.append((bytes(key), view))
+        size += view.nbytes
+    if current:
+        out.append(current)
+    return out
+
+
+def blob_ok(key: bytes, blob: Buffer) -> bool:
+    """A chunk's header is intact and names `key` (or no key), and its length matches the header."""
+    try:
+        header = parse_header(blob)
+    except CorruptChunkError:
+        return False
+    return header.payload_len + CHUNK_HEADER_SIZE == memoryview(blob).nbytes and header.key in (NO_KEY, key)
+
+
+def describe_failure(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if isinstance(exc, ErrorReply) and exc.code in (Code.AUTH_FAILED, Code.AUTH_REQUIRED):
+        text += "; set auth_token (NENCACHE_AUTH_TOKEN) to the server's token"
+    return text
+
+
+def token_bytes(token: str | None) -> bytes:
+    """The token to send: `token`, else NENCACHE_AUTH_TOKEN, else none (empty)."""
+    text = token if token is not None else os.environ.get("NENCACHE_AUTH_TOKEN", "")
+    data = text.encode("utf-8")
+    if len(data) > MAX_TOKEN:
+        raise ConfigError(f"auth_token is longer than {MAX_TOKEN} bytes")
+    return data
