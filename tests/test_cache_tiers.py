@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Sequence
 
-import pytest
 import torch
 
 from nencache import CacheConfig, KVCache, KVLayout

@@ -59,6 +59,9 @@ class KVCache:
                       else cpu_codec.max_encoded_size(layout, self.chunk_size))
         pool = MemoryPool(int(self.config.cpu_size), page_bytes, pin_memory=self.config.pin_memory)
         self.memory = MemoryTier(pool, layout, cpu_codec)
+        # Map the pool's pages in the background: stores then never pay first-touch page faults.
+        self._prefault = threading.Thread(target=pool.prefault, name="nencache-prefault", daemon=True)
+        self._prefault.start()
         pairs = lower_tiers if lower_tiers is not None else build_lower_tiers(self.config, self.namespace.hex())
         self.lower = [LowerTier(tier, get_codec(codec)) for tier, codec in pairs]
         # Queued writes pin their pages: at most half the pool may wait, so stores always find a page.
@@ -219,6 +222,7 @@ class KVCache:
             self._writer.close()
         if self._io is not None:
             self._io.shutdown(wait=True)
+        self._prefault.join()
         self.memory.close()
         for lower in self.lower:
             self._guard(lower.tier, lower.tier.close, None)
@@ -331,7 +335,10 @@ class KVCache:
 
     def _decode(self, lower: LowerTier, span: ChunkSpan, blob: Any) -> torch.Tensor | None:
         try:
-            chunk = lower.codec.decode(blob, expected_key=span.key)
+            codec = lower.codec
+            # The raw chunk is copied into the pool and `out` right away: no need for a private copy first.
+            chunk = (codec.view(blob, span.key) if isinstance(codec, RawCodec)
+                     else codec.decode(blob, expected_key=span.key))
             if tuple(chunk.shape) != self.layout.shape(span.num_tokens) or chunk.dtype != self.layout.dtype:
                 raise CorruptChunkError(f"chunk holds {tuple(chunk.shape)} {chunk.dtype}, not this layout")
             return chunk

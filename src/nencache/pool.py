@@ -8,11 +8,14 @@ pool only hands out pages and counts readers.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import torch
 
 from nencache.errors import ConfigError
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
 
 
 def cuda_pinning_available() -> bool:
@@ -84,3 +87,20 @@ class MemoryPool:
 
     def refcount(self, index: int) -> int:
         return self._refs[index]
+
+    def prefault(self, step: int = 64 << 20) -> bool:
+        """Map every page of the buffer now (Linux `MADV_POPULATE_WRITE`; contents untouched, safe in use).
+
+        A first write into fresh memory runs several times slower than into mapped memory (page
+        faults); populating ahead keeps them off the store path. False where unsupported.
+        """
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            return False
+        address, size = self.buffer.data_ptr(), self.buffer.numel()
+        start, end = (address + 4095) & ~4095, (address + size) & ~4095
+        for offset in range(start, end, step):
+            if libc.madvise(ctypes.c_void_p(offset), ctypes.c_size_t(min(step, end - offset)), _MADV_POPULATE_WRITE):
+                return False
+        return True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from nencache.errors import CorruptChunkError
@@ -39,16 +41,37 @@ class RawCodec:
 
     def decode(self, blob: bytes | bytearray | memoryview, expected_key: bytes | None = None) -> torch.Tensor:
         header, payload = split_blob(blob, expected_key)
+        dtype, shape = self._geometry(header, len(payload))
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if len(payload) else torch.empty(0, dtype=torch.uint8)
+        return data.view(dtype).reshape(shape)
+
+    def _geometry(self, header: ChunkHeader, payload_len: int) -> tuple[torch.dtype, tuple[int, ...]]:
         if header.codec_id != self.codec_id:
             raise CorruptChunkError(f"chunk was encoded with codec id {header.codec_id}, not raw")
+        if header.wrapper_id:
+            raise CorruptChunkError(f"chunk is wrapped (lossless wrapper id {header.wrapper_id}); decode it with that codec")
         dtype = CODE_DTYPES.get(header.dtype_code)
         if dtype is None:
             raise CorruptChunkError(f"chunk has unknown dtype code {header.dtype_code}")
         shape = (header.num_layers, 2, header.num_tokens, header.num_kv_heads, header.head_dim)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        if header.num_layers * 2 * header.num_tokens * header.num_kv_heads * header.head_dim * itemsize != len(payload):
-            raise CorruptChunkError(f"raw payload of {len(payload)} bytes does not hold a {shape} {dtype} chunk")
-        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if len(payload) else torch.empty(0, dtype=torch.uint8)
+        if header.num_layers * 2 * header.num_tokens * header.num_kv_heads * header.head_dim * itemsize != payload_len:
+            raise CorruptChunkError(f"raw payload of {payload_len} bytes does not hold a {shape} {dtype} chunk")
+        return dtype, shape
+
+    def view(self, blob: bytes | bytearray | memoryview, expected_key: bytes | None = None) -> torch.Tensor:
+        """Like `decode`, checked the same way, but without copying: the tensor aliases `blob`'s memory.
+
+        For callers that copy the chunk somewhere else at once (the cache's promotion path); the
+        tensor is read-only in spirit and must not outlive `blob`.
+        """
+        header, payload = split_blob(blob, expected_key)
+        dtype, shape = self._geometry(header, len(payload))
+        if not len(payload):
+            return torch.empty(shape, dtype=dtype)
+        with warnings.catch_warnings():  # a read-only buffer is fine: the view is only read
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.frombuffer(payload, dtype=torch.uint8)
         return data.view(dtype).reshape(shape)
 
     def max_encoded_size(self, layout: KVLayout, num_tokens: int) -> int:

@@ -213,6 +213,15 @@ class MemoryTier:
     def close(self) -> None:
         self.clear()
 
+    def reserve_page(self, nbytes: int) -> int:
+        """A free page for `nbytes` (evicting LRU chunks if needed), owned by the caller until
+        `commit_page` indexes it or `pool.release(page)` gives it back. For writers that fill pages in place."""
+        return self._take_page(nbytes)
+
+    def commit_page(self, key: bytes, page: int, nbytes: int, num_tokens: int, *, is_blob: bool = True) -> None:
+        """Index a page filled after `reserve_page` under `key` (a duplicate key gives the page back)."""
+        self._insert(key, Entry(page, nbytes, num_tokens, is_blob), time.perf_counter())
+
     # --- internals -------------------------------------------------------------------------------
     def _as_tensor(self, entry: Entry, key: bytes) -> torch.Tensor:
         page = self.pool.page(entry.page)[: entry.nbytes]
