@@ -1,0 +1,163 @@
+"""Pieces shared by the quantizing codecs: input checks, payload sections, blob framing, affine quantization.
+
+A quantizing codec turns a chunk into a list of tensors (its payload sections, in a fixed order whose
+sizes follow from the header alone) and back. `build_blob` frames the sections behind the 64-byte
+header; `open_blob` checks a blob and `read_sections` cuts its payload into tensors again.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import torch
+
+from nencache.errors import CorruptChunkError, LayoutError
+from nencache.format import HEADER_SIZE, NO_KEY, ChunkHeader, split_blob
+from nencache.layout import CODE_DTYPES, DTYPE_CODES
+
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+# A header claiming a decoded chunk larger than this is refused before anything is allocated.
+MAX_DECODED_BYTES = 1 << 32
+# Smallest positive normal bf16: the floor of a stored scale, so a constant group never divides by zero.
+_TINY = torch.finfo(torch.bfloat16).tiny
+_UP = 1.0 + 2.0**-8  # bf16 rounds to nearest with relative error <= 2**-9, so x * _UP rounds to >= x
+
+Spec = Sequence[tuple[torch.dtype, tuple[int, ...]]]
+
+
+def check_chunk(chunk: object) -> torch.Tensor:
+    """Return `chunk` as a CPU tensor if it is a `[layers, 2, tokens, kv_heads, head_dim]` float chunk."""
+    if not isinstance(chunk, torch.Tensor):
+        raise LayoutError(f"chunk must be a torch.Tensor, got {type(chunk).__name__}")
+    if chunk.dim() != 5 or chunk.shape[1] != 2:
+        raise LayoutError(f"chunk must be [layers, 2, tokens, kv_heads, head_dim], got {tuple(chunk.shape)}")
+    if chunk.dtype not in FLOAT_DTYPES:
+        raise LayoutError(f"lossy codecs take fp32, fp16 or bf16 chunks, got {chunk.dtype}; convert it first")
+    if any(n > 0xFFFF for n in (chunk.shape[0], chunk.shape[3], chunk.shape[4])) or chunk.shape[2] > 0xFFFFFFFF:
+        raise LayoutError(f"chunk shape {tuple(chunk.shape)} exceeds the header's field widths")
+    return chunk.detach().cpu()
+
+
+def section_bytes(spec: Spec) -> int:
+    """Total payload size of sections `(dtype, shape)`."""
+    total = 0
+    for dtype, shape in spec:
+        count = 1
+        for n in shape:
+            count *= n
+        total += count * torch.empty((), dtype=dtype).element_size()
+    return total
+
+
+def build_blob(chunk: torch.Tensor, codec_id: int, sections: Sequence[torch.Tensor], key: bytes = NO_KEY,
+               codec_param: int = 0) -> bytes:
+    """Header + the raw bytes of `sections`, back to back (one copy of each)."""
+    views = [memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()) for t in sections if t.numel()]
+    crc, size = 0, 0
+    for view in views:
+        crc = zlib.crc32(view, crc)
+        size += len(view)
+    layers, _, tokens, heads, head_dim = chunk.shape
+    header = ChunkHeader(codec_id, DTYPE_CODES[chunk.dtype], layers, heads, head_dim, tokens, size, crc, key,
+                         0, codec_param)
+    return b"".join([header.pack(), *views])
+
+
+def open_blob(blob: bytes | bytearray | memoryview, expected_key: bytes | None, codec_id: int,
+              name: str) -> tuple[ChunkHeader, memoryview, torch.dtype]:
+    """Check a whole blob and that `codec_id` wrote it; return its header, payload and decoded dtype."""
+    header, payload = split_blob(blob, expected_key)
+    return header, payload, check_header(header, codec_id, name)
+
+
+def check_header(header: ChunkHeader, codec_id: int, name: str, wrapper_id: int = 0) -> torch.dtype:
+    """Raise `CorruptChunkError` unless `header` names this codec, an unwrapped payload and a sane chunk."""
+    if header.wrapper_id != wrapper_id:
+        raise CorruptChunkError(
+            f"chunk carries lossless wrapper id {header.wrapper_id}; decode it with the codec that wrote it "
+            "(e.g. 'zstd+...' or 'lz4+...'), or use nencache.codecs.decode_any"
+        )
+    if header.codec_id != codec_id:
+        raise CorruptChunkError(f"chunk was encoded with codec id {header.codec_id}, not {name} ({codec_id})")
+    dtype = CODE_DTYPES.get(header.dtype_code)
+    if dtype not in FLOAT_DTYPES:
+        raise CorruptChunkError(f"chunk has dtype code {header.dtype_code}, which {name} never writes")
+    if min(header.num_layers, header.num_kv_heads, header.head_dim) == 0:
+        raise CorruptChunkError("chunk header has a zero layer, head or head_dim count")
+    decoded = header.num_layers * 2 * header.num_tokens * header.num_kv_heads * header.head_dim
+    if decoded * torch.empty((), dtype=dtype).element_size() > MAX_DECODED_BYTES:
+        raise CorruptChunkError(f"chunk header claims {decoded} values, more than any chunk this build decodes")
+    return dtype
+
+
+def bad_param(name: str, value: int) -> CorruptChunkError:
+    """The error for a codec parameter that `name` never writes."""
+    return CorruptChunkError(f"{name} chunk has codec parameter {value:#x}, which {name} never writes")
+
+
+def read_sections(payload: memoryview, spec: Spec) -> list[torch.Tensor]:
+    """Cut `payload` into tensors of `spec`; raise `CorruptChunkError` if its size does not match."""
+    expected = section_bytes(spec)
+    if expected != len(payload):
+        raise CorruptChunkError(f"payload is {len(payload)} bytes, but a chunk of this shape needs {expected}")
+    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if expected else torch.empty(0, dtype=torch.uint8)
+    out, offset = [], 0
+    for dtype, shape in spec:
+        count = 1
+        for n in shape:
+            count *= n
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        out.append(data[offset:offset + nbytes].view(dtype).reshape(shape))
+        offset += nbytes
+    return out
+
+
+def affine_params(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 (min, step) covering [lo, hi] with `levels` steps: min rounded down, step rounded up.
+
+    Rounding in these directions keeps every value of the group inside the grid, so the bf16 storage
+    of the parameters costs no extra error; bf16 keeps fp32's range, so no input overflows them.
+    """
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise LayoutError("chunk contains NaN or inf values; lossy codecs need finite KV (use raw for these)")
+    low = (lo - lo.abs() * (_UP - 1.0)).to(torch.bfloat16)
+    step = ((hi - low.float()) / levels * _UP).clamp_min(_TINY).to(torch.bfloat16)
+    if not torch.isfinite(step).all():
+        raise LayoutError("chunk values span more than fp32 can scale; use the raw codec for this chunk")
+    return low, step
+
+
+def quantize_into(codes: torch.Tensor, x: torch.Tensor, low: torch.Tensor, step: torch.Tensor, levels: int) -> None:
+    """Write the codes of `x` on the grid `low + step * q` (q in [0, levels]) into uint8 `codes`.
+
+    Loops over the leading (layer) dim so the fp32 temporaries stay small and in cache.
+    """
+    inv = step.float().reciprocal()
+    bias = -low.float() * inv
+    for i in range(x.shape[0]):
+        codes[i].copy_(torch.addcmul(bias[i], x[i].float(), inv[i]).round_().clamp_(0, levels))
+
+
+def dequantize(codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """fp32 `low + step * codes` (params as fp32, broadcast against the codes)."""
+    return torch.addcmul(low, codes.float(), step)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Pack uint8 codes < 16 two per byte along the last dim (padded to even with a zero code)."""
+    if q.shape[-1] % 2:
+        q = torch.nn.functional.pad(q, (0, 1))
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, width: int) -> torch.Tensor:
+    """Inverse of `pack_nibbles`: the first `width` codes of each row."""
+    out = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+    return out[..., :width] if out.shape[-1] != width else out
+
+
+__all__ = [
+    "FLOAT_DTYPES", "HEADER_SIZE", "MAX_DECODED_BYTES", "affine_params", "dequantize", "bad_param", "build_blob",
+    "check_chunk", "check_header", "open_blob", "pack_nibbles", "quantize_into", "read_sections", "section_bytes", "unpack_nibbles",
+]

@@ -1,0 +1,88 @@
+"""`Fp8Codec`: float8 e4m3 codes with one fp32 scale per layer, keys/values and head (about 2x vs bf16).
+
+e4m3 keeps about 4 significant bits at any magnitude, so a per-token scale buys nothing over a scale
+per (layer, K/V, head): the scale only has to keep the largest value below e4m3's 448.
+
+Payload (little-endian, in order)::
+
+    scale  f32 [layers, 2, kv_heads]                    x ~= scale * float(code)
+    codes  u8  [layers, 2, tokens, kv_heads, head_dim]  float8_e4m3fn bit patterns
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from nencache.codecs.common import (
+    bad_param, build_blob, check_chunk, check_header, read_sections, section_bytes,
+)
+from nencache.errors import LayoutError
+from nencache.format import HEADER_SIZE, NO_KEY, ChunkHeader, split_blob
+from nencache.layout import KVLayout
+
+_FP8 = torch.float8_e4m3fn
+_MAX = float(torch.finfo(_FP8).max)  # 448
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _spec(layers: int, tokens: int, heads: int, head_dim: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    return [(torch.float32, (layers, 2, heads)), (torch.uint8, (layers, 2, tokens, heads, head_dim))]
+
+
+def _e4m3_as_fp16(codes: torch.Tensor) -> torch.Tensor:
+    """e4m3 bit patterns as fp16 values 2**-8 times as large (exact, subnormals included; much faster
+    than torch's float8 conversion on CPU). The NaN pattern, never written, reads as a finite 480."""
+    bits = codes.to(torch.int16)
+    return (((bits & 0x80) << 8) | ((bits & 0x7F) << 7)).view(torch.float16)
+
+
+@dataclasses.dataclass(slots=True)
+class Fp8Codec:
+    """float8 e4m3 codes, scaled per (layer, K/V, head) so the chunk's largest value maps to 448."""
+
+    name: ClassVar[str] = "fp8"
+    codec_id: ClassVar[int] = 2
+    lossy: ClassVar[bool] = True
+
+    def encode(self, chunk: torch.Tensor, key: bytes = NO_KEY) -> bytes:
+        chunk = check_chunk(chunk)
+        sections, param = self.encode_sections(chunk)
+        return build_blob(chunk, self.codec_id, sections, key, param)
+
+    def encode_sections(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+        """The payload sections of `chunk` and the header's codec parameter (always 0)."""
+        layers, _, tokens, heads, head_dim = chunk.shape
+        codes = torch.empty(chunk.shape, dtype=torch.uint8)
+        if tokens == 0:
+            return [torch.ones(layers, 2, heads), codes], 0
+        absmax = chunk.abs().amax(dim=(2, 4)).float()  # [layers, 2, heads]
+        if not torch.isfinite(absmax).all():
+            raise LayoutError("chunk contains NaN or inf values; lossy codecs need finite KV (use raw for these)")
+        scale = (absmax / _MAX).clamp_min(_TINY)
+        inv = scale.reciprocal()[:, :, None, :, None]
+        fp8 = codes.view(_FP8)
+        for layer in range(layers):
+            fp8[layer].copy_((chunk[layer].float() * inv[layer]).clamp_(-_MAX, _MAX))
+        return [scale, codes], 0
+
+    def decode(self, blob: bytes | bytearray | memoryview, expected_key: bytes | None = None) -> torch.Tensor:
+        return self.decode_payload(*split_blob(blob, expected_key))
+
+    def decode_payload(self, header: ChunkHeader, payload: memoryview) -> torch.Tensor:
+        """Decode a checked payload (used by the lossless wrappers after decompressing)."""
+        dtype = check_header(header, self.codec_id, self.name)
+        if header.codec_param != 0:
+            raise bad_param(self.name, header.codec_param)
+        layers, tokens, heads, head_dim = header.num_layers, header.num_tokens, header.num_kv_heads, header.head_dim
+        scale, codes = read_sections(payload, _spec(layers, tokens, heads, head_dim))
+        scale = (scale * 256.0)[:, :, None, :, None]
+        out = torch.empty((layers, 2, tokens, heads, head_dim), dtype=dtype)
+        for layer in range(layers):
+            out[layer] = _e4m3_as_fp16(codes[layer]).float().mul_(scale[layer])
+        return out
+
+    def max_encoded_size(self, layout: KVLayout, num_tokens: int) -> int:
+        return HEADER_SIZE + section_bytes(_spec(layout.num_layers, num_tokens, layout.num_kv_heads, layout.head_dim))
