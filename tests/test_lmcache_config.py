@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nencache.config import ALIASES, LMCACHE_IGNORED, _TYPES, _is_lmcache_only, load_config
+from nencache.config import _TYPES, load_config
+from nencache.lmcache_compat import ALIASES, LMCACHE_IGNORED, is_lmcache_only
 from nencache.errors import ConfigError
 
 GB = 10**9
@@ -125,10 +126,9 @@ def test_serde_and_disk_values(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="nencache.config"):
         config = load_config(env={"LMCACHE_REMOTE_SERDE": "cachegen", "LMCACHE_LOCAL_DISK": "/mnt/a/,/mnt/b/",
                                   "LMCACHE_BLOCKING_TIMEOUT_SECS": "2"}).config
-    assert config.remote_codec == "raw" and config.disk_path == "/mnt/a/" and config.remote_timeout == 2.0
-    assert any("cachegen" in r.getMessage() for r in caplog.records)
+    assert config.remote_codec == "zstd+int4" and config.disk_path == "/mnt/a/" and config.remote_timeout == 2.0
     assert any("one" in r.getMessage() and "/mnt/a/" in r.getMessage() for r in caplog.records)
-    assert load_config(env={"LMCACHE_REMOTE_SERDE": "kivi"}).config.remote_codec == "raw"
+    assert load_config(env={"LMCACHE_REMOTE_SERDE": "kivi"}).config.remote_codec == "int4"
 
 
 LMCACHE_CONFIG = Path(__file__).resolve().parents[1] / ".venv-lmcache/lib/python3.11/site-packages/lmcache/v1/config.py"
@@ -149,11 +149,11 @@ def lmcache_keys() -> list[str]:
 def test_every_lmcache_key_is_mapped_or_warned() -> None:
     keys = lmcache_keys()
     assert len(keys) > 50
-    unhandled = [k for k in keys if k not in ALIASES and k not in _TYPES and not _is_lmcache_only(k)]
+    unhandled = [k for k in keys if k not in ALIASES and k not in _TYPES and not is_lmcache_only(k)]
     assert unhandled == []
 
 
 def test_tables_do_not_overlap() -> None:
     assert not set(ALIASES) & LMCACHE_IGNORED
     assert not set(_TYPES) & LMCACHE_IGNORED
-    assert not any(_is_lmcache_only(key) for key in _TYPES), "a NenCache key must never be ignored"
+    assert not any(is_lmcache_only(key) for key in _TYPES), "a NenCache key must never be ignored"

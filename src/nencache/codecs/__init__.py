@@ -21,12 +21,13 @@ from nencache.codecs.vq import VQCodec
 from nencache.codecs.vq_codebook import CodebookStore
 from nencache.errors import ConfigError, CorruptChunkError
 from nencache.format import parse_header
+from nencache.lmcache_compat import SERDE_CODECS
 
 _CODECS: dict[str, type] = {"raw": RawCodec, "int8": Int8Codec, "fp8": Fp8Codec, "int4": Int4Codec, "vq": VQCodec}
 _BY_ID: dict[int, type] = {cls.codec_id: cls for cls in _CODECS.values()}
 # LMCache `remote_serde` values: naive = the tensor bytes; kivi = KIVI 4-bit; cachegen = its best
 # lossy ratio at small loss, which here is 4-bit + zstd (4.1x, +0.5% perplexity on SmolLM2-135M).
-SERDE: dict[str, str] = {"naive": "raw", "kivi": "int4", "cachegen": "zstd+int4"}
+SERDE: dict[str, str] = SERDE_CODECS
 
 
 def codec_names() -> list[str]:
