@@ -7,13 +7,15 @@
   (pipelined frames, received straight into pool pages), then `ServerTier.get` of the batch (sent
   straight from pool pages, header/key/length checked). Fresh keys every rep. GB/s = 1e9 bytes/s.
 - EXISTS round trip: `contains_prefix` of one key, one at a time; p50 and p99.
+- P2P fetch (`_p2p.py`): one SmolLM2-shaped 256-token chunk (5.9 MB) fetched by one `KVCache` from another
+  process's `KVCache` through the P2P index (a throwaway redis-server): index lookup, fetch, check; p50, p99.
 - LMCache 0.5.6 (`lmcache_side.py --backend server`: its `lm://` server, `local_cpu=False`) where
   `.venv-lmcache` exists, against NenCache run the same way: a `KVCache` with `remote_url=nencache://...`
   and `local_cpu=False`; store until the server holds every chunk, retrieve into an engine KV tensor
   (every chunk crosses the socket; NenCache also checks each chunk's CRC32 on the way back, LMCache's
   naive serde does not). 16 chunks of 256 tokens (32 layers x 2 KV heads x 64, bf16 = 4 MiB each).
 
-    python benchmarks/server.py [--reps 5] [--no-lmcache]
+    python benchmarks/server.py [--reps 5] [--no-lmcache] [--p2p-only]
 """
 
 from __future__ import annotations
@@ -219,6 +221,41 @@ def lmcache_row(url: str, reps: int) -> tuple[list[object] | None, str]:
             f"{ours_retrieve:.2f}", f"{lm['retrieve_gbps']:.2f}", f"{ours_retrieve / lm['retrieve_gbps']:.2f}x"], ""
 
 
+def p2p_part() -> tuple[list[object], str]:
+    """The P2P row of the round-trip table, and a table of its steps."""
+    from _p2p import measure
+    from tiers_remote import redis_server
+
+    with redis_server() as port:
+        steps = measure(f"redis://127.0.0.1:{port}")
+    total = steps["total"]
+    row: list[object] = ["P2P fetch (peer to peer; 5.9 MB chunk)", f"{total.p50:.0f}", f"{total.p99:.0f}",
+                         "p50 < 2000 µs"]
+    names = {"lookup": "index lookup (`PeerIndex.holders`, one Redis round trip)",
+             "fetch": "fetch from the peer (GET, header/length/key checked)",
+             "check": "check (CRC32 of the payload)",
+             "total": "P2P fetch: lookup + fetch + check",
+             "raw": "reference: the same bytes through a raw loopback socket (no framing, no index)",
+             "retrieve": "`KVCache.retrieve` from the peer into engine KV (B's pool emptied each time)"}
+    detail = ("P2P: one 256-token chunk of SmolLM2-135M's KV shape (30 layers x 3 KV heads x 64, bf16: 5,898,240 bytes "
+              "+ 64-byte header) held by a `KVCache` in a child process (peer A), fetched by a `KVCache` in this "
+              "process (peer B) over loopback; the index is a throwaway redis-server. 400 fetches after 20 warm-up, each "
+              "rep also timing the raw-socket reference.\n\n"
+              + table(["P2P step", "p50 µs", "p99 µs"],
+                      [[names[n], f"{steps[n].p50:.0f}", f"{steps[n].p99:.0f}"] for n in names]) + "\n")
+    return row, detail
+
+
+def run_p2p_only() -> str:
+    row, detail = p2p_part()
+    body = (table(["round trip", "p50 µs", "p99 µs", "target"], [row]) + "\n\n" + detail
+            + f"\nLoad average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
+            "(other work shares this machine).\n")
+    print(body)
+    write_section("server: P2P", body, command_line())
+    return body
+
+
 def run(reps: int, with_lmcache: bool) -> str:
     raw = RawPeer()
     with tempfile.TemporaryDirectory(prefix="nencache-bench-server-") as tmp, nencache_server(tmp) as url:
@@ -229,6 +266,7 @@ def run(reps: int, with_lmcache: bool) -> str:
         lm, lm_note = lmcache_row(url, reps) if with_lmcache else (None, "LMCache side skipped.\n")
         tier.close()
     raw.close()
+    p2p_row, p2p_detail = p2p_part()
     rows = []
     for op in ("put", "get"):
         ratio = median([a / b for a, b in zip(got[op], got[f"raw_{op}"])])
@@ -241,8 +279,8 @@ def run(reps: int, with_lmcache: bool) -> str:
             + table(["operation", "NenCache GB/s", "raw socket GB/s", "NenCache / raw"], rows) + "\n\n"
             + table(["round trip", "p50 µs", "p99 µs", "target"],
                     [["EXISTS of one key (`contains_prefix`)", f"{p50:.0f}", f"{p99:.0f}", "p50 < 200 µs"],
-                     ["P2P fetch (peer to peer)", "placeholder", "placeholder", "measured with the P2P work"]])
-            + "\n")
+                     p2p_row])
+            + "\n\n" + p2p_detail)
     if lm is not None:
         body += ("\nEngine KV -> server -> engine KV, 16 chunks of 256 tokens, bf16, CPU tier off on both sides. "
                  "NenCache: `KVCache(remote_url=nencache://...)`, store + flush, retrieve (CRC32 of every chunk "
@@ -262,8 +300,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-lmcache", action="store_true", help="skip the LMCache side")
+    parser.add_argument("--p2p-only", action="store_true", help="only the P2P fetch rows (section 'server: P2P')")
     args = parser.parse_args()
-    run(args.reps, not args.no_lmcache)
+    if args.p2p_only:
+        run_p2p_only()
+    else:
+        run(args.reps, not args.no_lmcache)
 
 
 if __name__ == "__main__":

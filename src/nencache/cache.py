@@ -63,7 +63,16 @@ class KVCache:
         self._prefault = threading.Thread(target=pool.prefault, name="nencache-prefault", daemon=True)
         self._prefault.start()
         pairs = lower_tiers if lower_tiers is not None else build_lower_tiers(self.config, self.namespace.hex())
-        self.lower = [LowerTier(tier, get_codec(codec)) for tier, codec in pairs]
+        # --- P2P hook (docs/p2p.md): peers fetch from this memory tier; evictions unpublish ---------
+        self.peer: Tier | None = None
+        if self.config.enable_p2p:
+            from nencache.p2p import build_peer_tier, with_peer_tier
+
+            peer = build_peer_tier(self.config, self.namespace.hex(), self.memory, layout)
+            self.memory.on_evict = peer.evicted
+            pairs, self.peer = with_peer_tier(pairs, peer), peer
+        # --- end of the P2P hook --------------------------------------------------------------------
+        self.lower = [LowerTier(tier, get_codec(codec), keys_only=tier is self.peer) for tier, codec in pairs]
         # Queued writes pin their pages: at most half the pool may wait, so stores always find a page.
         max_pending = max(1, min(self.config.write_queue_chunks, pool.num_pages // 2))
         self._writer = (WriteBehind(self.lower, max_pending, self._tier_failed,

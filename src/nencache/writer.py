@@ -22,10 +22,14 @@ log = logging.getLogger("nencache.writer")
 
 @dataclass(slots=True)
 class LowerTier:
-    """A byte tier below memory and the codec its chunks are written with."""
+    """A byte tier below memory and the codec its chunks are written with.
+
+    `keys_only`: the tier is told which keys were stored (`put` with empty values), nothing is encoded.
+    """
 
     tier: Tier
     codec: Codec
+    keys_only: bool = False
 
 
 class WriteBehind:
@@ -114,6 +118,9 @@ class WriteBehind:
         encoded: dict[str, list[tuple[bytes, bytes]]] = {}
         for lower in self._tiers:
             try:
+                if lower.keys_only:
+                    lower.tier.put([(lease.key, b"") for lease in batch])
+                    continue
                 items = encoded.get(lower.codec.name)
                 if items is None:
                     items = [(lease.key, lower.codec.encode(lease.tensor(), lease.key)) for lease in batch]

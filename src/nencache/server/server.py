@@ -68,11 +68,11 @@ class PinBudget:
 class NenCacheServer:
     """A chunk server on `settings.host:settings.port`, with its admin HTTP endpoint when configured."""
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, store: ChunkStore | None = None) -> None:
         self.settings = settings
         self.token = settings.auth_token.encode() if settings.auth_token else None
         self.counters = ServerCounters()
-        self.store = ChunkStore(settings)
+        self.store = store if store is not None else ChunkStore(settings)  # given: serve another owner's chunks
         self.executor = ThreadPoolExecutor(max(2, settings.io_threads), thread_name_prefix="nencache-server-io")
         self.stopping = False
         self.port = settings.port
@@ -235,8 +235,9 @@ def _url_host(host: str) -> str:
 class BackgroundServer:
     """A server on its own event loop thread (for tests and for embedding in another program)."""
 
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, store: ChunkStore | None = None) -> None:
         self.settings = settings
+        self._store = store
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -276,7 +277,7 @@ class BackgroundServer:
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
             try:
-                self.server = NenCacheServer(self.settings)
+                self.server = NenCacheServer(self.settings, self._store)
                 await self.server.start()
             except BaseException as exc:
                 self._error = exc

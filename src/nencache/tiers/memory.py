@@ -67,6 +67,7 @@ class MemoryTier:
         self._index: OrderedDict[bytes, Entry] = OrderedDict()
         self._lock = threading.Lock()
         self._stats = TierStats(capacity_bytes=pool.capacity_bytes)
+        self.on_evict: Callable[[bytes], None] | None = None  # told each evicted key (must be quick, never raise)
 
     # --- the tensor path used by KVCache -------------------------------------------------------
     def put_tensor(self, key: bytes, chunk: torch.Tensor) -> bool:
@@ -251,6 +252,8 @@ class MemoryTier:
                 return False
             entry = self._index.pop(victim)
         self._drop(entry, evicted=True)
+        if self.on_evict is not None:
+            self.on_evict(victim)
         return True
 
     def _insert(self, key: bytes, entry: Entry, started: float) -> None:

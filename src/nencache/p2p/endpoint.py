@@ -1,0 +1,160 @@
+"""`PeerEndpoint`: a NenCache server over a `KVCache`'s own memory tier, serving its chunks to peers.
+
+The server code is the NenCache server's (`nencache.server`); only its store differs: `PeerStore`
+reads the cache's pool, read-only, and allocates no pool of its own. A raw chunk goes out as a
+64-byte raw-codec header (payload CRC32 included) followed straight by the pool page (no copy).
+Headers are computed when a chunk is published (on the background writer) and kept while the page
+holds that chunk. Only EXISTS, GET, PING, AUTH and STATS are served; PUT is refused and DELETE and
+CLEAR are ignored: peers never change this cache.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from nencache.codecs import RawCodec
+from nencache.codecs.raw import header_for
+from nencache.errors import ConfigError
+from nencache.format import HEADER_SIZE, parse_header
+from nencache.p2p.client import peer_address
+from nencache.server.protocol import Code, ProtocolError
+from nencache.server.server import BackgroundServer
+from nencache.server.settings import ServerSettings
+from nencache.server.store import ChunkStore, Namespace
+from nencache.tiers.memory import ChunkLease, Entry, MemoryTier
+
+
+class PeerStore(ChunkStore):
+    """The `ChunkStore` interface over another owner's `MemoryTier`, for one namespace, read-only.
+
+    `ChunkStore.__init__` is not called: it would allocate a pool; this store reads the owner's.
+    """
+
+    def __init__(self, settings: ServerSettings, memory: MemoryTier, namespace: bytes) -> None:
+        self.settings = settings
+        self.memory = memory
+        self.pool = memory.pool
+        self._bytes = memoryview(self.pool.buffer.numpy())
+        self._lock = threading.Lock()
+        self._namespaces = {namespace: Namespace(namespace, b"")}  # memory keys are the bare chunk keys
+        self.disk_root = None
+        self.writer = None
+        self._headers: dict[bytes, tuple[Entry, bytes]] = {}
+        self.served_chunks = 0
+
+    # --- what the server asks ------------------------------------------------------------------
+    def open(self, name: bytes, *, create: bool) -> Namespace | None:
+        if create:
+            raise _read_only()
+        return self._namespaces.get(name)
+
+    def take_page(self, nbytes: int) -> tuple[int, memoryview]:
+        raise _read_only()  # a PUT never reaches the cache's pool
+
+    def commit(self, space: Namespace, key: bytes, page: int, nbytes: int) -> bool:
+        raise _read_only()
+
+    def lease(self, space: Namespace, keys: Sequence[bytes]) -> list[ChunkLease | None]:
+        return [self.memory.lease(k, count=False) for k in keys]  # peers' reads are not this cache's hits
+
+    def view(self, lease: ChunkLease) -> Any:
+        """The chunk in the shared byte format: (raw header, page payload), or one blob buffer."""
+        entry = lease.entry
+        page = self._bytes[entry.page * self.pool.page_bytes :][: entry.nbytes]
+        self.served_chunks += 1
+        if not entry.is_blob:
+            return self._header(lease), page
+        header = parse_header(page)
+        if header.codec_id == RawCodec.codec_id and not header.wrapper_id:
+            return page
+        return memoryview(RawCodec().encode(lease.tensor(), lease.key))  # another CPU codec: served as raw
+
+    def delete(self, space: Namespace, keys: Sequence[bytes]) -> None:
+        """Peers do not delete this cache's chunks."""
+
+    def clear(self, space: Namespace) -> None:
+        """Peers do not clear this cache."""
+
+    def flush(self) -> None:
+        """Nothing is written here."""
+
+    def close(self) -> None:
+        """The memory tier belongs to its `KVCache`."""
+
+    def stats(self) -> dict[str, Any]:
+        return super().stats() | {"served_chunks": self.served_chunks}
+
+    # --- headers ---------------------------------------------------------------------------------
+    def prepare(self, keys: Sequence[bytes]) -> None:
+        """Compute the headers of raw chunks about to be published, so serving them is a lookup."""
+        for key in keys:
+            lease = self.memory.lease(key, count=False)
+            if lease is not None:
+                try:
+                    if not lease.entry.is_blob:
+                        self._header(lease)
+                finally:
+                    lease.release()
+
+    def forget(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            for key in keys:
+                self._headers.pop(key, None)
+
+    def _header(self, lease: ChunkLease) -> bytes:
+        """The raw-codec header of a pinned raw chunk: cached while the same entry holds the key."""
+        with self._lock:
+            cached = self._headers.get(lease.key)
+        if cached is not None and cached[0] is lease.entry:
+            return cached[1]
+        entry = lease.entry
+        payload = self._bytes[entry.page * self.pool.page_bytes :][: entry.nbytes]
+        header = header_for(lease.tensor(), RawCodec.codec_id, payload, lease.key).pack()
+        with self._lock:
+            if len(self._headers) >= 2 * self.pool.num_pages:
+                self._headers = {k: v for k, v in self._headers.items() if k in self.memory}
+            self._headers[lease.key] = (entry, header)
+        return header
+
+
+class PeerEndpoint:
+    """A `PeerStore` served on `host:port` (0: any free port) from a server thread of its own."""
+
+    def __init__(self, memory: MemoryTier, namespace: str, *, host: str = "127.0.0.1", port: int = 0,
+                 auth_token: str | None = None, max_chunk_bytes: int, io_timeout: float = 30.0) -> None:
+        _check_host(host)
+        max_chunk = max(max_chunk_bytes, memory.pool.page_bytes, HEADER_SIZE)
+        self.settings = ServerSettings(host=host, port=port, admin_port=None, auth_token=auth_token,
+                                       pool_bytes=max(memory.pool.capacity_bytes, max_chunk), max_chunk_bytes=max_chunk,
+                                       max_request_bytes=max(8 * max_chunk, 64 << 20), io_timeout=io_timeout,
+                                       io_threads=2)
+        self.store = PeerStore(self.settings, memory, namespace.encode("ascii"))
+        self._server = BackgroundServer(self.settings, self.store)
+        try:
+            self._server.start()
+        except ConfigError as exc:
+            raise ConfigError(f"P2P endpoint: {exc}".replace("--port (server_port)", "p2p_port (0: any free port)")) \
+                from None
+        self.host, self.port = host, self._server.port
+        self.address = peer_address(host, self.port)
+
+    def close(self) -> None:
+        self._server.stop()
+
+
+def _read_only() -> ProtocolError:
+    return ProtocolError(Code.UNSUPPORTED, "this is a read-only NenCache peer endpoint: it serves EXISTS and GET of "
+                                           "its own chunks and takes no PUT")
+
+
+def _check_host(host: str) -> None:
+    try:
+        unspecified = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return
+    if unspecified:
+        raise ConfigError(f"p2p_host {host!r} is published in the P2P index as this cache's address, so it must be "
+                          "one that other peers can reach (e.g. this machine's IP), not a wildcard")

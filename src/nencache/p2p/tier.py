@@ -1,0 +1,257 @@
+"""`PeerTier`: other peers' memory as a byte tier, found through the P2P index.
+
+`contains_prefix` asks the index for the holders of the keys in one round trip, then asks the
+chosen holder (EXISTS) that it still has them; `get` fetches straight from the holders. `put`
+publishes keys only: no chunk bytes leave this process on store (peers fetch them from this
+cache's `PeerEndpoint`). Evicted, deleted and cleared keys are unpublished; a background thread
+refreshes the entries of the keys still held every `ttl / 3`. A dead or slow index or peer is never
+an error: calls answer misses, failures are counted, and while the index is down a background
+probe (exponential backoff) waits for it to come back, then republishes everything held.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from nencache.p2p.client import PeerClients
+from nencache.p2p.endpoint import PeerEndpoint
+from nencache.p2p.index import PeerIndex
+from nencache.tiers.base import TierStats
+from nencache.tiers.resp import ReplyError
+
+log = logging.getLogger("nencache.p2p")
+T = TypeVar("T")
+Blob = bytes | bytearray | memoryview
+_INDEX_FAILURES = (OSError, ReplyError)
+_FIRST_RETRY = 0.25
+_RETRY_CAP = 2.0
+_HOLDERS_TTL = 5.0  # seconds holders found by a lookup are reused by the retrieve that follows it
+_MAX_HOLDERS = 4096
+
+
+class PeerTier:
+    """A byte tier over peers. See the module docstring."""
+
+    name = "p2p"
+
+    def __init__(self, index: PeerIndex, endpoint: PeerEndpoint, clients: PeerClients, *, ttl: float) -> None:
+        self.index, self.endpoint, self.clients = index, endpoint, clients
+        clients.on_failure = lambda: self._count(errors=1)
+        self.address = endpoint.address
+        self._interval = ttl / 3
+        self._stats = TierStats()
+        self._lock = threading.Lock()
+        self._published: set[bytes] = set()
+        self._gone: set[bytes] = set()  # evicted keys waiting to be unpublished
+        self._holders: dict[bytes, tuple[float, list[str]]] = {}
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._up = True
+        self._last_warning = -math.inf
+        try:
+            index.check()
+        except _INDEX_FAILURES as exc:
+            self._index_failed(exc)
+        self._thread = threading.Thread(target=self._run, name="nencache-p2p", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_up(self) -> bool:
+        """True while the index answers; False while every lookup is a miss."""
+        return self._up
+
+    # --- the Tier protocol -----------------------------------------------------------------------
+    def contains_prefix(self, keys: Sequence[bytes]) -> int:
+        holders = self._lookup(keys)
+        run = 0
+        while run < len(holders) and holders[run]:
+            run += 1
+        confirmed = 0
+        for peer, start, end in self._segments(holders[:run]):  # one EXISTS per holder, usually one holder
+            found = self.clients.exists(peer, keys[start:end])
+            confirmed = start + found
+            if found < end - start:
+                break
+        return confirmed
+
+    def get(self, keys: Sequence[bytes]) -> list[Blob | None]:
+        started = time.perf_counter()
+        out: list[Blob | None] = [None] * len(keys)
+        candidates = self._cached_holders(keys)
+        unknown = [i for i, c in enumerate(candidates) if c is None]
+        if unknown:
+            for i, found in zip(unknown, self._lookup([keys[i] for i in unknown])):
+                candidates[i] = found
+        for attempt in range(2):  # the first holder of each key, then the second for what it lacked
+            wanted: dict[str, list[int]] = {}
+            for i, found in enumerate(candidates):
+                if out[i] is None and found and len(found) > attempt:
+                    wanted.setdefault(found[attempt], []).append(i)
+            for peer, positions in wanted.items():
+                for i, blob in zip(positions, self.clients.get(peer, [keys[i] for i in positions])):
+                    out[i] = blob
+        hits = sum(b is not None for b in out)
+        self._count(hits=hits, misses=len(keys) - hits, read_bytes=sum(len(b) for b in out if b is not None),
+                    read_seconds=time.perf_counter() - started)
+        with self._lock:
+            for key in keys:
+                self._holders.pop(key, None)
+        return out
+
+    def put(self, items: Sequence[tuple[bytes, Blob]]) -> None:
+        """Publish the keys of chunks this cache now holds (values are ignored: peers fetch them here)."""
+        keys = [bytes(k) for k, _ in items]
+        self.endpoint.store.prepare(keys)
+        with self._lock:
+            self._published.update(keys)
+            self._gone.difference_update(keys)
+        self._count(stored_chunks=len(keys))
+        self._index_call(lambda: self.index.publish(keys, self.address), None)
+
+    def delete(self, keys: Sequence[bytes]) -> None:
+        keys = [bytes(k) for k in keys]
+        with self._lock:
+            self._published.difference_update(keys)
+            self._gone.difference_update(keys)
+        self.endpoint.store.forget(keys)
+        self._index_call(lambda: self.index.unpublish(keys, self.address), None)
+
+    def clear(self) -> None:
+        with self._lock:
+            keys = list(self._published | self._gone)
+        self.delete(keys)
+
+    def flush(self) -> None:
+        """Unpublish the evicted keys now."""
+        self._unpublish_gone()
+
+    def stats(self) -> TierStats:
+        with self._lock, self._stats.lock:
+            self._stats.chunks = len(self._published)
+        return self._stats
+
+    def close(self) -> None:
+        """Unpublish everything (best effort), stop serving and close connections."""
+        if self._closed.is_set():
+            return
+        self.clear()
+        self._closed.set()
+        self._wake.set()
+        self._thread.join(timeout=5.0)
+        self.endpoint.close()
+        self.clients.close()
+        self.index.close()
+
+    def evicted(self, key: bytes) -> None:
+        """Told by the memory tier when it evicts `key`: unpublished in the background."""
+        with self._lock:
+            if key in self._published:
+                self._published.discard(key)
+                self._gone.add(key)
+        self.endpoint.store.forget([key])
+        self._wake.set()
+
+    # --- lookups ---------------------------------------------------------------------------------
+    def _lookup(self, keys: Sequence[bytes]) -> list[list[str]]:
+        """Usable holders of each key (not this peer, not a peer being skipped): one index round trip."""
+        if not keys:
+            return []
+        found = self._index_call(lambda: self.index.holders(keys), None)
+        if found is None:
+            return [[] for _ in keys]
+        holders = [[p for p in peers if p != self.address and self.clients.usable(p)] for peers in found]
+        expires = time.monotonic() + _HOLDERS_TTL
+        with self._lock:
+            if len(self._holders) + len(keys) > _MAX_HOLDERS:
+                self._holders.clear()
+            for key, peers in zip(keys, holders):
+                if peers:
+                    self._holders[bytes(key)] = (expires, peers)
+        return holders
+
+    def _cached_holders(self, keys: Sequence[bytes]) -> list[list[str] | None]:
+        now = time.monotonic()
+        with self._lock:
+            cached = [self._holders.get(bytes(k)) for k in keys]
+        return [c[1] if c is not None and c[0] > now else None for c in cached]
+
+    @staticmethod
+    def _segments(holders: list[list[str]]) -> list[tuple[str, int, int]]:
+        """(peer, start, end): consecutive keys served by one peer, keeping the current peer while it can."""
+        out: list[tuple[str, int, int]] = []
+        for i, peers in enumerate(holders):
+            if out and out[-1][0] in peers:
+                out[-1] = (out[-1][0], out[-1][1], i + 1)
+            else:
+                out.append((peers[0], i, i + 1))
+        return out
+
+    # --- the index: health, refresh, unpublish ---------------------------------------------------
+    def _index_call(self, call: Callable[[], T], default: T) -> T:
+        if not self._up or self._closed.is_set():
+            return default
+        try:
+            return call()
+        except _INDEX_FAILURES as exc:
+            self._index_failed(exc)
+            return default
+
+    def _index_failed(self, exc: BaseException) -> None:
+        self._count(errors=1)
+        with self._lock:
+            was_up, self._up = self._up, False
+        self.index.reset()
+        now = time.monotonic()
+        if was_up and now - self._last_warning >= 60.0:
+            self._last_warning = now
+            log.warning("P2P index %s failed (%s: %s); peers are misses until it answers again", self.index.url,
+                        type(exc).__name__, exc)
+        self._wake.set()
+
+    def _unpublish_gone(self) -> None:
+        with self._lock:
+            gone = [k for k in self._gone if k not in self._published]
+            self._gone.clear()
+        if gone:
+            self._index_call(lambda: self.index.unpublish(gone, self.address), None)
+
+    def _republish(self) -> None:
+        with self._lock:
+            keys = list(self._published)
+        if keys:
+            self._index_call(lambda: self.index.publish(keys, self.address), None)
+
+    def _run(self) -> None:
+        """Refresh held keys every `ttl / 3`, unpublish evicted ones, probe the index while it is down."""
+        next_refresh = time.monotonic() + self._interval
+        delay = _FIRST_RETRY
+        while not self._closed.is_set():
+            timeout = delay if not self._up else max(0.0, next_refresh - time.monotonic())
+            self._wake.wait(timeout)
+            self._wake.clear()
+            if self._closed.is_set():
+                return
+            if not self._up:
+                try:
+                    self.index.check()
+                except _INDEX_FAILURES:
+                    delay = min(delay * 2, _RETRY_CAP)
+                    continue
+                delay = _FIRST_RETRY
+                self._up = True
+                log.info("P2P index %s answers again; republishing the chunks held here", self.index.url)
+                next_refresh = 0.0
+            self._unpublish_gone()
+            if time.monotonic() >= next_refresh:
+                self._republish()
+                next_refresh = time.monotonic() + self._interval
+
+    def _count(self, **deltas: float) -> None:
+        with self._stats.lock:
+            for name, delta in deltas.items():
+                setattr(self._stats, name, getattr(self._stats, name) + delta)
