@@ -62,7 +62,8 @@ def run_cpu_part(chunks: int, reps: int, chunk_size: int, with_lmcache: bool) ->
     ]
     if with_lmcache and ensure_lmcache(install=True):
         result = run_lmcache("cpu", layers=layout.num_layers, kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
-                             dtype="bf16", chunk_size=chunk_size, chunks=chunks, reps=reps)
+                             dtype="bf16", chunk_size=chunk_size, chunks=chunks, reps=reps,
+                             extra=["--torch-threads", str(torch.get_num_threads())])
         if "error" in result:
             rows.append(["LMCache 0.5.6 local CPU", "error", "error", "-", "-"])
             note = f"\nLMCache: {result['error']}\n"
@@ -77,7 +78,8 @@ def run_cpu_part(chunks: int, reps: int, chunk_size: int, with_lmcache: bool) ->
     else:
         note = "\nLMCache side skipped (no .venv-lmcache; run benchmarks/setup_lmcache.sh).\n"
     body = (f"{chunks} chunks of {chunk_size} tokens, SmolLM2-135M KV shape (30 layers, 3 KV heads, head dim 64, bf16): "
-            f"{nbytes / 2**20:.0f} MiB per pass; medians of {reps} passes; GB/s = 1e9 bytes/s.\n\n"
+            f"{nbytes / 2**20:.0f} MiB per pass; medians of {reps} passes; GB/s = 1e9 bytes/s; torch intra-op "
+            f"threads: {torch.get_num_threads()} on both sides.\n\n"
             + table(["system", "store GB/s", "retrieve GB/s", "store / raw", "retrieve / raw"], rows) + "\n" + note)
     print(body)
     write_section("tiers: CPU memory tier", body, command_line())
@@ -91,7 +93,10 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--no-lmcache", action="store_true", help="skip the LMCache side")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch intra-op threads, the same setting LMCache's side runs with (default 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.torch_threads)
     if args.part in ("cpu", "all"):
         run_cpu_part(args.chunks, args.reps, args.chunk_size, not args.no_lmcache)
     if args.part in ("disk", "all"):
