@@ -63,3 +63,19 @@ def test_lower_tier_codec(codec, exact) -> None:
             assert torch.equal(out, kv)
         else:
             assert ((out.float() - kv.float()).abs().mean() / kv.float().abs().mean()) < 0.05
+
+
+def test_chunks_written_with_another_codec_are_decoded_by_their_header() -> None:
+    lower = MemoryTier(MemoryPool(64 * LAYOUT.nbytes(64) + 64 * 4096, LAYOUT.nbytes(64) + 4096))
+    lower.name = "lower"
+    config = CacheConfig(chunk_size=64, cpu_size="8MiB")
+    kv = make_kv(128, seed=8)
+    ids = list(range(128))
+    writer = KVCache(config, LAYOUT, model_id="m", lower_tiers=[(lower, "zstd+int8")])
+    writer.store(ids, kv)
+    writer.flush()
+    reader = KVCache(config, LAYOUT, model_id="m", lower_tiers=[(lower, "raw")])  # closing either clears `lower`
+    out = reader.retrieve(ids)
+    assert ((out.float() - kv.float()).abs().mean() / kv.float().abs().mean()) < 0.05
+    reader.close()
+    writer.close()

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from nencache.codecs import RawCodec, get_codec
+from nencache.codecs import RawCodec, decode_any, get_codec
 from nencache.config import CacheConfig, load_config
 from nencache.copy import copy_into
+from nencache.format import parse_header
 from nencache.errors import ChunkMissingError, ClosedError, CorruptChunkError, LayoutError, PoolExhaustedError
 from nencache.keys import ChunkSpan, TokenIds, chunk_spans, namespace_digest, partial_key, salted, token_array
 from nencache.layout import KVLayout
@@ -31,6 +32,7 @@ from nencache.tiers.memory import MemoryTier
 from nencache.writer import LowerTier, WriteBehind
 
 log = logging.getLogger("nencache")
+_RAW = RawCodec()
 
 
 class KVCache:
@@ -344,10 +346,14 @@ class KVCache:
 
     def _decode(self, lower: LowerTier, span: ChunkSpan, blob: Any) -> torch.Tensor | None:
         try:
-            codec = lower.codec
-            # The raw chunk is copied into the pool and `out` right away: no need for a private copy first.
-            chunk = (codec.view(blob, span.key) if isinstance(codec, RawCodec)
-                     else codec.decode(blob, expected_key=span.key))
+            header = parse_header(blob)
+            if header.codec_id == RawCodec.codec_id and header.wrapper_id == 0:
+                # Copied into the pool and `out` right away: no need for a private copy first.
+                chunk = _RAW.view(blob, span.key)
+            elif header.codec_id == lower.codec.codec_id:
+                chunk = lower.codec.decode(blob, expected_key=span.key)
+            else:  # written by an instance with another codec: the header says which
+                chunk = decode_any(blob, expected_key=span.key)
             if tuple(chunk.shape) != self.layout.shape(span.num_tokens) or chunk.dtype != self.layout.dtype:
                 raise CorruptChunkError(f"chunk holds {tuple(chunk.shape)} {chunk.dtype}, not this layout")
             return chunk

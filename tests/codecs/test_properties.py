@@ -54,7 +54,8 @@ def test_quantizer_size_is_exact_and_encoding_deterministic(name: str, shape: tu
     if name == "vq":
         codec = make_codec("vq")
         codec.store = CodebookStore()
-        codec.calibrate([x])
+        if tokens > codec.exact_tokens:
+            codec.calibrate([x])
     blob = codec.encode(x)
     assert len(blob) == codec.max_encoded_size(KVLayout(layers, heads, head_dim), tokens)
     assert codec.encode(x) == blob

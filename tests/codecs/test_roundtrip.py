@@ -98,6 +98,8 @@ def test_wrong_key_is_refused() -> None:
     blob = codec.encode(synthetic_kv(), KEY)
     with pytest.raises(CorruptChunkError):
         codec.decode(blob, expected_key=bytes(16 * [7]))
+    with pytest.raises(LayoutError):
+        codec.encode(synthetic_kv(), b"short")
 
 
 @pytest.mark.parametrize("name", ["int8", "fp8", "int4", "vq", "zstd+int4"])
@@ -108,7 +110,7 @@ def test_bad_input_is_a_layout_error(name: str) -> None:
     with pytest.raises(LayoutError):
         codec.encode(torch.zeros(2, 2, 4, 2, 8, dtype=torch.int32))
     bad = synthetic_kv(dtype=torch.float32)
-    bad[0, 0, 0, 0, 0] = float("nan")
+    bad[0, 0, 5, 0, 0] = float("nan")
     with pytest.raises(LayoutError):
         codec.encode(bad)
 

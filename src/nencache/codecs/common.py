@@ -2,7 +2,8 @@
 
 A quantizing codec turns a chunk into a list of tensors (its payload sections, in a fixed order whose
 sizes follow from the header alone) and back. `build_blob` frames the sections behind the 64-byte
-header; `open_blob` checks a blob and `read_sections` cuts its payload into tensors again.
+header; `check_header` vets a checked blob's header and `read_sections` cuts its payload into
+tensors again.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from nencache.errors import CorruptChunkError, LayoutError
-from nencache.format import HEADER_SIZE, NO_KEY, ChunkHeader, split_blob
+from nencache.format import KEY_SIZE, NO_KEY, ChunkHeader
 from nencache.layout import CODE_DTYPES, DTYPE_CODES
 
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
@@ -53,6 +54,8 @@ def section_bytes(spec: Spec) -> int:
 def build_blob(chunk: torch.Tensor, codec_id: int, sections: Sequence[torch.Tensor], key: bytes = NO_KEY,
                codec_param: int = 0) -> bytes:
     """Header + the raw bytes of `sections`, back to back (one copy of each)."""
+    if not isinstance(key, bytes) or len(key) != KEY_SIZE:
+        raise LayoutError(f"a chunk key is {KEY_SIZE} bytes (see nencache.keys), got {key!r:.40}")
     views = [memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()) for t in sections if t.numel()]
     crc, size = 0, 0
     for view in views:
@@ -64,16 +67,10 @@ def build_blob(chunk: torch.Tensor, codec_id: int, sections: Sequence[torch.Tens
     return b"".join([header.pack(), *views])
 
 
-def open_blob(blob: bytes | bytearray | memoryview, expected_key: bytes | None, codec_id: int,
-              name: str) -> tuple[ChunkHeader, memoryview, torch.dtype]:
-    """Check a whole blob and that `codec_id` wrote it; return its header, payload and decoded dtype."""
-    header, payload = split_blob(blob, expected_key)
-    return header, payload, check_header(header, codec_id, name)
-
-
-def check_header(header: ChunkHeader, codec_id: int, name: str, wrapper_id: int = 0) -> torch.dtype:
-    """Raise `CorruptChunkError` unless `header` names this codec, an unwrapped payload and a sane chunk."""
-    if header.wrapper_id != wrapper_id:
+def check_header(header: ChunkHeader, codec_id: int, name: str) -> torch.dtype:
+    """Raise `CorruptChunkError` unless `header` names this codec, an unwrapped payload and a sane chunk;
+    return the decoded dtype."""
+    if header.wrapper_id != 0:
         raise CorruptChunkError(
             f"chunk carries lossless wrapper id {header.wrapper_id}; decode it with the codec that wrote it "
             "(e.g. 'zstd+...' or 'lz4+...'), or use nencache.codecs.decode_any"
@@ -158,6 +155,6 @@ def unpack_nibbles(packed: torch.Tensor, width: int) -> torch.Tensor:
 
 
 __all__ = [
-    "FLOAT_DTYPES", "HEADER_SIZE", "MAX_DECODED_BYTES", "affine_params", "dequantize", "bad_param", "build_blob",
-    "check_chunk", "check_header", "open_blob", "pack_nibbles", "quantize_into", "read_sections", "section_bytes", "unpack_nibbles",
+    "FLOAT_DTYPES", "MAX_DECODED_BYTES", "affine_params", "dequantize", "bad_param", "build_blob",
+    "check_chunk", "check_header", "pack_nibbles", "quantize_into", "read_sections", "section_bytes", "unpack_nibbles",
 ]

@@ -1,7 +1,8 @@
 """`Fp8Codec`: float8 e4m3 codes with one fp32 scale per layer, keys/values and head (about 2x vs bf16).
 
-e4m3 keeps about 4 significant bits at any magnitude, so a per-token scale buys nothing over a scale
-per (layer, K/V, head): the scale only has to keep the largest value below e4m3's 448.
+e4m3 keeps about 4 significant bits at any magnitude, so the scale mostly has to keep the largest
+value below e4m3's 448. On SmolLM2-135M a per-token scale lowered the key error only from 0.027 to
+0.021 (relative) for 3% more bytes, and moved perplexity by under 0.1% either way.
 
 Payload (little-endian, in order)::
 

@@ -1,22 +1,29 @@
 """`VQCodec`: vector quantization of channel pairs against learned, versioned codebooks.
 
 Each chunk is first normalized like int4 (keys per channel over the chunk, values per token and
-head, to [0, 1] with a bf16 (min, range) grid), then every pair (channel i, channel i + ceil(D/2))
-of a token becomes the index of its nearest centroid in the codebook of its (layer, K/V, head,
-pair). With `bits=6` that is 3 bits a value (about 4.8x vs bf16), with `bits=4` 2 bits (about 6.8x).
+head, to [0, 1] with a bf16 (min, range) grid), then every channel pair (2p, 2p + 1) of a token
+becomes the index of its nearest centroid in the codebook of its (layer, K/V, head, pair), found
+through a lookup grid. With `bits=6` that is 3 bits a value (about 4.8x vs bf16), with `bits=4` 2
+bits (about 6.8x). As in int4, the first `exact_tokens` tokens of a chunk (a possible attention
+sink) are kept as they are: on SmolLM2-135M that took vq from +8.9% to +2% perplexity.
 
 Codebooks are learned by k-means from calibration KV: an explicit `calibrate(chunks)`, or the
 chunks the codec encodes (re-learned each time the samples double, up to `calibration_tokens`).
-The header's codec parameter is the codebook id; a chunk whose codebook is unknown cannot be
-decoded (`CorruptChunkError`). Persist codebooks with `save_codebooks` / `load_codebooks`, or give
-a `codebook_dir` so every process reading the chunks finds them.
+Codec parameter: `codebook_id | exact << 24` (the codebook id is 24 bits; 0 when no token was
+quantized). A chunk whose codebook is unknown cannot be decoded (`CorruptChunkError`). Persist
+codebooks with `save_codebooks` / `load_codebooks`, or give a `codebook_dir` so every process
+reading the chunks finds them.
 
-Payload (little-endian, in order; P = ceil(head_dim / 2))::
+Payload (little-endian, in order; R = exact, T = tokens - R, P = ceil(head_dim / 2); when T = 0
+only the first section)::
 
-    key_low   bf16 [layers, kv_heads, head_dim]     key_range  bf16 [layers, kv_heads, head_dim]
-    val_low   bf16 [layers, tokens, kv_heads]       val_range  bf16 [layers, tokens, kv_heads]
-    codes     u8   [layers, 2, tokens, kv_heads, B]  bits=6: four codes in 3 bytes (B = ceil(P/4)*3),
-              bits=4: two codes a byte, the even pair in the low nibble (B = ceil(P/2))
+    exact      dtype [layers, 2, R, kv_heads, head_dim]   the first R tokens, unchanged
+    key_low    bf16  [layers, kv_heads, head_dim]    key_range  bf16 [layers, kv_heads, head_dim]
+    val_low    bf16  [layers, T, kv_heads]           val_range  bf16 [layers, T, kv_heads]
+    codes_low  u8    [layers, 2, T, kv_heads, ceil(P/2)]   low 4 bits of each code, two a byte
+                                                           (the even pair in the low nibble)
+    codes_high u8    [layers, 2, T, kv_heads, ceil(P/4)]   bits=6 only: the top 2 bits, four a byte
+                                                           (the first pair in the lowest bits)
 """
 
 from __future__ import annotations
@@ -30,11 +37,11 @@ from typing import ClassVar
 import torch
 
 from nencache.codecs.common import (
-    affine_params, build_blob, check_chunk, check_header, pack_nibbles, read_sections, section_bytes,
+    affine_params, bad_param, build_blob, check_chunk, check_header, pack_nibbles, read_sections, section_bytes,
     unpack_nibbles,
 )
 from nencache.codecs.vq_codebook import BITS, DEFAULT_STORE, Codebook, CodebookStore, grid_size, kmeans
-from nencache.errors import ConfigError, CorruptChunkError, LayoutError
+from nencache.errors import ConfigError, CorruptChunkError
 from nencache.format import HEADER_SIZE, NO_KEY, ChunkHeader, split_blob
 from nencache.layout import KVLayout
 
@@ -45,12 +52,16 @@ _STORES: dict[str, CodebookStore] = {}
 _BLOCK = 4  # layers decoded at a time: keeps the temporaries in cache
 
 
-def _spec(layers: int, tokens: int, heads: int, head_dim: int, bits: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
-    bf, u8, pairs = torch.bfloat16, torch.uint8, (head_dim + 1) // 2
-    spec = [(bf, (layers, heads, head_dim)), (bf, (layers, heads, head_dim)),
-            (bf, (layers, tokens, heads)), (bf, (layers, tokens, heads)),
-            (u8, (layers, 2, tokens, heads, (pairs + 1) // 2))]
-    return spec + [(u8, (layers, 2, tokens, heads, (pairs + 3) // 4))] if bits == 6 else spec
+def _spec(dtype: torch.dtype, layers: int, tokens: int, heads: int, head_dim: int, bits: int,
+          exact: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    bf, u8, pairs, rest = torch.bfloat16, torch.uint8, (head_dim + 1) // 2, tokens - exact
+    spec = [(dtype, (layers, 2, exact, heads, head_dim))]
+    if rest == 0:
+        return spec
+    spec += [(bf, (layers, heads, head_dim)), (bf, (layers, heads, head_dim)),
+             (bf, (layers, rest, heads)), (bf, (layers, rest, heads)),
+             (u8, (layers, 2, rest, heads, (pairs + 1) // 2))]
+    return spec + [(u8, (layers, 2, rest, heads, (pairs + 3) // 4))] if bits == 6 else spec
 
 
 def _pack(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
@@ -100,7 +111,8 @@ class _Samples:
 class VQCodec:
     """Vector-quantized channel pairs. `bits` (4 or 6) sizes new codebooks; `codebook_dir` shares
     codebooks through files (else `store`, else the process-wide store); with `auto_calibrate`,
-    encoding a geometry with no codebook learns one from the chunks seen, up to `calibration_tokens`."""
+    encoding a geometry with no codebook learns one from the chunks seen, up to `calibration_tokens`;
+    `iterations` of k-means; the first `exact_tokens` tokens of each chunk are kept as they are."""
 
     bits: int = 6
     codebook_dir: str | os.PathLike[str] | None = None
@@ -108,6 +120,7 @@ class VQCodec:
     auto_calibrate: bool = True
     calibration_tokens: int = 2048
     iterations: int = 10
+    exact_tokens: int = 1
     name: ClassVar[str] = "vq"
     codec_id: ClassVar[int] = 4
     lossy: ClassVar[bool] = True
@@ -120,6 +133,8 @@ class VQCodec:
             raise ConfigError(f"VQCodec.bits must be one of {BITS} (code bits per channel pair), got {self.bits!r}")
         if self.calibration_tokens < 1 or self.iterations < 1:
             raise ConfigError("VQCodec.calibration_tokens and iterations must be positive")
+        if not isinstance(self.exact_tokens, int) or not 0 <= self.exact_tokens <= 0xFF:
+            raise ConfigError(f"VQCodec.exact_tokens must be an int in 0..255, got {self.exact_tokens!r}")
         if self.store is None:
             if self.codebook_dir is None:
                 self.store = DEFAULT_STORE
@@ -138,10 +153,11 @@ class VQCodec:
             if geometry not in (None, shape):
                 raise ConfigError(f"calibration chunks mix geometries {geometry} and {shape}; calibrate each apart")
             geometry = shape
+            chunk = chunk[:, :, min(self.exact_tokens, chunk.shape[2]):]  # as encode sees it
             if chunk.shape[2]:
                 units.append(normalize(chunk)[1].to(torch.float16))
         if geometry is None or not units:
-            raise ConfigError("calibrate() needs at least one chunk with tokens")
+            raise ConfigError(f"calibrate() needs a chunk with more than exact_tokens={self.exact_tokens} tokens")
         book = self._learn(geometry, units)
         with self._lock:
             self._active[geometry] = book.id
@@ -161,7 +177,7 @@ class VQCodec:
         """Encode new chunks of that codebook's geometry with it (e.g. after `load_codebooks`)."""
         book = self.store.get(codebook_id)
         if book is None:
-            raise ConfigError(f"codebook {codebook_id:08x} is not known; load its file first")
+            raise ConfigError(f"codebook {codebook_id:06x} is not known; load its file first")
         with self._lock:
             self._active[(book.num_layers, book.num_kv_heads, book.head_dim)] = book.id
             self._samples.pop((book.num_layers, book.num_kv_heads, book.head_dim), None)
@@ -211,10 +227,12 @@ class VQCodec:
         return build_blob(chunk, self.codec_id, sections, key, param)
 
     def encode_sections(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int]:
-        """The payload sections of `chunk` and the header's codec parameter (the codebook id)."""
+        """The payload sections of `chunk` and the header's codec parameter."""
         layers, _, tokens, heads, head_dim = chunk.shape
+        exact = min(self.exact_tokens, tokens)
+        head, chunk, tokens = chunk[:, :, :exact], chunk[:, :, exact:], tokens - exact
         if tokens == 0:
-            raise LayoutError("the vq codec needs chunks with at least one token")
+            return [head], exact << 24
         grids, unit = normalize(chunk)
         book = self._codebook_for(chunk, unit)
         grid, pairs = grid_size(book.bits), book.pairs
@@ -222,7 +240,8 @@ class VQCodec:
         cells = unit.mul_(grid).to(torch.int32).clamp_(max=grid - 1)  # grid cell per coordinate
         flat = (cells[..., 0::2] * grid).add_(cells[..., 1::2]).add_(base * (grid * grid))
         codes = book.lookup.index_select(0, flat.reshape(-1))
-        return [*grids, *_pack(codes.reshape(layers, 2, tokens, heads, pairs), book.bits)], book.id
+        planes = _pack(codes.reshape(layers, 2, tokens, heads, pairs), book.bits)
+        return [head, *grids, *planes], book.id | exact << 24
 
     def decode(self, blob: bytes | bytearray | memoryview, expected_key: bytes | None = None) -> torch.Tensor:
         return self.decode_payload(*split_blob(blob, expected_key))
@@ -231,32 +250,43 @@ class VQCodec:
         """Decode a checked payload (used by the lossless wrappers after decompressing)."""
         dtype = check_header(header, self.codec_id, self.name)
         layers, tokens, heads, head_dim = header.num_layers, header.num_tokens, header.num_kv_heads, header.head_dim
-        book = self.store.get(header.codec_param)
+        ident, exact = header.codec_param & 0xFFFFFF, header.codec_param >> 24
+        rest = tokens - exact
+        if rest < 0 or (rest == 0) != (ident == 0):
+            raise bad_param(self.name, header.codec_param)
+        out = torch.empty((layers, 2, tokens, heads, head_dim), dtype=dtype)
+        if rest == 0:
+            (head,) = read_sections(payload, _spec(dtype, layers, tokens, heads, head_dim, 4, exact))
+            out.copy_(head)
+            return out
+        book = self.store.get(ident)
         if book is None:
             raise CorruptChunkError(
-                f"vq chunk needs codebook {header.codec_param:08x}, which this process does not know; "
+                f"vq chunk needs codebook {ident:06x}, which this process does not know; "
                 "load the codebook file it was encoded with (VQCodec.load_codebooks or codebook_dir)")
         if (book.num_layers, book.num_kv_heads, book.head_dim) != (layers, heads, head_dim):
-            raise CorruptChunkError(f"vq chunk geometry does not match its codebook {book.id:08x}")
-        key_low, key_range, val_low, val_range, *planes = read_sections(
-            payload, _spec(layers, tokens, heads, head_dim, book.bits))
+            raise CorruptChunkError(f"vq chunk geometry does not match its codebook {ident:06x}")
+        head, key_low, key_range, val_low, val_range, *planes = read_sections(
+            payload, _spec(dtype, layers, tokens, heads, head_dim, book.bits, exact))
+        out[:, :, :exact] = head
+        body = out[:, :, exact:]
         pairs, count = book.pairs, 1 << book.bits
         base = torch.arange(layers * 2 * heads * pairs, dtype=torch.int32).reshape(layers, 2, 1, heads, pairs) * count
         klo, krg = key_low.float()[:, None], key_range.float()[:, None]
         vlo, vrg = val_low.float()[..., None], val_range.float()[..., None]
-        out = torch.empty((layers, 2, tokens, heads, head_dim), dtype=dtype)
         for lo in range(0, layers, _BLOCK):
             hi = min(lo + _BLOCK, layers)
             index = _unpack([plane[lo:hi] for plane in planes], pairs).to(torch.int32).add_(base[lo:hi])
             unit = book.pair_words.index_select(0, index.reshape(-1)).view(torch.float32)
-            unit = unit.reshape(hi - lo, 2, tokens, heads, 2 * pairs)[..., :head_dim]
-            out[lo:hi, 0] = torch.addcmul(klo[lo:hi], unit[:, 0], krg[lo:hi])
-            out[lo:hi, 1] = torch.addcmul(vlo[lo:hi], unit[:, 1], vrg[lo:hi])
+            unit = unit.reshape(hi - lo, 2, rest, heads, 2 * pairs)[..., :head_dim]
+            body[lo:hi, 0] = torch.addcmul(klo[lo:hi], unit[:, 0], krg[lo:hi])
+            body[lo:hi, 1] = torch.addcmul(vlo[lo:hi], unit[:, 1], vrg[lo:hi])
         return out
 
     def max_encoded_size(self, layout: KVLayout, num_tokens: int) -> int:
         ident = self.active_codebook(layout)
         book = self.store.get(ident) if ident is not None else None
         bits = max(self.bits, book.bits if book is not None else 0)
-        spec = _spec(layout.num_layers, num_tokens, layout.num_kv_heads, layout.head_dim, bits)
+        spec = _spec(layout.dtype, layout.num_layers, num_tokens, layout.num_kv_heads, layout.head_dim, bits,
+                     min(self.exact_tokens, num_tokens))
         return HEADER_SIZE + section_bytes(spec)

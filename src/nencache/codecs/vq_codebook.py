@@ -11,7 +11,7 @@ File format: codebook records back to back, each (little-endian)::
     4  B  version (1)        14 H  kv_heads                 pairs, 2**bits, 2]
     5  B  bits (4 or 6)      16 H  head_dim          end  I  crc32 of the record before it
     6  2x reserved           18 2x reserved
-    8  I  codebook id
+    8  I  codebook id (24 bits used)
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Codebook:
 
     @classmethod
     def create(cls, layers: int, heads: int, head_dim: int, bits: int, centroids: torch.Tensor) -> Codebook:
-        """A codebook of these centroids, its id derived from them."""
+        """A codebook of these centroids, its id (24 bits) derived from them."""
         centroids = centroids.to(torch.float16)
         ident = _content_id(layers, heads, head_dim, bits, centroids)
         centroids = centroids.float().contiguous()
@@ -86,14 +86,14 @@ class Codebook:
         centroids = raw.reshape(layers, 2, heads, (head_dim + 1) // 2, 1 << bits, 2)
         book = cls.create(layers, heads, head_dim, bits, centroids)
         if book.id != ident:
-            raise ConfigError(f"codebook {ident:08x} does not match its contents; the file is damaged")
+            raise ConfigError(f"codebook {ident:06x} does not match its contents; the file is damaged")
         return book, end + _CRC.size
 
 
 def _content_id(layers: int, heads: int, head_dim: int, bits: int, centroids: torch.Tensor) -> int:
-    digest = hashlib.blake2b(struct.pack("<HHHB", layers, heads, head_dim, bits), digest_size=4)
+    digest = hashlib.blake2b(struct.pack("<HHHB", layers, heads, head_dim, bits), digest_size=3)
     digest.update(centroids.contiguous().numpy().tobytes())
-    return int.from_bytes(digest.digest(), "little") or 1  # 0 means "no codebook"
+    return int.from_bytes(digest.digest(), "little") or 1  # 24 bits; 0 means "no codebook"
 
 
 def _nearest(points: torch.Tensor, centroids: torch.Tensor, block: int = 8) -> torch.Tensor:
@@ -147,7 +147,7 @@ class CodebookStore:
         with self._lock:
             self._books[book.id] = book
         if self.directory is not None:
-            path = self.directory / f"{book.id:08x}.nvq"
+            path = self.directory / f"{book.id:06x}.nvq"
             if not path.exists():
                 self.directory.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
@@ -157,7 +157,7 @@ class CodebookStore:
     def get(self, ident: int) -> Codebook | None:
         book = self._books.get(ident)
         if book is None and self.directory is not None:
-            path = self.directory / f"{ident:08x}.nvq"
+            path = self.directory / f"{ident:06x}.nvq"
             try:
                 books = self.load(path)
             except (OSError, ConfigError):
