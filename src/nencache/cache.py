@@ -336,10 +336,11 @@ class KVCache:
                     continue
                 if out is not None:
                     copy_into(out[:, :, span.start : span.end], chunk)
-                try:
-                    self.memory.put_tensor(span.key, chunk)
-                except PoolExhaustedError:
-                    pass  # served, just not promoted
+                if out is None or self.config.local_cpu:  # without local_cpu, only prefetches stage in the pool
+                    try:
+                        self.memory.put_tensor(span.key, chunk)
+                    except PoolExhaustedError:
+                        pass  # served, just not promoted
                 fetched.add(span.key)
                 self._counters.add(lower_hits=1)
         return fetched
