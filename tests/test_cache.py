@@ -7,6 +7,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from nencache import CacheConfig, ChunkMissingError, ClosedError, KVCache, KVLayout, LayoutError
+from nencache.tiers.memory import raw_page_bytes
 
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16)
 
@@ -164,7 +165,7 @@ def test_closed_cache_refuses_use() -> None:
 
 
 def test_three_times_the_pool_stays_bounded_and_exact() -> None:
-    chunk_bytes = LAYOUT.nbytes(16)
+    chunk_bytes = raw_page_bytes(LAYOUT, 16)
     with make_cache(cpu_size=20 * chunk_bytes) as cache:
         pool = cache.memory.pool
         pointer, size = pool.buffer.data_ptr(), pool.buffer.numel()
@@ -202,7 +203,7 @@ def test_no_large_allocation_after_warm_up() -> None:
 def test_resident_memory_stays_within_the_pool() -> None:
     psutil = pytest.importorskip("psutil")
     layout = KVLayout(8, 4, 64, torch.float16)
-    chunk_bytes = layout.nbytes(64)  # 512 KiB
+    chunk_bytes = raw_page_bytes(layout, 64)  # 512 KiB + the header slot
     pool_bytes = 64 * chunk_bytes  # 32 MiB
     kv = make_kv(layout, 64 * 16)
     process = psutil.Process()

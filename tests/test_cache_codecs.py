@@ -7,7 +7,7 @@ import torch
 
 from nencache import CacheConfig, KVCache, KVLayout
 from nencache.pool import MemoryPool
-from nencache.tiers.memory import MemoryTier
+from nencache.tiers.memory import MemoryTier, raw_page_bytes
 
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16)
 
@@ -26,7 +26,7 @@ def tokens_held(codec: str, pool_bytes: int) -> int:
 
 
 def test_int8_pool_holds_at_least_1_9x_the_tokens() -> None:
-    pool_bytes = 20 * LAYOUT.nbytes(256)
+    pool_bytes = 20 * raw_page_bytes(LAYOUT, 256)
     raw, int8 = tokens_held("raw", pool_bytes), tokens_held("int8", pool_bytes)
     assert raw == 20 * 256
     assert int8 >= 1.9 * raw, (raw, int8)

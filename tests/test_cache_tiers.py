@@ -16,7 +16,7 @@ from nencache import CacheConfig, KVCache, KVLayout
 from nencache.format import HEADER_SIZE
 from nencache.pool import MemoryPool
 from nencache.tiers.base import TierStats
-from nencache.tiers.memory import MemoryTier
+from nencache.tiers.memory import MemoryTier, raw_page_bytes
 
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=8, dtype=torch.float16)
 CHUNK = 16
@@ -74,7 +74,7 @@ class FaultyTier:
 
 
 def make_cache(tier, **kwargs) -> KVCache:
-    config = CacheConfig(chunk_size=CHUNK, cpu_size=40 * LAYOUT.nbytes(CHUNK), **kwargs)
+    config = CacheConfig(chunk_size=CHUNK, cpu_size=40 * raw_page_bytes(LAYOUT, CHUNK), **kwargs)
     return KVCache(config, LAYOUT, model_id="m", lower_tiers=[(tier, "raw")])
 
 

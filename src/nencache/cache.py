@@ -28,7 +28,7 @@ from nencache.pool import MemoryPool
 from nencache.stats import CacheCounters
 from nencache.tiers.base import Tier
 from nencache.tiers.factory import build_lower_tiers
-from nencache.tiers.memory import MemoryTier
+from nencache.tiers.memory import MemoryTier, raw_page_bytes
 from nencache.writer import LowerTier, WriteBehind
 
 log = logging.getLogger("nencache")
@@ -57,7 +57,7 @@ class KVCache:
         self.namespace = namespace_digest(model_id, layout, self.chunk_size, fingerprint=fingerprint, extra=extra,
                                           tenant=self.config.tenant)
         cpu_codec = get_codec(self.config.cpu_codec)
-        page_bytes = (layout.nbytes(self.chunk_size) if isinstance(cpu_codec, RawCodec)
+        page_bytes = (raw_page_bytes(layout, self.chunk_size) if isinstance(cpu_codec, RawCodec)
                       else cpu_codec.max_encoded_size(layout, self.chunk_size))
         pool = MemoryPool(int(self.config.cpu_size), page_bytes, pin_memory=self.config.pin_memory)
         self.memory = MemoryTier(pool, layout, cpu_codec)

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from nencache.codecs import Codec
+from nencache.codecs import Codec, RawCodec
 from nencache.tiers.base import Tier
 from nencache.tiers.memory import ChunkLease
 
@@ -123,7 +123,7 @@ class WriteBehind:
                     continue
                 items = encoded.get(lower.codec.name)
                 if items is None:
-                    items = [(lease.key, lower.codec.encode(lease.tensor(), lease.key)) for lease in batch]
+                    items = [(lease.key, self._encode(lower.codec, lease)) for lease in batch]
                     encoded[lower.codec.name] = items
                 lower.tier.put(items)
             except Exception as exc:
@@ -132,3 +132,10 @@ class WriteBehind:
         if self._after_write is not None:
             for lease in batch:
                 self._after_write(lease.key)
+
+    @staticmethod
+    def _encode(codec: Codec, lease: ChunkLease) -> bytes | memoryview:
+        """The chunk in `codec`'s bytes; a raw chunk goes out as its own pool page, header stamped in front."""
+        if isinstance(codec, RawCodec) and not lease.entry.is_blob:
+            return lease.blob()
+        return codec.encode(lease.tensor(), lease.key)

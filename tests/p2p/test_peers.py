@@ -13,6 +13,7 @@ import torch
 from nencache import KVCache
 from nencache.keys import chunk_keys
 from nencache.p2p import PeerIndex
+from nencache.tiers.memory import raw_page_bytes
 from nencache.tiers.redis_url import parse_url
 from nencache.tiers.resp import Connection
 from tests.p2p.util import CHUNK, LAYOUT, MODEL, PeerProcess, compute_kv, config, tokens
@@ -94,7 +95,7 @@ def test_killed_peer_is_a_clean_counted_miss_and_b_recomputes(redis_server: Redi
 
 
 def test_eviction_in_a_removes_its_index_entries(redis_server: RedisServer, peer: PeerFactory) -> None:
-    a = peer(config(redis_server.url, cpu_size=LAYOUT.nbytes(CHUNK) * 8).as_dict())  # an eight-chunk pool
+    a = peer(config(redis_server.url, cpu_size=raw_page_bytes(LAYOUT, CHUNK) * 8).as_dict())  # an eight-chunk pool
     old, new, newer = tokens(20_000, 4 * CHUNK), tokens(30_000, 3 * CHUNK), tokens(35_000, 3 * CHUNK)
     index = PeerIndex(redis_server.url, a.namespace, ttl=30, timeout=2.0)
     old_keys = chunk_keys(old, CHUNK, bytes.fromhex(a.namespace))

@@ -8,7 +8,7 @@ import torch
 from nencache.errors import PoolExhaustedError, TierError
 from nencache.layout import KVLayout
 from nencache.pool import MemoryPool
-from nencache.tiers.memory import MemoryTier
+from nencache.tiers.memory import MemoryTier, raw_page_bytes
 from tests.tiers.contract import TierContract, make_blob, make_key
 
 LAYOUT = KVLayout(2, 2, 8, torch.bfloat16)
@@ -27,7 +27,7 @@ def chunk(seed: int, tokens: int = 4) -> torch.Tensor:
 
 
 def test_lru_eviction_keeps_recent_chunks() -> None:
-    tier = MemoryTier(MemoryPool(3 * LAYOUT.nbytes(4), LAYOUT.nbytes(4)), LAYOUT)
+    tier = MemoryTier(MemoryPool(3 * raw_page_bytes(LAYOUT, 4), raw_page_bytes(LAYOUT, 4)), LAYOUT)
     for i in range(3):
         tier.put_tensor(make_key(i), chunk(i))
     assert tier.lease(make_key(0)) is not None  # touch 0 (and leak nothing: release below)
@@ -39,7 +39,7 @@ def test_lru_eviction_keeps_recent_chunks() -> None:
 
 
 def test_pinned_chunk_is_never_evicted() -> None:
-    tier = MemoryTier(MemoryPool(2 * LAYOUT.nbytes(4), LAYOUT.nbytes(4)), LAYOUT)
+    tier = MemoryTier(MemoryPool(2 * raw_page_bytes(LAYOUT, 4), raw_page_bytes(LAYOUT, 4)), LAYOUT)
     tier.put_tensor(make_key(0), chunk(0))
     tier.put_tensor(make_key(1), chunk(1))
     lease = tier.lease(make_key(0), count=False)  # 0 is the oldest, but it is being read
@@ -56,7 +56,7 @@ def test_pinned_chunk_is_never_evicted() -> None:
 
 
 def test_read_into_strided_view_is_exact() -> None:
-    tier = MemoryTier(MemoryPool(4 * LAYOUT.nbytes(4), LAYOUT.nbytes(4)), LAYOUT)
+    tier = MemoryTier(MemoryPool(4 * raw_page_bytes(LAYOUT, 4), raw_page_bytes(LAYOUT, 4)), LAYOUT)
     tier.put_tensor(make_key(0), chunk(0))
     buffer = torch.zeros(2, 2, 2, 4, 8, dtype=LAYOUT.dtype)  # heads-first, as transformers keeps it
     assert tier.read_into(make_key(0), buffer.permute(0, 1, 3, 2, 4))

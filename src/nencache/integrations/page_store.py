@@ -23,7 +23,7 @@ from nencache.layout import KVLayout
 from nencache.pool import MemoryPool
 from nencache.tiers.base import Tier
 from nencache.tiers.factory import build_lower_tiers
-from nencache.tiers.memory import MemoryTier
+from nencache.tiers.memory import MemoryTier, raw_page_bytes
 
 log = logging.getLogger("nencache.pages")
 
@@ -58,7 +58,7 @@ class PageStore:
     def from_config(cls, config: CacheConfig, layout: KVLayout, page_tokens: int, namespace: bytes) -> "PageStore":
         memory = None
         if config.local_cpu:
-            pool = MemoryPool(int(config.cpu_size), layout.nbytes(page_tokens), pin_memory=config.pin_memory)
+            pool = MemoryPool(int(config.cpu_size), raw_page_bytes(layout, page_tokens), pin_memory=config.pin_memory)
             memory = MemoryTier(pool, layout, get_codec(config.cpu_codec))
         pairs = build_lower_tiers(config, namespace.hex())
         return cls(layout, page_tokens, namespace, memory=memory, lower=[(t, get_codec(c)) for t, c in pairs])

@@ -63,7 +63,7 @@ class PeerStore(ChunkStore):
     def view(self, lease: ChunkLease) -> Any:
         """The chunk in the shared byte format: (raw header, page payload), or one blob buffer."""
         entry = lease.entry
-        page = self._bytes[entry.page * self.pool.page_bytes :][: entry.nbytes]
+        page = memoryview(self.memory.payload(entry).numpy())
         self.served_chunks += 1
         if not entry.is_blob:
             return self._header(lease), page
@@ -111,7 +111,7 @@ class PeerStore(ChunkStore):
         if cached is not None and cached[0] is lease.entry:
             return cached[1]
         entry = lease.entry
-        payload = self._bytes[entry.page * self.pool.page_bytes :][: entry.nbytes]
+        payload = memoryview(self.memory.payload(entry).numpy())
         header = header_for(lease.tensor(), RawCodec.codec_id, payload, lease.key).pack()
         with self._lock:
             if len(self._headers) >= 2 * self.pool.num_pages:

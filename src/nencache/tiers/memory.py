@@ -4,6 +4,10 @@ Each stored chunk owns one pool page. A chunk is either a raw tensor (its bytes 
 layout says, the fast path) or a blob in the shared byte format (when the CPU codec compresses, or
 when a byte tier stores through the blob API). Readers pin the page, so a chunk being read or
 written behind is never evicted under them.
+
+A raw chunk's bytes start `HEADER_SIZE` bytes into its page: the writer stamps the chunk's header
+in front of them and hands the page itself to the lower tiers, so chunks leave memory in the shared
+byte format without being copied first.
 """
 
 from __future__ import annotations
@@ -18,12 +22,18 @@ import numpy as np
 import torch
 
 from nencache.codecs import Codec, RawCodec
+from nencache.codecs.raw import header_for
 from nencache.copy import as_numpy, copy_into
 from nencache.errors import LayoutError, PoolExhaustedError, TierError
 from nencache.format import HEADER_SIZE
 from nencache.layout import KVLayout
 from nencache.pool import MemoryPool
 from nencache.tiers.base import TierStats
+
+
+def raw_page_bytes(layout: KVLayout, num_tokens: int) -> int:
+    """The page size that holds a raw chunk of `num_tokens` tokens (its header slot included)."""
+    return HEADER_SIZE + layout.nbytes(num_tokens)
 
 
 @dataclass(slots=True)
@@ -47,6 +57,10 @@ class ChunkLease:
     def tensor(self) -> torch.Tensor:
         """The chunk as a `[layers, 2, tokens, kv_heads, head_dim]` tensor (a view for raw chunks)."""
         return self._tier._as_tensor(self.entry, self.key)
+
+    def blob(self) -> memoryview:
+        """The chunk in the shared byte format, as a view of its page (valid while the lease is held)."""
+        return self._tier._blob(self.entry, self.key)
 
     def release(self) -> None:
         if not self._released:
@@ -89,9 +103,9 @@ class MemoryTier:
         shape = self.layout.shape(num_tokens)
         if self._raw:
             nbytes = self.layout.nbytes(num_tokens)
-            page = self._take_page(nbytes)
+            page = self._take_page(HEADER_SIZE + nbytes)
             try:
-                fill(self.pool.page(page)[:nbytes].view(self.layout.dtype).view(shape))
+                fill(self.pool.page(page)[HEADER_SIZE : HEADER_SIZE + nbytes].view(self.layout.dtype).view(shape))
             except BaseException:
                 self.pool.release(page)
                 raise
@@ -165,10 +179,7 @@ class MemoryTier:
                 continue
             try:
                 entry = lease.entry
-                if entry.is_blob:
-                    blobs.append(bytes(self.pool.page(entry.page)[: entry.nbytes].numpy()))
-                else:
-                    blobs.append(RawCodec().encode(lease.tensor(), key))
+                blobs.append(bytes(lease.blob()))
             finally:
                 lease.release()
         return blobs
@@ -224,12 +235,26 @@ class MemoryTier:
         self._insert(key, Entry(page, nbytes, num_tokens, is_blob), time.perf_counter())
 
     # --- internals -------------------------------------------------------------------------------
+    def payload(self, entry: Entry) -> torch.Tensor:
+        """The stored bytes of an entry (a blob's whole bytes; a raw chunk's tensor bytes, after its header slot)."""
+        start = 0 if entry.is_blob else HEADER_SIZE
+        return self.pool.page(entry.page)[start : start + entry.nbytes]
+
     def _as_tensor(self, entry: Entry, key: bytes) -> torch.Tensor:
-        page = self.pool.page(entry.page)[: entry.nbytes]
+        page = self.payload(entry)
         if entry.is_blob:
             return self.codec.decode(memoryview(page.numpy()), expected_key=key)
         assert self.layout is not None
         return page.view(self.layout.dtype).view(self.layout.shape(entry.num_tokens))
+
+    def _blob(self, entry: Entry, key: bytes) -> memoryview:
+        if entry.is_blob:
+            return memoryview(self.payload(entry).numpy())
+        page = as_numpy(self.pool.page(entry.page))
+        payload = memoryview(page[HEADER_SIZE : HEADER_SIZE + entry.nbytes])
+        page[:HEADER_SIZE] = np.frombuffer(header_for(self._as_tensor(entry, key), RawCodec.codec_id, payload,
+                                                      key).pack(), dtype=np.uint8)
+        return memoryview(page[: HEADER_SIZE + entry.nbytes])
 
     def _take_page(self, nbytes: int) -> int:
         """A free page, evicting least-recently-used unpinned chunks if needed."""
