@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
@@ -158,3 +159,18 @@ __all__ = [
     "FLOAT_DTYPES", "MAX_DECODED_BYTES", "affine_params", "dequantize", "bad_param", "build_blob",
     "check_chunk", "check_header", "pack_nibbles", "quantize_into", "read_sections", "section_bytes", "unpack_nibbles",
 ]
+
+
+class SectionCodec:
+    """Base of the codecs whose payload is a list of tensor sections (`encode_sections`)."""
+
+    __slots__ = ()
+    codec_id: ClassVar[int]
+
+    def encode_sections(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+        raise NotImplementedError
+
+    def encode(self, chunk: torch.Tensor, key: bytes = NO_KEY) -> bytes:
+        chunk = check_chunk(chunk)
+        sections, param = self.encode_sections(chunk)
+        return build_blob(chunk, self.codec_id, sections, key, param)

@@ -18,10 +18,11 @@ from typing import ClassVar
 import torch
 
 from nencache.codecs.common import (
-    bad_param, build_blob, check_chunk, check_header, read_sections, section_bytes,
+    SectionCodec,
+    bad_param, check_header, read_sections, section_bytes,
 )
 from nencache.errors import LayoutError
-from nencache.format import HEADER_SIZE, NO_KEY, ChunkHeader, split_blob
+from nencache.format import HEADER_SIZE, ChunkHeader, split_blob
 from nencache.layout import KVLayout
 
 _FP8 = torch.float8_e4m3fn
@@ -41,17 +42,12 @@ def _e4m3_as_fp16(codes: torch.Tensor) -> torch.Tensor:
 
 
 @dataclasses.dataclass(slots=True)
-class Fp8Codec:
+class Fp8Codec(SectionCodec):
     """float8 e4m3 codes, scaled per (layer, K/V, head) so the chunk's largest value maps to 448."""
 
     name: ClassVar[str] = "fp8"
     codec_id: ClassVar[int] = 2
     lossy: ClassVar[bool] = True
-
-    def encode(self, chunk: torch.Tensor, key: bytes = NO_KEY) -> bytes:
-        chunk = check_chunk(chunk)
-        sections, param = self.encode_sections(chunk)
-        return build_blob(chunk, self.codec_id, sections, key, param)
 
     def encode_sections(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int]:
         """The payload sections of `chunk` and the header's codec parameter (always 0)."""

@@ -32,11 +32,12 @@ from typing import ClassVar
 import torch
 
 from nencache.codecs.common import (
-    affine_params, bad_param, build_blob, check_chunk, check_header, dequantize, pack_nibbles, quantize_into,
+    SectionCodec,
+    affine_params, bad_param, check_header, dequantize, pack_nibbles, quantize_into,
     read_sections, section_bytes, unpack_nibbles,
 )
 from nencache.errors import ConfigError
-from nencache.format import HEADER_SIZE, NO_KEY, ChunkHeader, split_blob
+from nencache.format import HEADER_SIZE, ChunkHeader, split_blob
 from nencache.layout import KVLayout
 
 _LEVELS = 15
@@ -72,7 +73,7 @@ class _Params:
 
 
 @dataclasses.dataclass(slots=True)
-class Int4Codec:
+class Int4Codec(SectionCodec):
     """4-bit codes: keys per channel in groups of `key_group` tokens (0 = the whole chunk), values per
     token in groups of `value_group` channels (0 = the whole head; used only if it divides head_dim);
     the first `exact_tokens` tokens of each chunk kept as they are."""
@@ -95,11 +96,6 @@ class Int4Codec:
         key = self.key_group if 0 < self.key_group < tokens - exact else 0
         value = self.value_group if 0 < self.value_group < head_dim and head_dim % self.value_group == 0 else 0
         return _Params(key, value, exact)
-
-    def encode(self, chunk: torch.Tensor, key: bytes = NO_KEY) -> bytes:
-        chunk = check_chunk(chunk)
-        sections, param = self.encode_sections(chunk)
-        return build_blob(chunk, self.codec_id, sections, key, param)
 
     def encode_sections(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int]:
         """The payload sections of `chunk` and the header's codec parameter."""

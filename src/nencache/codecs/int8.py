@@ -21,10 +21,11 @@ from typing import ClassVar
 import torch
 
 from nencache.codecs.common import (
-    affine_params, bad_param, build_blob, check_chunk, check_header, dequantize, quantize_into, read_sections,
+    SectionCodec,
+    affine_params, bad_param, check_header, dequantize, quantize_into, read_sections,
     section_bytes,
 )
-from nencache.format import HEADER_SIZE, NO_KEY, ChunkHeader, split_blob
+from nencache.format import HEADER_SIZE, ChunkHeader, split_blob
 from nencache.layout import KVLayout
 
 _LEVELS = 255
@@ -38,17 +39,12 @@ def _spec(layers: int, tokens: int, heads: int, head_dim: int) -> list[tuple[tor
 
 
 @dataclasses.dataclass(slots=True)
-class Int8Codec:
+class Int8Codec(SectionCodec):
     """8-bit codes on bf16 grids: keys per channel over the chunk, values per token and head."""
 
     name: ClassVar[str] = "int8"
     codec_id: ClassVar[int] = 1
     lossy: ClassVar[bool] = True
-
-    def encode(self, chunk: torch.Tensor, key: bytes = NO_KEY) -> bytes:
-        chunk = check_chunk(chunk)
-        sections, param = self.encode_sections(chunk)
-        return build_blob(chunk, self.codec_id, sections, key, param)
 
     def encode_sections(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int]:
         """The payload sections of `chunk` and the header's codec parameter (always 0)."""

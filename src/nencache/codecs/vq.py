@@ -37,12 +37,13 @@ from typing import ClassVar
 import torch
 
 from nencache.codecs.common import (
-    affine_params, bad_param, build_blob, check_chunk, check_header, pack_nibbles, read_sections, section_bytes,
+    SectionCodec,
+    affine_params, bad_param, check_chunk, check_header, pack_nibbles, read_sections, section_bytes,
     unpack_nibbles,
 )
 from nencache.codecs.vq_codebook import BITS, DEFAULT_STORE, Codebook, CodebookStore, grid_size, kmeans
 from nencache.errors import ConfigError, CorruptChunkError
-from nencache.format import HEADER_SIZE, NO_KEY, ChunkHeader, split_blob
+from nencache.format import HEADER_SIZE, ChunkHeader, split_blob
 from nencache.layout import KVLayout
 
 Geometry = tuple[int, int, int]  # layers, kv_heads, head_dim
@@ -108,7 +109,7 @@ class _Samples:
 
 
 @dataclasses.dataclass(slots=True)
-class VQCodec:
+class VQCodec(SectionCodec):
     """Vector-quantized channel pairs. `bits` (4 or 6) sizes new codebooks; `codebook_dir` shares
     codebooks through files (else `store`, else the process-wide store); with `auto_calibrate`,
     encoding a geometry with no codebook learns one from the chunks seen, up to `calibration_tokens`;
@@ -220,11 +221,6 @@ class VQCodec:
         return book
 
     # -- codec -----------------------------------------------------------------------------------
-
-    def encode(self, chunk: torch.Tensor, key: bytes = NO_KEY) -> bytes:
-        chunk = check_chunk(chunk)
-        sections, param = self.encode_sections(chunk)
-        return build_blob(chunk, self.codec_id, sections, key, param)
 
     def encode_sections(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int]:
         """The payload sections of `chunk` and the header's codec parameter."""
