@@ -16,9 +16,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from nencache.server.protocol import Op, ProtocolError, pack_keyed_meta
+from nencache.server.protocol import ProtocolError
+from nencache.server.requests import count_present, fetch
 from nencache.server.wire import (
-    ErrorReply, Target, WireConnection, blob_ok, describe_failure, split_keys, token_bytes,
+    ErrorReply, Target, WireConnection, blob_ok, describe_failure, token_bytes,
 )
 from nencache.tiers.buffers import BufferPool
 
@@ -69,38 +70,11 @@ class PeerClients:
 
     def exists(self, peer: str, keys: Sequence[bytes]) -> int:
         """How many of `keys`, from the first, `peer` holds (0 when it fails)."""
-
-        def run(conn: WireConnection) -> int:
-            found = 0
-            for group in split_keys(keys, conn.limits.max_keys):
-                reply = conn.call(Op.EXISTS, count=len(group), meta=pack_keyed_meta(self.namespace, group))
-                found += min(reply.frame.count, len(group))
-                if reply.frame.count < len(group):
-                    break
-            return found
-
-        return self._call(peer, run, 0) if keys else 0
+        return self._call(peer, lambda conn: count_present(conn, self.namespace, keys), 0) if keys else 0
 
     def get(self, peer: str, keys: Sequence[bytes]) -> list[memoryview | None]:
         """The blobs `peer` holds for `keys` (header, length and key checked), None elsewhere or on failure."""
-
-        def run(conn: WireConnection) -> list[memoryview | None]:
-            conn.start()
-            groups = split_keys(keys, conn.limits.max_get_keys)
-            ids = [conn.send(Op.GET, count=len(g), meta=pack_keyed_meta(self.namespace, g)) for g in groups]
-            pending = {i: len(g) for i, g in zip(ids, groups)}
-            replies = {}
-            while pending:
-                reply = conn.read(pending)
-                if reply.error is not None:
-                    raise reply.error
-                replies[reply.frame.request_id] = reply
-            out: list[memoryview | None] = []
-            for request_id in ids:
-                out.extend(replies[request_id].blobs or ())
-            return out
-
-        blobs = self._call(peer, run, None) if keys else []
+        blobs = self._call(peer, lambda conn: fetch(conn, self.namespace, keys), None) if keys else []
         if blobs is None or len(blobs) != len(keys):
             return [None] * len(keys)
         return [blob if blob is not None and blob_ok(key, blob) else None for key, blob in zip(keys, blobs)]

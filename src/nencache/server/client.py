@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from nencache.errors import ClosedError, ConfigError, TierError
 from nencache.server.protocol import KEY_SIZE, Op, ProtocolError, check_namespace, pack_keyed_meta
+from nencache.server.requests import count_present, fetch
 from nencache.server.wire import (
     ErrorReply, Reply, WireConnection, blob_ok, describe_failure, parse_url, split_items, split_keys, token_bytes,
 )
@@ -74,34 +75,12 @@ class ServerTier:
         self._check(keys)
         if not keys:
             return 0
-
-        def run(conn: WireConnection) -> int:
-            found = 0
-            for group in split_keys(keys, conn.limits.max_keys):
-                reply = conn.call(Op.EXISTS, count=len(group), meta=pack_keyed_meta(self.namespace, group))
-                found += min(reply.frame.count, len(group))
-                if reply.frame.count < len(group):
-                    break
-            return found
-
-        return self._call(run, 0)
+        return self._call(lambda conn: count_present(conn, self.namespace, keys), 0)
 
     def get(self, keys: Sequence[bytes]) -> list[Blob | None]:
         self._check(keys)
         started = time.perf_counter()
-
-        def run(conn: WireConnection) -> list[Blob | None]:
-            conn.start()
-            groups = split_keys(keys, conn.limits.max_get_keys)
-            ids = [conn.send(Op.GET, count=len(g), meta=pack_keyed_meta(self.namespace, g)) for g in groups]
-            replies = self._read_all(conn, {i: len(g) for i, g in zip(ids, groups)})
-            out: list[Blob | None] = []
-            for request_id, group in zip(ids, groups):
-                blobs = replies[request_id].blobs
-                out.extend(blobs if blobs is not None else [None] * len(group))
-            return out
-
-        blobs = self._call(run, None)
+        blobs = self._call(lambda conn: fetch(conn, self.namespace, keys, self._error_reply), None)
         if blobs is None:
             self._count(misses=len(keys))
             return [None] * len(keys)
@@ -212,6 +191,11 @@ class ServerTier:
             return default
         self._checkin(conn)
         return result
+
+    def _error_reply(self, error: ErrorReply) -> None:
+        """An error reply: counted and logged; the connection stays usable."""
+        self._count(errors=1)
+        self._warn(f"{self.url}: {error}")
 
     def _read_all(self, conn: WireConnection, pending: dict[int, int]) -> dict[int, Reply]:
         """Every pending reply; error replies (the connection stays usable) are counted, not raised."""

@@ -178,7 +178,6 @@ class MemoryTier:
                 blobs.append(None)
                 continue
             try:
-                entry = lease.entry
                 blobs.append(bytes(lease.blob()))
             finally:
                 lease.release()
