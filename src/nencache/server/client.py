@@ -25,12 +25,12 @@ from nencache.server.wire import (
 )
 from nencache.tiers.base import TierStats
 from nencache.tiers.buffers import BufferPool
+from nencache.tiers.retry import Reconnector
 
 log = logging.getLogger("nencache.server")
 Blob = bytes | bytearray | memoryview
 T = TypeVar("T")
 _FAILURES = (OSError, ProtocolError, ErrorReply, ssl.SSLError, ValueError, KeyError)
-_FIRST_RETRY = 0.25
 _WARN_EVERY = 60.0
 _MAX_IDLE = 8
 
@@ -50,14 +50,14 @@ class ServerTier:
             self.namespace = check_namespace(namespace.encode("ascii"))
         except (ProtocolError, UnicodeEncodeError):
             raise ConfigError(f"namespace {namespace!r}: use 1-255 characters of A-Z a-z 0-9 . _ : -") from None
-        self.timeout, self._retry_cap = timeout, retry_cap
+        self.timeout = timeout
         self._token = token_bytes(auth_token)
         self._buffers = BufferPool()
         self._stats = TierStats()
         self._idle: list[WireConnection] = []
         self._state = threading.Lock()
         self._closed = threading.Event()
-        self._reconnector: threading.Thread | None = None
+        self._retry = Reconnector("nencache-server-retry", self._probe, self._back_up, self._closed, retry_cap)
         self._last_warning = -math.inf
         self._up = True
         try:
@@ -152,11 +152,9 @@ class ServerTier:
         self._closed.set()
         with self._state:
             idle, self._idle = self._idle, []
-            thread = self._reconnector
         for conn in idle:
             conn.close()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=1.0)
+        self._retry.join()
 
     # --- calls and health ------------------------------------------------------------------------
     def _call(self, run: Callable[[WireConnection], T], default: T) -> T:
@@ -235,32 +233,21 @@ class ServerTier:
         if was_up and not self._closed.is_set():
             self._warn(f"NenCache server {self.url} failed ({describe_failure(exc)}); serving misses and retrying "
                        "in the background")
-        self._start_reconnector()
+        self._retry.start()
 
-    def _start_reconnector(self) -> None:
-        with self._state:
-            if self._reconnector is not None or self._closed.is_set():
-                return
-            self._reconnector = threading.Thread(target=self._reconnect, name="nencache-server-retry", daemon=True)
-            self._reconnector.start()
+    def _probe(self) -> bool:
+        try:
+            conn = self._connect()
+            conn.call(Op.PING)
+        except _FAILURES:
+            return False
+        conn.close()
+        return True
 
-    def _reconnect(self) -> None:
-        delay = _FIRST_RETRY
-        while not self._closed.wait(delay):
-            try:
-                conn = self._connect()
-                conn.call(Op.PING)
-            except _FAILURES:
-                delay = min(delay * 2, self._retry_cap)
-                continue
-            with self._state:
-                self._reconnector = None
-                self._up = not self._closed.is_set()
-            self._checkin(conn)
-            log.info("NenCache server %s is reachable again", self.url)
-            return
+    def _back_up(self) -> None:
         with self._state:
-            self._reconnector = None
+            self._up = not self._closed.is_set()
+        log.info("NenCache server %s is reachable again", self.url)
 
     def _check(self, keys: Sequence[bytes]) -> None:
         if self._closed.is_set():

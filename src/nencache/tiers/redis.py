@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from nencache.errors import ClosedError, ConfigError, CorruptChunkError, TierError
 from nencache.format import split_blob
 from nencache.tiers.base import TierStats
+from nencache.tiers.retry import FIRST_RETRY, Reconnector
 from nencache.tiers.redis_client import Plan, RedisClient, key_slot
 from nencache.tiers.redis_url import parse_url
 from nencache.tiers.resp import ProtocolError, Reply, ReplyError
@@ -28,7 +29,6 @@ __all__ = ["RedisTier", "key_slot"]
 log = logging.getLogger("nencache.redis")
 
 _FAILURES = (OSError, ReplyError)
-_FIRST_RETRY = 0.25
 _WARN_EVERY = 60.0
 _SCAN_COUNT = 1000
 
@@ -44,8 +44,8 @@ class RedisTier:
             raise ConfigError(f"Redis timeout must be > 0 seconds, got {timeout}")
         if ttl is not None and not ttl > 0:
             raise ConfigError(f"Redis key TTL must be > 0 seconds or None (no expiry), got {ttl}")
-        if not retry_cap >= _FIRST_RETRY:
-            raise ConfigError(f"Redis retry_cap must be >= {_FIRST_RETRY} seconds, got {retry_cap}")
+        if not retry_cap >= FIRST_RETRY:
+            raise ConfigError(f"Redis retry_cap must be >= {FIRST_RETRY} seconds, got {retry_cap}")
         target = parse_url(url)
         self.url = target.display()
         try:
@@ -54,18 +54,18 @@ class RedisTier:
             raise ConfigError(f"cannot load the TLS files named in {self.url}: {exc}") from exc
         self._prefix = f"{key_prefix}:{namespace}:".encode()
         self._ttl_args: tuple[str | int, ...] = ("PX", max(1, math.ceil(ttl * 1000))) if ttl else ()
-        self._retry_cap = retry_cap
         self._stats = TierStats()
         self._state = threading.Lock()
         self._closed = threading.Event()
-        self._reconnector: threading.Thread | None = None
+        self._retry = Reconnector("nencache-redis-retry", lambda: self._probe() is None, self._back_up, self._closed,
+                                  retry_cap)
         self._last_warning = -math.inf
         problem = self._probe()
         self._up = problem is None
         if problem is not None:
             self._warn(f"Redis at {self.url} is unreachable ({_describe(problem)}); serving misses and "
                        f"retrying in the background every <= {retry_cap:g}s")
-            self._start_reconnector()
+            self._retry.start()
 
     # -- the Tier protocol -------------------------------------------------------------------
 
@@ -177,10 +177,8 @@ class RedisTier:
         self._closed.set()
         with self._state:
             self._up = False
-            thread = self._reconnector
         self._client.reset()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=1.0)
+        self._retry.join()
 
     @property
     def is_up(self) -> bool:
@@ -222,27 +220,12 @@ class RedisTier:
         self._client.reset()
         if was_up and not self._closed.is_set():
             self._warn(f"Redis at {self.url} failed ({_describe(exc)}); serving misses and retrying in the background")
-        self._start_reconnector()
+        self._retry.start()
 
-    def _start_reconnector(self) -> None:
+    def _back_up(self) -> None:
         with self._state:
-            if self._reconnector is not None or self._closed.is_set():
-                return
-            self._reconnector = threading.Thread(target=self._reconnect, name="nencache-redis-retry", daemon=True)
-            self._reconnector.start()
-
-    def _reconnect(self) -> None:
-        delay = _FIRST_RETRY
-        while not self._closed.wait(delay):
-            if self._probe() is None:
-                with self._state:
-                    self._reconnector = None
-                    self._up = not self._closed.is_set()
-                log.info("Redis at %s is reachable again", self.url)
-                return
-            delay = min(delay * 2, self._retry_cap)
-        with self._state:
-            self._reconnector = None
+            self._up = not self._closed.is_set()
+        log.info("Redis at %s is reachable again", self.url)
 
     def _reply_error(self, reply: ReplyError) -> None:
         self._count(errors=1)
