@@ -9,7 +9,6 @@ Returned blobs are checked (header, length, key); the codec checks the payload c
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -22,13 +21,13 @@ from nencache.server.wire import (
     ErrorReply, Target, WireConnection, blob_ok, describe_failure, token_bytes,
 )
 from nencache.tiers.buffers import BufferPool
+from nencache.tiers.retry import ThrottledWarning
 
 log = logging.getLogger("nencache.p2p")
 T = TypeVar("T")
 _FAILURES = (OSError, ProtocolError, ErrorReply, ValueError, KeyError)
 _MAX_IDLE = 4  # idle connections kept per peer
 _MAX_PEERS = 64  # peers with cached connections
-_WARN_EVERY = 60.0
 
 
 def parse_peer(address: str) -> Target:
@@ -55,7 +54,7 @@ class PeerClients:
         self._idle: OrderedDict[str, list[WireConnection]] = OrderedDict()
         self._failed: dict[str, float] = {}  # peer -> monotonic time it may be tried again
         self._lock = threading.Lock()
-        self._last_warning = -math.inf
+        self._warn = ThrottledWarning(log)
 
     def usable(self, peer: str) -> bool:
         """False while `peer` is being skipped after a failure."""
@@ -141,10 +140,6 @@ class PeerClients:
                 self._failed = {p: t for p, t in self._failed.items() if t > now}
             self._failed[peer] = now + self.retry_after
             dropped = self._idle.pop(peer, [])
-            warn = time.monotonic() - self._last_warning >= _WARN_EVERY
-            if warn:
-                self._last_warning = time.monotonic()
         for conn in dropped:
             conn.close()
-        (log.warning if warn else log.debug)("peer %s failed (%s); its chunks are misses for %gs", peer,
-                                             describe_failure(exc), self.retry_after)
+        self._warn("peer %s failed (%s); its chunks are misses for %gs", peer, describe_failure(exc), self.retry_after)

@@ -12,7 +12,6 @@ probe (exponential backoff) waits for it to come back, then republishes everythi
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from nencache.p2p.endpoint import PeerEndpoint
 from nencache.p2p.index import PeerIndex
 from nencache.tiers.base import TierStats
 from nencache.tiers.resp import ReplyError
+from nencache.tiers.retry import ThrottledWarning
 
 log = logging.getLogger("nencache.p2p")
 T = TypeVar("T")
@@ -41,7 +41,7 @@ class PeerTier:
 
     def __init__(self, index: PeerIndex, endpoint: PeerEndpoint, clients: PeerClients, *, ttl: float) -> None:
         self.index, self.endpoint, self.clients = index, endpoint, clients
-        clients.on_failure = lambda: self._count(errors=1)
+        clients.on_failure = lambda: self._stats.add(errors=1)
         self.address = endpoint.address
         self._interval = ttl / 3
         self._stats = TierStats()
@@ -52,7 +52,7 @@ class PeerTier:
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._up = True
-        self._last_warning = -math.inf
+        self._warn = ThrottledWarning(log)
         try:
             index.check()
         except _INDEX_FAILURES as exc:
@@ -96,7 +96,7 @@ class PeerTier:
                 for i, blob in zip(positions, self.clients.get(peer, [keys[i] for i in positions])):
                     out[i] = blob
         hits = sum(b is not None for b in out)
-        self._count(hits=hits, misses=len(keys) - hits, read_bytes=sum(len(b) for b in out if b is not None),
+        self._stats.add(hits=hits, misses=len(keys) - hits, read_bytes=sum(len(b) for b in out if b is not None),
                     read_seconds=time.perf_counter() - started)
         with self._lock:
             for key in keys:
@@ -110,7 +110,7 @@ class PeerTier:
         with self._lock:
             self._published.update(keys)
             self._gone.difference_update(keys)
-        self._count(stored_chunks=len(keys))
+        self._stats.add(stored_chunks=len(keys))
         self._index_call(lambda: self.index.publish(keys, self.address), None)
 
     def delete(self, keys: Sequence[bytes]) -> None:
@@ -202,15 +202,13 @@ class PeerTier:
             return default
 
     def _index_failed(self, exc: BaseException) -> None:
-        self._count(errors=1)
+        self._stats.add(errors=1)
         with self._lock:
             was_up, self._up = self._up, False
         self.index.reset()
-        now = time.monotonic()
-        if was_up and now - self._last_warning >= 60.0:
-            self._last_warning = now
-            log.warning("P2P index %s failed (%s: %s); peers are misses until it answers again", self.index.url,
-                        type(exc).__name__, exc)
+        if was_up:
+            self._warn("P2P index %s failed (%s: %s); peers are misses until it answers again", self.index.url,
+                       type(exc).__name__, exc)
         self._wake.set()
 
     def _unpublish_gone(self) -> None:
@@ -250,8 +248,3 @@ class PeerTier:
             if time.monotonic() >= next_refresh:
                 self._republish()
                 next_refresh = time.monotonic() + self._interval
-
-    def _count(self, **deltas: float) -> None:
-        with self._stats.lock:
-            for name, delta in deltas.items():
-                setattr(self._stats, name, getattr(self._stats, name) + delta)

@@ -11,6 +11,8 @@ import socket
 from collections.abc import Sequence
 from typing import Protocol
 
+from nencache.server.wire import drop_sent
+
 Buffer = bytes | bytearray | memoryview
 _IOV_MAX = 512
 
@@ -79,13 +81,7 @@ class SocketChannel:
             except (BlockingIOError, InterruptedError):
                 await _ready(self._loop.add_writer, self._loop.remove_writer, self._fd, timeout)
                 continue
-            while sent:
-                if sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
+            drop_sent(views, sent)
 
     def close(self) -> None:
         """Send FIN after what was written and drop unread input first, so the peer reads the last frame."""

@@ -10,7 +10,6 @@ miss. Returned blobs are checked (header, length, key); the codec checks the pay
 from __future__ import annotations
 
 import logging
-import math
 import ssl
 import threading
 import time
@@ -25,13 +24,12 @@ from nencache.server.wire import (
 )
 from nencache.tiers.base import TierStats
 from nencache.tiers.buffers import BufferPool
-from nencache.tiers.retry import Reconnector
+from nencache.tiers.retry import Reconnector, ThrottledWarning
 
 log = logging.getLogger("nencache.server")
 Blob = bytes | bytearray | memoryview
 T = TypeVar("T")
 _FAILURES = (OSError, ProtocolError, ErrorReply, ssl.SSLError, ValueError, KeyError)
-_WARN_EVERY = 60.0
 _MAX_IDLE = 8
 
 
@@ -58,7 +56,7 @@ class ServerTier:
         self._state = threading.Lock()
         self._closed = threading.Event()
         self._retry = Reconnector("nencache-server-retry", self._probe, self._back_up, self._closed, retry_cap)
-        self._last_warning = -math.inf
+        self._warn = ThrottledWarning(log)
         self._up = True
         try:
             self._checkin(self._connect())
@@ -82,13 +80,13 @@ class ServerTier:
         started = time.perf_counter()
         blobs = self._call(lambda conn: fetch(conn, self.namespace, keys, self._error_reply), None)
         if blobs is None:
-            self._count(misses=len(keys))
+            self._stats.add(misses=len(keys))
             return [None] * len(keys)
         checked = [blob if blob is None or blob_ok(key, blob) else None for key, blob in zip(keys, blobs)]
         if corrupt := sum(b is not None for b in blobs) - sum(b is not None for b in checked):
-            self._count(corrupt=corrupt)
+            self._stats.add(corrupt=corrupt)
         hits = sum(b is not None for b in checked)
-        self._count(hits=hits, misses=len(keys) - hits, read_seconds=time.perf_counter() - started,
+        self._stats.add(hits=hits, misses=len(keys) - hits, read_seconds=time.perf_counter() - started,
                     read_bytes=sum(len(b) for b in checked if b is not None))
         return checked
 
@@ -101,7 +99,7 @@ class ServerTier:
             limits = conn.limits
             fitting = [(k, v) for k, v in views if 64 <= v.nbytes <= limits.max_chunk_bytes]
             if len(fitting) < len(views):
-                self._count(dropped=len(views) - len(fitting))
+                self._stats.add(dropped=len(views) - len(fitting))
                 self._warn(f"{len(views) - len(fitting)} chunks are larger than the server's max chunk size "
                            f"({limits.max_chunk_bytes} bytes) and were not sent; raise server_max_chunk_bytes")
             conn.start()
@@ -114,9 +112,9 @@ class ServerTier:
 
         stored = self._call(run, None)
         if stored is None:
-            self._count(dropped=len(items))
+            self._stats.add(dropped=len(items))
             return
-        self._count(stored_chunks=stored, stored_bytes=sum(v.nbytes for _, v in views),
+        self._stats.add(stored_chunks=stored, stored_bytes=sum(v.nbytes for _, v in views),
                     write_seconds=time.perf_counter() - started)
 
     def delete(self, keys: Sequence[bytes]) -> None:
@@ -179,7 +177,7 @@ class ServerTier:
                 conn.close()
                 self._failed(exc)
             else:  # the server refused this request but is fine
-                self._count(errors=1)
+                self._stats.add(errors=1)
                 self._warn(f"{self.url}: {exc}")
                 self._checkin(conn)
             return default
@@ -192,7 +190,7 @@ class ServerTier:
 
     def _error_reply(self, error: ErrorReply) -> None:
         """An error reply: counted and logged; the connection stays usable."""
-        self._count(errors=1)
+        self._stats.add(errors=1)
         self._warn(f"{self.url}: {error}")
 
     def _read_all(self, conn: WireConnection, pending: dict[int, int]) -> dict[int, Reply]:
@@ -202,7 +200,7 @@ class ServerTier:
             reply = conn.read(pending)
             replies[reply.frame.request_id] = reply
             if reply.error is not None:
-                self._count(errors=1)
+                self._stats.add(errors=1)
                 self._warn(f"{self.url}: {reply.error}")
         return replies
 
@@ -224,7 +222,7 @@ class ServerTier:
         conn.close()
 
     def _failed(self, exc: BaseException) -> None:
-        self._count(errors=1)
+        self._stats.add(errors=1)
         with self._state:
             was_up, self._up = self._up, False
             idle, self._idle = self._idle, []
@@ -255,17 +253,4 @@ class ServerTier:
         for key in keys:
             if not isinstance(key, bytes | bytearray) or len(key) != KEY_SIZE:
                 raise TierError(f"ServerTier keys are {KEY_SIZE}-byte chunk keys, got {key!r:.40}")
-
-    def _count(self, **deltas: float) -> None:
-        with self._stats.lock:
-            for name, delta in deltas.items():
-                setattr(self._stats, name, getattr(self._stats, name) + delta)
-
-    def _warn(self, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last_warning >= _WARN_EVERY:
-            self._last_warning = now
-            log.warning(message)
-        else:
-            log.debug(message)
 

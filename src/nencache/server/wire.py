@@ -193,13 +193,7 @@ class WireConnection:
             self.sock.settimeout(self._remaining())
             sent = self.sock.sendmsg(views[:_IOV_MAX]) if not isinstance(self.sock, ssl.SSLSocket) \
                 else self.sock.send(views[0])
-            while sent:
-                if sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
+            drop_sent(views, sent)
 
     def _read_exact(self, view: memoryview) -> None:
         got = 0
@@ -214,6 +208,17 @@ class WireConnection:
         out = bytearray(nbytes)
         self._read_exact(memoryview(out))
         return bytes(out)
+
+
+def drop_sent(views: list[memoryview], sent: int) -> None:
+    """Remove the first `sent` bytes from a list of buffers being written out."""
+    while sent:
+        if sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        else:
+            views[0] = views[0][sent:]
+            sent = 0
 
 
 def split_keys(keys: Sequence[bytes], size: int) -> list[list[bytes]]:

@@ -35,6 +35,12 @@ class TierStats:
     write_seconds: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
+    def add(self, **amounts: float) -> None:
+        """Add to counters by name, under the lock."""
+        with self.lock:
+            for name, amount in amounts.items():
+                setattr(self, name, getattr(self, name) + amount)
+
     def as_dict(self) -> dict[str, float | int]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lock"}
 

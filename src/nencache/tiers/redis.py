@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from nencache.errors import ClosedError, ConfigError, CorruptChunkError, TierError
 from nencache.format import split_blob
 from nencache.tiers.base import TierStats
-from nencache.tiers.retry import FIRST_RETRY, Reconnector
+from nencache.tiers.retry import FIRST_RETRY, Reconnector, ThrottledWarning
 from nencache.tiers.redis_client import Plan, RedisClient, key_slot
 from nencache.tiers.redis_url import parse_url
 from nencache.tiers.resp import ProtocolError, Reply, ReplyError
@@ -29,7 +29,6 @@ __all__ = ["RedisTier", "key_slot"]
 log = logging.getLogger("nencache.redis")
 
 _FAILURES = (OSError, ReplyError)
-_WARN_EVERY = 60.0
 _SCAN_COUNT = 1000
 
 
@@ -59,7 +58,7 @@ class RedisTier:
         self._closed = threading.Event()
         self._retry = Reconnector("nencache-redis-retry", lambda: self._probe() is None, self._back_up, self._closed,
                                   retry_cap)
-        self._last_warning = -math.inf
+        self._warn = ThrottledWarning(log)
         problem = self._probe()
         self._up = problem is None
         if problem is not None:
@@ -102,7 +101,7 @@ class RedisTier:
         except _FAILURES as exc:
             self._failed(exc)
         hits = sum(b is not None for b in out)
-        self._count(hits=hits, misses=len(out) - hits, corrupt=len(damaged),
+        self._stats.add(hits=hits, misses=len(out) - hits, corrupt=len(damaged),
                     read_bytes=sum(len(b) for b in out if b is not None),
                     read_seconds=time.perf_counter() - started)
         if damaged:
@@ -114,7 +113,7 @@ class RedisTier:
         if not rkeys:
             return
         if not self._up:
-            self._count(dropped=len(rkeys))
+            self._stats.add(dropped=len(rkeys))
             return
         started = time.perf_counter()
         values = [v for _, v in items]
@@ -126,7 +125,7 @@ class RedisTier:
             else:
                 stored += 1
                 stored_bytes += memoryview(values[positions[0]]).nbytes
-        self._count(stored_chunks=stored, stored_bytes=stored_bytes, dropped=len(rkeys) - stored,
+        self._stats.add(stored_chunks=stored, stored_bytes=stored_bytes, dropped=len(rkeys) - stored,
                     write_seconds=time.perf_counter() - started)
 
     def _valid(self, blob: memoryview, key: bytes, rkey: bytes) -> bool:
@@ -148,7 +147,7 @@ class RedisTier:
         """Delete every key of this namespace (SCAN + UNLINK on every server); best effort while down."""
         self._check_open()
         if not self._up:
-            self._count(errors=1)
+            self._stats.add(errors=1)
             self._warn(f"clear() skipped: Redis at {self.url} is unreachable; its keys stay until they expire")
             return
         pattern = bytes(b for c in self._prefix for b in (b"\\%c" % c if c in b"*?[]\\" else bytes([c]))) + b"*"
@@ -214,7 +213,7 @@ class RedisTier:
         return None
 
     def _failed(self, exc: BaseException) -> None:
-        self._count(errors=1)
+        self._stats.add(errors=1)
         with self._state:
             was_up, self._up = self._up, False
         self._client.reset()
@@ -228,25 +227,11 @@ class RedisTier:
         log.info("Redis at %s is reachable again", self.url)
 
     def _reply_error(self, reply: ReplyError) -> None:
-        self._count(errors=1)
+        self._stats.add(errors=1)
         if reply.code in ("MOVED", "ASK"):
             self._client.mark_stale()
         else:
             self._warn(f"Redis at {self.url} replied {reply}")
-
-    def _count(self, **deltas: float) -> None:
-        stats = self._stats
-        with stats.lock:
-            for name, delta in deltas.items():
-                setattr(stats, name, getattr(stats, name) + delta)
-
-    def _warn(self, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last_warning >= _WARN_EVERY:
-            self._last_warning = now
-            log.warning(message)
-        else:
-            log.debug(message)
 
     def _check_open(self) -> None:
         if self._closed.is_set():
