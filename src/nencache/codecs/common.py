@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from nencache.errors import CorruptChunkError, LayoutError
-from nencache.format import KEY_SIZE, NO_KEY, ChunkHeader
+from nencache.format import KEY_SIZE, NO_KEY, ChunkHeader, split_blob
 from nencache.layout import CODE_DTYPES, DTYPE_CODES
 
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
@@ -170,7 +170,13 @@ class SectionCodec:
     def encode_sections(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int]:
         raise NotImplementedError
 
+    def decode_payload(self, header: ChunkHeader, payload: memoryview) -> torch.Tensor:
+        raise NotImplementedError
+
     def encode(self, chunk: torch.Tensor, key: bytes = NO_KEY) -> bytes:
         chunk = check_chunk(chunk)
         sections, param = self.encode_sections(chunk)
         return build_blob(chunk, self.codec_id, sections, key, param)
+
+    def decode(self, blob: bytes | bytearray | memoryview, expected_key: bytes | None = None) -> torch.Tensor:
+        return self.decode_payload(*split_blob(blob, expected_key))

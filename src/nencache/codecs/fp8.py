@@ -22,7 +22,7 @@ from nencache.codecs.common import (
     bad_param, check_header, read_sections, section_bytes,
 )
 from nencache.errors import LayoutError
-from nencache.format import HEADER_SIZE, ChunkHeader, split_blob
+from nencache.format import HEADER_SIZE, ChunkHeader
 from nencache.layout import KVLayout
 
 _FP8 = torch.float8_e4m3fn
@@ -64,9 +64,6 @@ class Fp8Codec(SectionCodec):
         for layer in range(layers):
             fp8[layer].copy_((chunk[layer].float() * inv[layer]).clamp_(-_MAX, _MAX))
         return [scale, codes], 0
-
-    def decode(self, blob: bytes | bytearray | memoryview, expected_key: bytes | None = None) -> torch.Tensor:
-        return self.decode_payload(*split_blob(blob, expected_key))
 
     def decode_payload(self, header: ChunkHeader, payload: memoryview) -> torch.Tensor:
         """Decode a checked payload (used by the lossless wrappers after decompressing)."""

@@ -37,7 +37,7 @@ from nencache.codecs.common import (
     read_sections, section_bytes, unpack_nibbles,
 )
 from nencache.errors import ConfigError
-from nencache.format import HEADER_SIZE, ChunkHeader, split_blob
+from nencache.format import HEADER_SIZE, ChunkHeader
 from nencache.layout import KVLayout
 
 _LEVELS = 15
@@ -122,9 +122,6 @@ class Int4Codec(SectionCodec):
         codes[:, 0] = pack_nibbles(key_codes.reshape(layers, -1, heads, head_dim)[:, :tokens])
         codes[:, 1] = pack_nibbles(val_codes.reshape(layers, tokens, heads, head_dim))
         return [exact, key_low, key_step, val_low, val_step, codes], params.pack()
-
-    def decode(self, blob: bytes | bytearray | memoryview, expected_key: bytes | None = None) -> torch.Tensor:
-        return self.decode_payload(*split_blob(blob, expected_key))
 
     def decode_payload(self, header: ChunkHeader, payload: memoryview) -> torch.Tensor:
         """Decode a checked payload (used by the lossless wrappers after decompressing)."""

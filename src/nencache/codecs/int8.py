@@ -25,7 +25,7 @@ from nencache.codecs.common import (
     affine_params, bad_param, check_header, dequantize, quantize_into, read_sections,
     section_bytes,
 )
-from nencache.format import HEADER_SIZE, ChunkHeader, split_blob
+from nencache.format import HEADER_SIZE, ChunkHeader
 from nencache.layout import KVLayout
 
 _LEVELS = 255
@@ -60,9 +60,6 @@ class Int8Codec(SectionCodec):
         quantize_into(codes[:, 0], keys, key_low[:, None], key_step[:, None], _LEVELS)
         quantize_into(codes[:, 1], values, val_low[..., None], val_step[..., None], _LEVELS)
         return [key_low, key_step, val_low, val_step, codes], 0
-
-    def decode(self, blob: bytes | bytearray | memoryview, expected_key: bytes | None = None) -> torch.Tensor:
-        return self.decode_payload(*split_blob(blob, expected_key))
 
     def decode_payload(self, header: ChunkHeader, payload: memoryview) -> torch.Tensor:
         """Decode a checked payload (used by the lossless wrappers after decompressing)."""

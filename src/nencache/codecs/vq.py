@@ -43,7 +43,7 @@ from nencache.codecs.common import (
 )
 from nencache.codecs.vq_codebook import BITS, DEFAULT_STORE, Codebook, CodebookStore, grid_size, kmeans
 from nencache.errors import ConfigError, CorruptChunkError
-from nencache.format import HEADER_SIZE, ChunkHeader, split_blob
+from nencache.format import HEADER_SIZE, ChunkHeader
 from nencache.layout import KVLayout
 
 Geometry = tuple[int, int, int]  # layers, kv_heads, head_dim
@@ -238,9 +238,6 @@ class VQCodec(SectionCodec):
         codes = book.lookup.index_select(0, flat.reshape(-1))
         planes = _pack(codes.reshape(layers, 2, tokens, heads, pairs), book.bits)
         return [head, *grids, *planes], book.id | exact << 24
-
-    def decode(self, blob: bytes | bytearray | memoryview, expected_key: bytes | None = None) -> torch.Tensor:
-        return self.decode_payload(*split_blob(blob, expected_key))
 
     def decode_payload(self, header: ChunkHeader, payload: memoryview) -> torch.Tensor:
         """Decode a checked payload (used by the lossless wrappers after decompressing)."""
