@@ -1,10 +1,9 @@
 """`PeerEndpoint`: a NenCache server over a `KVCache`'s own memory tier, serving its chunks to peers.
 
 The server code is the NenCache server's (`nencache.server`); only its store differs: `PeerStore`
-reads the cache's pool, read-only, and allocates no pool of its own. A raw chunk goes out as a
-64-byte raw-codec header (payload CRC32 included) followed straight by the pool page (no copy).
-Headers are computed when a chunk is published (on the background writer) and kept while the page
-holds that chunk. Only EXISTS, GET, PING, AUTH and STATS are served; PUT is refused and DELETE and
+reads the cache's pool, read-only, and allocates no pool of its own. A raw chunk goes out as its
+own pool page, the raw-codec header (payload CRC32 included) stamped in the page's header slot when
+the chunk is published (on the background writer). Only EXISTS, GET, PING, AUTH and STATS are served; PUT is refused and DELETE and
 CLEAR are ignored: peers never change this cache.
 """
 
@@ -16,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from nencache.codecs import RawCodec
-from nencache.codecs.raw import header_for
 from nencache.errors import ConfigError
 from nencache.format import HEADER_SIZE, parse_header
 from nencache.p2p.client import peer_address
@@ -24,7 +22,7 @@ from nencache.server.protocol import Code, ProtocolError
 from nencache.server.server import BackgroundServer
 from nencache.server.settings import ServerSettings
 from nencache.server.store import ChunkStore, Namespace
-from nencache.tiers.memory import ChunkLease, Entry, MemoryTier
+from nencache.tiers.memory import ChunkLease, MemoryTier
 
 
 class PeerStore(ChunkStore):
@@ -42,7 +40,6 @@ class PeerStore(ChunkStore):
         self._namespaces = {namespace: Namespace(namespace, b"")}  # memory keys are the bare chunk keys
         self.disk_root = None
         self.writer = None
-        self._headers: dict[bytes, tuple[Entry, bytes]] = {}
         self.served_chunks = 0
 
     # --- what the server asks ------------------------------------------------------------------
@@ -61,12 +58,11 @@ class PeerStore(ChunkStore):
         return [self.memory.lease(k, count=False) for k in keys]  # peers' reads are not this cache's hits
 
     def view(self, lease: ChunkLease) -> Any:
-        """The chunk in the shared byte format: (raw header, page payload), or one blob buffer."""
-        entry = lease.entry
-        page = memoryview(self.memory.payload(entry).numpy())
+        """The chunk in the shared byte format, as one buffer over the pool."""
         self.served_chunks += 1
-        if not entry.is_blob:
-            return self._header(lease), page
+        if not lease.entry.is_blob:
+            return lease.blob()
+        page = lease.blob()
         header = parse_header(page)
         if header.codec_id == RawCodec.codec_id and not header.wrapper_id:
             return page
@@ -89,35 +85,14 @@ class PeerStore(ChunkStore):
 
     # --- headers ---------------------------------------------------------------------------------
     def prepare(self, keys: Sequence[bytes]) -> None:
-        """Compute the headers of raw chunks about to be published, so serving them is a lookup."""
+        """Stamp the headers of raw chunks about to be published, so serving them is a lookup."""
         for key in keys:
             lease = self.memory.lease(key, count=False)
             if lease is not None:
                 try:
-                    if not lease.entry.is_blob:
-                        self._header(lease)
+                    lease.blob()
                 finally:
                     lease.release()
-
-    def forget(self, keys: Sequence[bytes]) -> None:
-        with self._lock:
-            for key in keys:
-                self._headers.pop(key, None)
-
-    def _header(self, lease: ChunkLease) -> bytes:
-        """The raw-codec header of a pinned raw chunk: cached while the same entry holds the key."""
-        with self._lock:
-            cached = self._headers.get(lease.key)
-        if cached is not None and cached[0] is lease.entry:
-            return cached[1]
-        entry = lease.entry
-        payload = memoryview(self.memory.payload(entry).numpy())
-        header = header_for(lease.tensor(), RawCodec.codec_id, payload, lease.key).pack()
-        with self._lock:
-            if len(self._headers) >= 2 * self.pool.num_pages:
-                self._headers = {k: v for k, v in self._headers.items() if k in self.memory}
-            self._headers[lease.key] = (entry, header)
-        return header
 
 
 class PeerEndpoint:

@@ -118,7 +118,6 @@ class PeerTier:
         with self._lock:
             self._published.difference_update(keys)
             self._gone.difference_update(keys)
-        self.endpoint.store.forget(keys)
         self._index_call(lambda: self.index.unpublish(keys, self.address), None)
 
     def clear(self) -> None:
@@ -153,7 +152,6 @@ class PeerTier:
             if key in self._published:
                 self._published.discard(key)
                 self._gone.add(key)
-        self.endpoint.store.forget([key])
         self._wake.set()
 
     # --- lookups ---------------------------------------------------------------------------------

@@ -189,11 +189,9 @@ class Connection:
                 found = await self._blocking(self.store.read_disk, space, [keys[i] for i in missing])
                 for i, blob in zip(missing, found):
                     blobs[i] = None if blob is None else memoryview(blob).cast("B")
-            # a view is one buffer or a tuple of buffers sent back to back (e.g. a chunk header and its payload)
-            groups = [None if blob is None else blob if isinstance(blob, tuple) else (blob,) for blob in blobs]
-            lengths = [MISSING if group is None else sum(len(part) for part in group) for group in groups]
+            lengths = [MISSING if blob is None else len(blob) for blob in blobs]
             await self._reply(frame, started, count=len(keys), meta=pack_lengths(lengths),
-                              body=[part for group in groups if group is not None for part in group])
+                              body=[blob for blob in blobs if blob is not None])
         finally:
             for lease in leases:
                 if lease is not None:

@@ -129,8 +129,7 @@ class ChunkStore:
         return [self.memory.lease(space.prefix + k) for k in keys]
 
     def view(self, lease: ChunkLease) -> memoryview:
-        start = lease.entry.page * self.pool.page_bytes
-        return self._bytes[start : start + lease.entry.nbytes]
+        return lease.blob()
 
     def read_disk(self, space: Namespace, keys: Sequence[bytes]) -> list[Any]:
         """Blobs of `keys` from the disk tier (None where absent), promoted into memory. Blocking."""

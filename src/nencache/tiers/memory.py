@@ -44,6 +44,7 @@ class Entry:
     nbytes: int
     num_tokens: int
     is_blob: bool
+    stamped: bool = False  # a raw chunk's header is in its page's header slot
 
 
 class ChunkLease:
@@ -250,9 +251,11 @@ class MemoryTier:
         if entry.is_blob:
             return memoryview(self.payload(entry).numpy())
         page = as_numpy(self.pool.page(entry.page))
-        payload = memoryview(page[HEADER_SIZE : HEADER_SIZE + entry.nbytes])
-        page[:HEADER_SIZE] = np.frombuffer(header_for(self._as_tensor(entry, key), RawCodec.codec_id, payload,
-                                                      key).pack(), dtype=np.uint8)
+        if not entry.stamped:  # once per stored chunk: the page holds these bytes until it is freed
+            payload = memoryview(page[HEADER_SIZE : HEADER_SIZE + entry.nbytes])
+            header = header_for(self._as_tensor(entry, key), RawCodec.codec_id, payload, key).pack()
+            page[:HEADER_SIZE] = np.frombuffer(header, dtype=np.uint8)
+            entry.stamped = True
         return memoryview(page[: HEADER_SIZE + entry.nbytes])
 
     def _take_page(self, nbytes: int) -> int:
