@@ -133,9 +133,10 @@ def blobs(count: int, size: int = CHUNK) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def throughput(tier: ServerTier, raw: RawPeer, reps: int) -> dict[str, list[float]]:
-    """GB/s of put and get through the server and through raw sockets, interleaved rep by rep."""
-    out: dict[str, list[float]] = {"put": [], "get": [], "raw_put": [], "raw_get": []}
+def throughput(tier: ServerTier, shared: ServerTier, raw: RawPeer, reps: int) -> dict[str, list[float]]:
+    """GB/s of put and get through the server (`tier` reads over the socket, `shared` out of the server's
+    shared pool) and through raw sockets, interleaved rep by rep."""
+    out: dict[str, list[float]] = {"put": [], "get": [], "get_shared": [], "raw_put": [], "raw_get": []}
     for rep in range(reps + 1):  # the first is a warm-up
         batch = blobs(BATCH)
         keys = [k for k, _ in batch]
@@ -149,12 +150,19 @@ def throughput(tier: ServerTier, raw: RawPeer, reps: int) -> dict[str, list[floa
         get_s = time.perf_counter() - started
         assert all(g is not None and bytes(g) == b for g, (_, b) in zip(got, batch)), "server lost a chunk"
         del got  # the receive buffers go back to the tier's pool
+        started = time.perf_counter()
+        got = shared.get(keys)
+        shared_s = time.perf_counter() - started
+        assert all(g is not None and bytes(g) == b for g, (_, b) in zip(got, batch)), "server lost a chunk"
+        del got
         if rep:
             out["put"].append(BATCH * CHUNK / put_s / 1e9)
             out["get"].append(BATCH * CHUNK / get_s / 1e9)
+            out["get_shared"].append(BATCH * CHUNK / shared_s / 1e9)
             out["raw_put"].append(raw_put)
             out["raw_get"].append(raw_get)
-    assert tier.stats().errors == 0, tier.stats()
+    assert tier.stats().errors == 0 and shared.stats().errors == 0, (tier.stats(), shared.stats())
+    assert shared.shared_reads == (reps + 1) * BATCH and tier.shared_reads == 0, "shared reads were (not) used"
     return out
 
 
@@ -170,14 +178,15 @@ def exists_latency(tier: ServerTier, calls: int = 5000) -> tuple[float, float]:
     return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
 
 
-def kv_path(url: str, reps: int) -> tuple[float, float]:
-    """A `KVCache` with `remote_url` = the server and `local_cpu` off (every retrieve crosses the socket), as
-    LMCache is run: (store GB/s until the server holds every chunk, retrieve GB/s into an engine KV tensor)."""
+def kv_path(url: str, reps: int, shared: bool) -> tuple[float, float]:
+    """A `KVCache` with `remote_url` = the server and `local_cpu` off (every retrieve goes to the server), as
+    LMCache is run: (store GB/s until the server holds every chunk, retrieve GB/s into an engine KV tensor).
+    `shared`: retrieve copies out of the server's shared pool; else every chunk crosses the socket."""
     layers, heads, dim = SHAPE
     layout = KVLayout(layers, heads, dim, torch.bfloat16)
     tokens_n = 256 * BATCH
-    config = CacheConfig(chunk_size=256, local_cpu=False, cpu_size=2 * BATCH * layout.nbytes(256),
-                         remote_url=url, remote_timeout=10.0, write_queue_chunks=4 * BATCH)
+    config = CacheConfig(chunk_size=256, local_cpu=False, cpu_size=4 * BATCH * layout.nbytes(256),
+                         remote_url=url, remote_timeout=10.0, write_queue_chunks=4 * BATCH, remote_shared_memory=shared)
     kv = torch.empty(layout.shape(tokens_n), dtype=torch.bfloat16)
     out = torch.empty_like(kv)
     gen = torch.Generator().manual_seed(1234)
@@ -201,24 +210,29 @@ def kv_path(url: str, reps: int) -> tuple[float, float]:
                 store_s.append(s)
                 retrieve_s.append(r)
         assert cache.stats()["tier_errors"] == 0
+        assert (cache.lower[0].tier.shared_reads > 0) == shared, "shared reads were (not) used"
     nbytes = kv.numel() * kv.element_size()
     return nbytes / median(store_s) / 1e9, nbytes / median(retrieve_s) / 1e9
 
 
-def lmcache_row(url: str, reps: int) -> tuple[list[object] | None, str]:
+def lmcache_rows(url: str, reps: int) -> tuple[list[list[object]] | None, str]:
     from _lmcache import VENV_PYTHON, run_lmcache
 
     if not VENV_PYTHON.exists():
         return None, "LMCache side skipped: no .venv-lmcache (run `bash benchmarks/setup_lmcache.sh`).\n"
-    ours_store, ours_retrieve = kv_path(url, reps)
+    ours = {shared: kv_path(url, reps, shared) for shared in (False, True)}
     layers, heads, dim = SHAPE
     lm = run_lmcache("server", layers=layers, kv_heads=heads, head_dim=dim, dtype="bf16", chunk_size=256,
                      chunks=BATCH, reps=reps)
-    if "error" in lm:
-        return ["4 MiB (32x2x64)", f"{ours_store:.2f}", "error", "-", f"{ours_retrieve:.2f}", "error", "-"], \
-            f"\nLMCache: {lm['error']}\n"
-    return ["4 MiB (32x2x64)", f"{ours_store:.2f}", f"{lm['store_gbps']:.2f}", f"{ours_store / lm['store_gbps']:.2f}x",
-            f"{ours_retrieve:.2f}", f"{lm['retrieve_gbps']:.2f}", f"{ours_retrieve / lm['retrieve_gbps']:.2f}x"], ""
+    rows: list[list[object]] = []
+    for shared, (store, retrieve) in ours.items():
+        name = "4 MiB (32x2x64), " + ("shared pool" if shared else "socket")
+        if "error" in lm:
+            rows.append([name, f"{store:.2f}", "error", "-", f"{retrieve:.2f}", "error", "-"])
+        else:
+            rows.append([name, f"{store:.2f}", f"{lm['store_gbps']:.2f}", f"{store / lm['store_gbps']:.2f}x",
+                         f"{retrieve:.2f}", f"{lm['retrieve_gbps']:.2f}", f"{retrieve / lm['retrieve_gbps']:.2f}x"])
+    return rows, f"\nLMCache: {lm['error']}\n" if "error" in lm else ""
 
 
 def p2p_part() -> tuple[list[object], str]:
@@ -259,12 +273,14 @@ def run_p2p_only() -> str:
 def run(reps: int, with_lmcache: bool) -> str:
     raw = RawPeer()
     with tempfile.TemporaryDirectory(prefix="nencache-bench-server-") as tmp, nencache_server(tmp) as url:
-        tier = ServerTier(url, "bench", timeout=10.0)
+        tier = ServerTier(url, "bench", timeout=10.0, shared_memory=False)
+        shared = ServerTier(url, "bench", timeout=10.0)
         time.sleep(1.0)  # the server maps its pool in the background at start-up
-        got = throughput(tier, raw, reps)
+        got = throughput(tier, shared, raw, reps)
         p50, p99 = exists_latency(tier)
-        lm, lm_note = lmcache_row(url, reps) if with_lmcache else (None, "LMCache side skipped.\n")
+        lm, lm_note = lmcache_rows(url, reps) if with_lmcache else (None, "LMCache side skipped.\n")
         tier.close()
+        shared.close()
     raw.close()
     p2p_row, p2p_detail = p2p_part()
     rows = []
@@ -272,6 +288,9 @@ def run(reps: int, with_lmcache: bool) -> str:
         ratio = median([a / b for a, b in zip(got[op], got[f"raw_{op}"])])
         rows.append([f"{op} (16 x 4 MiB, pipelined)", f"{median(got[op]):.2f}", f"{median(got[f'raw_{op}']):.2f}",
                      f"{ratio:.0%}"])
+    ratio = median([a / b for a, b in zip(got["get_shared"], got["raw_get"])])
+    rows.append(["get from the shared pool (16 x 4 MiB, one LOCATE)", f"{median(got['get_shared']):.2f}",
+                 f"{median(got['raw_get']):.2f}", f"{ratio:.0%}"])
     body = (f"`nencache serve` in a child process, one `ServerTier` connection, loopback TCP; {reps} reps, fresh keys "
             "each; GB/s = 1e9 bytes/s, medians. Raw socket: the same 16 blobs through one loopback connection to a "
             "child process that `recv_into`s / `sendall`s 16 preallocated buffers, no framing, measured in the same "
@@ -284,10 +303,12 @@ def run(reps: int, with_lmcache: bool) -> str:
     if lm is not None:
         body += ("\nEngine KV -> server -> engine KV, 16 chunks of 256 tokens, bf16, CPU tier off on both sides. "
                  "NenCache: `KVCache(remote_url=nencache://...)`, store + flush, retrieve (CRC32 of every chunk "
-                 "checked, raw codec); LMCache 0.5.6: `--backend server` (its `lm://` server, naive serde, no "
-                 "checksum). Target: NenCache >= 1.5x.\n\n"
-                 + table(["chunk", "NenCache store GB/s", "LMCache store GB/s", "store ratio",
-                          "NenCache retrieve GB/s", "LMCache retrieve GB/s", "retrieve ratio"], [lm]) + "\n")
+                 "checked, raw codec), once reading over the socket (`remote_shared_memory: false`, as from another "
+                 "machine) and once copying out of the server's shared pool (the default when the server runs on "
+                 "the same machine); LMCache 0.5.6: `--backend server` (its `lm://` server, naive serde, no "
+                 "checksum), measured once. Target: NenCache >= 1.5x.\n\n"
+                 + table(["chunk, NenCache reads", "NenCache store GB/s", "LMCache store GB/s", "store ratio",
+                          "NenCache retrieve GB/s", "LMCache retrieve GB/s", "retrieve ratio"], lm) + "\n")
     body += lm_note
     body += (f"\nLoad average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
              "(other work shares this machine).\n")

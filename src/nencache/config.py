@@ -45,6 +45,7 @@ class CacheConfig:
     remote_timeout: float = 0.25
     remote_ttl: int | None = None
     remote_key_prefix: str = "nencache"
+    remote_shared_memory: bool = True  # a nencache:// server on this machine: copy chunks from its mapped pool
     write_queue_chunks: int = 256
     io_threads: int = 4
     tenant: str = ""
@@ -65,6 +66,7 @@ class CacheConfig:
     server_io_timeout: float = 30.0  # a frame or a reply that stalls longer closes its connection
     server_tls_cert: str | None = None
     server_tls_key: str | None = None
+    server_shared_memory: bool = True  # let clients on this machine map the pool read-only (Linux memfd)
 
     def __post_init__(self) -> None:
         for key in _SIZE_KEYS:
@@ -91,13 +93,14 @@ _TYPES: dict[str, Any] = {
     "chunk_size": int, "local_cpu": bool, "cpu_size": int, "save_unfull_chunk": bool,
     "pin_memory": (bool, type(None)), "cpu_codec": str, "disk_path": (str, type(None)), "disk_size": int,
     "disk_codec": str, "remote_url": (str, type(None)), "remote_codec": str, "remote_timeout": float,
-    "remote_ttl": (int, type(None)), "remote_key_prefix": str, "write_queue_chunks": int, "io_threads": int,
+    "remote_ttl": (int, type(None)), "remote_key_prefix": str, "remote_shared_memory": bool,
+    "write_queue_chunks": int, "io_threads": int,
     "tenant": str, "auth_token": (str, type(None)), "enable_p2p": bool, "p2p_index_url": (str, type(None)),
     "p2p_host": str, "p2p_port": int, "p2p_ttl": float,
     "server_host": str, "server_port": int, "server_admin_port": (int, type(None)), "server_max_chunk_bytes": int,
     "server_max_request_bytes": int, "server_max_keys": int, "server_max_connections": int,
     "server_max_namespaces": int, "server_io_timeout": float, "server_tls_cert": (str, type(None)),
-    "server_tls_key": (str, type(None)),
+    "server_tls_key": (str, type(None)), "server_shared_memory": bool,
 }
 _SIZE_KEYS = ("cpu_size", "disk_size", "server_max_chunk_bytes", "server_max_request_bytes")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import threading
 
+import numpy as np
 import torch
 
 from nencache.errors import ConfigError
@@ -29,7 +30,8 @@ def cuda_pinning_available() -> bool:
 class MemoryPool:
     """`num_pages` pages of `page_bytes` each, in one `torch.uint8` buffer."""
 
-    def __init__(self, capacity_bytes: int, page_bytes: int, *, pin_memory: bool | None = None) -> None:
+    def __init__(self, capacity_bytes: int, page_bytes: int, *, pin_memory: bool | None = None,
+                 buffer: torch.Tensor | None = None, generations: np.ndarray | None = None) -> None:
         if page_bytes <= 0:
             raise ConfigError(f"page size must be positive, got {page_bytes}")
         num_pages = capacity_bytes // page_bytes
@@ -44,7 +46,14 @@ class MemoryPool:
         self.page_bytes = page_bytes
         self.num_pages = num_pages
         self.pinned = pin
-        self.buffer = torch.empty(num_pages * page_bytes, dtype=torch.uint8, pin_memory=pin)
+        if buffer is not None and (buffer.dtype != torch.uint8 or buffer.numel() < num_pages * page_bytes):
+            raise ConfigError(f"the pool's buffer must be {num_pages * page_bytes} bytes of uint8")
+        if generations is not None and len(generations) < num_pages:
+            raise ConfigError(f"the pool needs {num_pages} page generation counters")
+        self.buffer = torch.empty(num_pages * page_bytes, dtype=torch.uint8, pin_memory=pin) if buffer is None else buffer
+        # Bumped each time a page is freed: a reader outside the process (a shared-memory client) that
+        # copied a page knows its bytes were intact when the generation is unchanged after the copy.
+        self.generations = generations
         self._refs = [0] * num_pages
         self._free = list(range(num_pages - 1, -1, -1))  # a stack: pop() hands out low pages first
         self._lock = threading.Lock()
@@ -83,6 +92,8 @@ class MemoryPool:
             assert self._refs[index] > 0, "release of a free page"
             self._refs[index] -= 1
             if self._refs[index] == 0:
+                if self.generations is not None:
+                    self.generations[index] += 1
                 self._free.append(index)
 
     def refcount(self, index: int) -> int:

@@ -26,7 +26,18 @@ def tier(local_server: BackgroundServer) -> Iterator[ServerTier]:
 
 
 class TestServerContract(TierContract):
-    pass
+    """Reads copy chunks out of the server's shared pool (the default on one machine)."""
+
+
+class TestServerSocketContract(TierContract):
+    """Reads come over the socket (GET), as from another machine."""
+
+    @pytest.fixture
+    def tier(self, local_server: BackgroundServer) -> Iterator[ServerTier]:
+        t = ServerTier(local_server.url, uuid.uuid4().hex, timeout=5.0, shared_memory=False)
+        yield t
+        t.clear()
+        t.close()
 
 
 @pytest.fixture(scope="module")

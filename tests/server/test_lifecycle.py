@@ -118,7 +118,7 @@ def test_kvcache_shares_through_the_server_across_processes(server_process: Serv
 
 def test_admin_endpoint_and_stats_command(server_process: ServerProcess) -> None:
     server_process.start()
-    tier = ServerTier(server_process.url, "admin", timeout=5.0)
+    tier = ServerTier(server_process.url, "admin", timeout=5.0, shared_memory=False)
     tier.put(items(3))
     tier.get([make_key(0), make_key(99)])
     base = f"http://127.0.0.1:{server_process.admin_port}"

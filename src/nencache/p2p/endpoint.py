@@ -40,6 +40,7 @@ class PeerStore(ChunkStore):
         self._namespaces = {namespace: Namespace(namespace, b"")}  # memory keys are the bare chunk keys
         self.disk_root = None
         self.writer = None
+        self.region = None  # peers read over the socket: a peer's pool is its engine's, not shared
         self.served_chunks = 0
 
     # --- what the server asks ------------------------------------------------------------------

@@ -5,6 +5,11 @@ request id). Every socket call is bounded by `timeout`. A server that is down, s
 raises here: the call is counted as an error and answered as a miss, the tier is marked down, and
 until a background probe (exponential backoff) reaches the server again every call is an immediate
 miss. Returned blobs are checked (header, length, key); the codec checks the payload checksum.
+
+When the server runs on this machine and shares its pool (`server_shared_memory`), `get` maps that
+pool read-only and copies chunks straight out of it after one LOCATE round trip, instead of
+receiving them over the socket (see `nencache.server.shared`). Chunks that went stale during the
+copy, or that the server holds only on disk, are then fetched with GET as usual.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from typing import TypeVar
 
 from nencache.errors import ClosedError, ConfigError, TierError
 from nencache.server.protocol import KEY_SIZE, Op, ProtocolError, check_namespace, pack_keyed_meta
-from nencache.server.requests import count_present, fetch
+from nencache.server.requests import count_present, fetch, locate
+from nencache.server.shared import MappedRegion, Spot
 from nencache.server.wire import (
     ErrorReply, Reply, WireConnection, blob_ok, describe_failure, parse_url, split_items, split_keys, token_bytes,
 )
@@ -39,7 +45,7 @@ class ServerTier:
     name = "server"
 
     def __init__(self, url: str, namespace: str, *, timeout: float = 0.25, auth_token: str | None = None,
-                 retry_cap: float = 2.0) -> None:
+                 retry_cap: float = 2.0, shared_memory: bool = True) -> None:
         if not timeout > 0:
             raise ConfigError(f"remote_timeout must be > 0 seconds, got {timeout}")
         self.target = parse_url(url)
@@ -58,6 +64,10 @@ class ServerTier:
         self._retry = Reconnector("nencache-server-retry", self._probe, self._back_up, self._closed, retry_cap)
         self._warn = ThrottledWarning(log)
         self._up = True
+        self._share = shared_memory
+        self._region: MappedRegion | None = None
+        self._region_tried = False
+        self.shared_reads = 0  # chunks copied out of the server's shared pool
         try:
             self._checkin(self._connect())
         except _FAILURES as exc:
@@ -78,7 +88,13 @@ class ServerTier:
     def get(self, keys: Sequence[bytes]) -> list[Blob | None]:
         self._check(keys)
         started = time.perf_counter()
-        blobs = self._call(lambda conn: fetch(conn, self.namespace, keys, self._error_reply), None)
+        blobs = self._read_shared(keys) if self._share else None
+        if blobs is None:
+            blobs = self._call(lambda conn: fetch(conn, self.namespace, keys, self._error_reply), None)
+        elif rest := [i for i, blob in enumerate(blobs) if blob is True]:
+            more = self._call(lambda conn: fetch(conn, self.namespace, [keys[i] for i in rest], self._error_reply), None)
+            for i, blob in zip(rest, more or [None] * len(rest)):
+                blobs[i] = blob
         if blobs is None:
             self._stats.add(misses=len(keys))
             return [None] * len(keys)
@@ -154,6 +170,56 @@ class ServerTier:
             conn.close()
         self._retry.join()
 
+    # --- shared-memory reads ---------------------------------------------------------------------
+    def _read_shared(self, keys: Sequence[bytes]) -> list[Blob | bool | None] | None:
+        """Blobs copied out of the server's shared pool (True: fetch it with GET; None: absent), or None
+        when the pool cannot be mapped from here."""
+        region = self._mapped()
+        if region is None:
+            return None
+        spots = self._call(lambda conn: locate(conn, self.namespace, keys, region.nonce), None)
+        if spots is None:  # failed, or the server restarted with a new pool: map again next time
+            self._region, self._region_tried = None, False
+            return None
+        out: list[Blob | bool | None] = []
+        for spot in spots:
+            if isinstance(spot, Spot):
+                buffer = self._buffers.take(spot.length)
+                copied = region.copy(spot, buffer)
+                out.append(buffer if copied else True)
+                self.shared_reads += copied
+            else:
+                out.append(True if spot else None)
+        return out
+
+    def _mapped(self) -> MappedRegion | None:
+        """The server's pool, mapped read-only; None where it is not shared or not reachable from this process."""
+        if self._region is not None or self._region_tried or not self._up:
+            return self._region
+        self._region_tried = True
+        info = self._call(self._shared_info, None)
+        try:
+            self._region = MappedRegion.attach(info) if info is not None else None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.debug("%s: cannot map the server's pool (%s); reading over the socket", self.url, exc)
+        return self._region
+
+    @staticmethod
+    def _shared_info(conn: WireConnection) -> dict[str, object] | None:
+        import json
+
+        try:
+            reply = conn.call(Op.SHARED)
+        except ErrorReply as exc:
+            if exc.closing:
+                raise
+            return None  # the server does not share its pool
+        try:
+            info = json.loads(reply.body)
+        except ValueError:
+            return None
+        return info if isinstance(info, dict) else None
+
     # --- calls and health ------------------------------------------------------------------------
     def _call(self, run: Callable[[WireConnection], T], default: T) -> T:
         if not self._up:
@@ -226,6 +292,7 @@ class ServerTier:
         with self._state:
             was_up, self._up = self._up, False
             idle, self._idle = self._idle, []
+            self._region, self._region_tried = None, False
         for conn in idle:
             conn.close()
         if was_up and not self._closed.is_set():

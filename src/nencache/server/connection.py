@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from nencache.errors import PoolExhaustedError
 from nencache.server.channel import Buffer, Channel
 from nencache.server.protocol import (
-    HEADER_SIZE, KEY_SIZE, MAX_NAMESPACE, MISSING, Code, Flag, Frame, Op, ProtocolError, check_request, error_frame,
-    pack_lengths, parse_keyed_meta, unpack_header,
+    HEADER_SIZE, KEY_SIZE, MAX_NAMESPACE, MISSING, SPOT, UNPLACED, Code, Flag, Frame, Op, ProtocolError, check_request,
+    error_frame, pack_lengths, parse_keyed_meta, unpack_header,
 )
 from nencache.server.store import Namespace, NamespaceLimitError
 
@@ -126,6 +126,11 @@ class Connection:
             await self._auth(frame, bytes(meta), started)
         elif op is Op.STATS:
             await self._reply(frame, started, body=[json.dumps(self.server.stats()).encode()])
+        elif op is Op.SHARED:
+            if self.store.region is None:
+                raise ProtocolError(Code.UNSUPPORTED, "this server's pool is not shared (server_shared_memory is off "
+                                                      "or the platform has no memfd); use GET", fatal=False)
+            await self._reply(frame, started, body=[json.dumps(self.store.region.describe()).encode()])
         else:
             namespace, keys, lengths = parse_keyed_meta(op, frame.count, meta, self.limits)
             if op is Op.PUT:
@@ -154,6 +159,8 @@ class Connection:
             space = await self._namespace(namespace, create=False)
             if op is Op.GET:
                 await self._get(frame, space, keys, started)
+            elif op is Op.LOCATE:
+                await self._locate(frame, space, keys, started)
             elif op is Op.EXISTS:
                 count = await self._on_disk(space, self.store.exists, space, keys) if space else 0
                 await self._reply(frame, started, count=count)
@@ -197,6 +204,29 @@ class Connection:
                 if lease is not None:
                     lease.release()
             pins.release(len(keys))
+
+    async def _locate(self, frame: Frame, space: Namespace | None, keys: list[bytes], started: float) -> None:
+        """Offsets of chunks in the shared region; chunks only on disk are promoted first."""
+        region = self.store.region
+        if region is None:
+            raise ProtocolError(Code.UNSUPPORTED, "this server's pool is not shared; use GET", fatal=False)
+        spots = self.store.locate(space, keys) if space is not None else [None] * len(keys)
+        missing = [i for i, spot in enumerate(spots) if spot is None]
+        unplaced: set[int] = set()
+        if missing and space is not None and space.disk is not None:
+            found = await self._blocking(self.store.read_disk, space, [keys[i] for i in missing])
+            held = [i for i, blob in zip(missing, found) if blob is not None]
+            for i, spot in zip(held, self.store.locate(space, [keys[i] for i in held])):
+                spots[i] = spot
+                if spot is None:  # on disk, but memory had no room for it: GET serves it
+                    unplaced.add(i)
+        meta = [region.nonce]
+        for i, spot in enumerate(spots):
+            if spot is not None:
+                meta.append(SPOT.pack(spot.offset, spot.length, spot.generation))
+            else:
+                meta.append(SPOT.pack(UNPLACED if i in unplaced else MISSING, 0, 0))
+        await self._reply(frame, started, count=len(keys), meta=b"".join(meta))
 
     async def _put(self, frame: Frame, namespace: bytes, keys: list[bytes], lengths: list[int],
                    started: float) -> None:

@@ -24,6 +24,9 @@ MAX_NAMESPACE = 255
 MAX_TOKEN = 1024
 MAX_MESSAGE = 1024
 MISSING = 0  # the length a GET reply gives for a key it does not hold (a blob is never empty)
+UNPLACED = 1  # the offset a LOCATE reply gives (with length 0) for a chunk held, but not in shared memory
+SPOT = struct.Struct("<QQQ")  # LOCATE reply, per key: offset, length, page generation
+NONCE_SIZE = 16
 _NAMESPACE = re.compile(rb"[A-Za-z0-9._:\-]{1,255}")
 assert HEADER_SIZE == 32
 
@@ -37,6 +40,8 @@ class Op(IntEnum):
     DELETE = 6
     CLEAR = 7
     STATS = 8
+    SHARED = 9  # where this server's pool can be mapped by a client on the same machine
+    LOCATE = 10  # where chunks sit in that mapped pool
 
 
 class Flag(IntFlag):
@@ -59,7 +64,7 @@ class Code(IntEnum):
     SHUTTING_DOWN = 9
 
 
-KEYED_OPS = frozenset({Op.EXISTS, Op.GET, Op.PUT, Op.DELETE, Op.CLEAR})
+KEYED_OPS = frozenset({Op.EXISTS, Op.GET, Op.PUT, Op.DELETE, Op.CLEAR, Op.LOCATE})
 
 
 class ProtocolError(NenCacheError):
@@ -131,7 +136,7 @@ def check_request(frame: Frame, limits: Limits) -> None:
     except ValueError:
         raise ProtocolError(Code.UNSUPPORTED, f"unknown op {frame.op}; this server knows "
                                               f"{', '.join(o.name for o in Op)}") from None
-    if op in (Op.PING, Op.STATS):
+    if op in (Op.PING, Op.STATS, Op.SHARED):
         expected_meta, max_body = 0, 0
     elif op is Op.AUTH:
         if frame.meta_len > MAX_TOKEN:

@@ -38,6 +38,7 @@ class ServerSettings:
     disk_bytes: int = 16 * 2**30
     io_threads: int = 4
     disk_queue_chunks: int = 256
+    shared_memory: bool = True
 
     def __post_init__(self) -> None:
         if self.max_chunk_bytes < 64 or self.max_request_bytes < self.max_chunk_bytes:
@@ -85,6 +86,7 @@ class ServerSettings:
             disk_bytes=int(config.disk_size),
             io_threads=config.io_threads,
             disk_queue_chunks=config.write_queue_chunks,
+            shared_memory=config.server_shared_memory,
         )
 
     def tls_context(self) -> ssl.SSLContext | None:

@@ -3,6 +3,8 @@
 Pages are one `max_chunk_bytes` each. Keys in memory are the namespace (length-prefixed) followed by
 the 16-byte chunk key, so namespaces never collide. Put bodies are received straight into pool
 pages and get replies are sent straight from them (pinned while on the wire): no extra copies.
+Where the platform has memfds the pool lives in a `SharedRegion`, which clients on the same machine
+map read-only and copy chunks out of (`locate` tells them where).
 With a disk path, each namespace has a `DiskTier` under it, written behind the replies; memory
 misses are read from disk and promoted. Blocking disk calls run off the event loop (callers' job).
 """
@@ -23,6 +25,7 @@ from nencache.errors import ConfigError, CorruptChunkError, PoolExhaustedError
 from nencache.format import HEADER_SIZE, NO_KEY, parse_header
 from nencache.pool import MemoryPool
 from nencache.server.disk_writer import DiskWriter
+from nencache.server.shared import SharedRegion, Spot
 from nencache.server.settings import ServerSettings
 from nencache.tiers.base import Tier, TierStats
 from nencache.tiers.memory import ChunkLease, MemoryTier
@@ -47,7 +50,11 @@ class ChunkStore:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.pool = MemoryPool(settings.pool_bytes, settings.max_chunk_bytes, pin_memory=False)
+        pages = settings.pool_bytes // settings.max_chunk_bytes
+        self.region = SharedRegion.create(pages, settings.max_chunk_bytes) if settings.shared_memory else None
+        self.pool = MemoryPool(settings.pool_bytes, settings.max_chunk_bytes, pin_memory=False,
+                               buffer=self.region.buffer if self.region else None,
+                               generations=self.region.generations if self.region else None)
         self.memory = MemoryTier(self.pool)
         self._bytes = memoryview(self.pool.buffer.numpy())
         self._lock = threading.Lock()
@@ -127,6 +134,21 @@ class ChunkStore:
     def lease(self, space: Namespace, keys: Sequence[bytes]) -> list[ChunkLease | None]:
         """Pinned memory hits (release each), None for misses."""
         return [self.memory.lease(space.prefix + k) for k in keys]
+
+    def locate(self, space: Namespace, keys: Sequence[bytes]) -> list[Spot | None]:
+        """Where memory hits sit in the shared region (None for the rest); nothing stays pinned."""
+        assert self.region is not None, "locate needs the shared region"
+        spots: list[Spot | None] = []
+        for key in keys:
+            lease = self.memory.lease(space.prefix + key)
+            if lease is None:
+                spots.append(None)
+                continue
+            page = lease.entry.page
+            spots.append(Spot(self.region.pool_offset + page * self.pool.page_bytes, lease.entry.nbytes,
+                              int(self.region.generations[page])))
+            lease.release()
+        return spots
 
     def view(self, lease: ChunkLease) -> memoryview:
         return lease.blob()
@@ -223,6 +245,8 @@ class ChunkStore:
             if space.disk is not None:
                 space.disk.close()
         self.memory.close()
+        if self.region is not None:
+            self.region.close()
 
     def stats(self) -> dict[str, Any]:
         memory = self.memory.stats()

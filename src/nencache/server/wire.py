@@ -21,8 +21,8 @@ from nencache.errors import ConfigError, CorruptChunkError
 from nencache.format import HEADER_SIZE as CHUNK_HEADER_SIZE
 from nencache.format import NO_KEY, parse_header
 from nencache.server.protocol import (
-    HEADER_SIZE, MAX_MESSAGE, MAX_TOKEN, Code, Flag, Frame, Limits, Op, ProtocolError, unpack_header,
-    unpack_lengths,
+    HEADER_SIZE, MAX_MESSAGE, MAX_TOKEN, NONCE_SIZE, SPOT, Code, Flag, Frame, Limits, Op, ProtocolError,
+    unpack_header, unpack_lengths,
 )
 from nencache.tiers.buffers import BufferPool
 
@@ -160,6 +160,10 @@ class WireConnection:
         if frame.request_id not in pending:
             raise ProtocolError(Code.BAD_FRAME, f"reply to unknown request {frame.request_id}")
         keys = pending.pop(frame.request_id)
+        if frame.op == Op.LOCATE:
+            if frame.count != keys or frame.meta_len != NONCE_SIZE + SPOT.size * keys or frame.body_len:
+                raise ProtocolError(Code.BAD_FRAME, f"LOCATE reply for {frame.count} keys, asked {keys}")
+            return Reply(frame, body=self._read_bytes(frame.meta_len))
         if frame.op != Op.GET:
             if frame.meta_len or frame.body_len > _MAX_SMALL_BODY:
                 raise ProtocolError(Code.BAD_FRAME, "malformed reply")

@@ -38,7 +38,8 @@ def build_remote_tier(config: CacheConfig, namespace: str) -> Tier:
     if scheme in SERVER_SCHEMES:
         from nencache.server.client import ServerTier
 
-        return ServerTier(url, namespace, timeout=config.remote_timeout, auth_token=config.auth_token)
+        return ServerTier(url, namespace, timeout=config.remote_timeout, auth_token=config.auth_token,
+                          shared_memory=config.remote_shared_memory)
     raise ConfigError(
         f"remote_url {url!r}: unsupported scheme {scheme!r}; use nencache://, nencaches://, redis://, rediss://, "
         "unix://, valkey:// or redis-cluster://"
