@@ -8,8 +8,9 @@ Chunks are 256 tokens of SmolLM2-135M KV (30 layers, 3 KV heads, head dim 64, bf
   has copied the chunks into its pool; "one get": all chunks held at once. dd: `iflag=direct`.
 Each timed operation follows a 1 s pause, and ours and dd's swap order every rep (virtual disks often
 serve bursts faster than steady streams). Ratios are medians (and ranges) of the per-rep ratios.
-LMCache (`benchmarks/lmcache_side.py --backend disk`, run in `.venv-lmcache`) is shown where that
-environment exists; its figures include its copies out of and into an engine KV tensor.
+Beside LMCache (`benchmarks/lmcache_side.py --backend disk`, run in `.venv-lmcache` where that
+environment exists), both sides are measured from engine KV to engine KV, copies included: NenCache
+through `KVCache`, one rep of each in turn.
 
     python benchmarks/tiers_disk.py --chunks 64 --reps 5 [--startup 100000] [--dir /var/tmp]
 """
@@ -139,6 +140,59 @@ def one_rep(work: Path, blobs: list[tuple[bytes, bytes]], ns: str, dd_first: boo
     return out
 
 
+def kv_disk_rep(cache, chunks: int, gen: torch.Generator) -> tuple[float, float]:
+    """Engine KV -> disk -> engine KV through a `KVCache` (CPU tier off, as LMCache's side runs):
+    seconds of `store` + `flush` (durable), and of a cold `retrieve` (page cache dropped) into engine KV."""
+    tokens = torch.randint(0, 50_000, (SHAPE[2] * chunks,), generator=gen).tolist()
+    kv = torch.empty((SHAPE[0], 2, len(tokens), SHAPE[3], SHAPE[4]), dtype=torch.bfloat16)
+    kv.view(torch.int16).random_(-(2**15), 2**15, generator=gen)
+    out = torch.zeros_like(kv)
+    time.sleep(PAUSE)
+    started = time.perf_counter()
+    cache.store(tokens, kv)
+    cache.flush()
+    store_s = time.perf_counter() - started
+    assert len(cache.memory) == 0, "local_cpu=False must leave nothing in memory"
+    drop_page_cache()
+    time.sleep(PAUSE)
+    started = time.perf_counter()
+    cache.retrieve(tokens, out=out)
+    retrieve_s = time.perf_counter() - started
+    if not torch.equal(out.view(torch.int16), kv.view(torch.int16)):
+        raise RuntimeError("KV read back from disk differs")
+    cache.invalidate(tokens)
+    return store_s, retrieve_s
+
+
+def kv_rows(chunks: int, reps: int, work: Path) -> tuple[list[list[object]], str]:
+    """NenCache `KVCache` and LMCache's disk backend, one rep each in turn, on the same KV."""
+    from nencache import CacheConfig, KVCache, KVLayout
+
+    layout = KVLayout(SHAPE[0], SHAPE[3], SHAPE[4], torch.bfloat16)
+    nbytes = layout.nbytes(SHAPE[2] * chunks)
+    config = CacheConfig(chunk_size=SHAPE[2], local_cpu=False, cpu_size=int(2.2 * nbytes), disk_path=str(work / "kv"),
+                         disk_size=4 * nbytes, write_queue_chunks=2 * chunks)
+    gen = torch.Generator().manual_seed(7)
+    ours: list[tuple[float, float]] = []
+    theirs: list[dict] = []
+    with KVCache(config, layout, "bench-disk") as cache:
+        kv_disk_rep(cache, min(chunks, 8), gen)  # warm-up
+        for _ in range(reps):
+            ours.append(kv_disk_rep(cache, chunks, gen))
+            lm = lmcache_disk(chunks, 1, work)
+            if lm is None or "error" in lm:
+                return [], f" LMCache side: {'not set up' if lm is None else lm['error']}."
+            theirs.append(lm)
+    rows = []
+    for i, what in enumerate(("store (durable)", "cold retrieve")):
+        mine = [nbytes / o[i] / 1e9 for o in ours]
+        lms = [lm["store_gbps" if i == 0 else "retrieve_gbps"] for lm in theirs]
+        ratios = [a / b for a, b in zip(mine, lms)]
+        rows.append([what, f"{median(mine):.2f}", f"{median(lms):.2f}",
+                     f"{median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"])
+    return rows, ""
+
+
 def lmcache_disk(chunks: int, reps: int, work: Path) -> dict | None:
     """LMCache's disk backend figures, or None where its environment is not set up."""
     if not (LMCACHE_PY.exists() and LMCACHE_SIDE.exists()):
@@ -163,7 +217,7 @@ def run_disk_part(chunks: int, reps: int, directory: str | Path | None = None) -
         cold = drop_page_cache()
         one_rep(work, blobs[: min(chunks, 8)], "ff", False)  # warm-up: threads, buffers, dd binary
         runs = [one_rep(work, blobs, f"{rep:02x}", dd_first=rep % 2 == 1) for rep in range(reps)]
-        lm = lmcache_disk(chunks, reps, work)
+        lm_rows, lm_note = kv_rows(chunks, reps, work) if LMCACHE_PY.exists() else ([], " LMCache side: not set up.")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     total, dd_total = chunks * size, chunks * round_up(size)
@@ -174,37 +228,31 @@ def run_disk_part(chunks: int, reps: int, directory: str | Path | None = None) -
         values = [(total / r[ours]) / (dd_total / r[theirs]) for r in runs]
         return f"{median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
-    lm_ok = lm is not None and "error" not in lm
-    lm_w = lm["store_gbps"] if lm_ok else None
-    lm_r = lm["retrieve_gbps"] if lm_ok else None
-
-    def lm_cells(value: float | None, dd_value: float) -> list[object]:
-        if lm is None:
-            return ["not set up", "-"]
-        if not lm_ok:
-            return ["failed", "-"]
-        return [value, value / dd_value]
-
     rows = [
-        ["write (put + flush, durable)", gbps["write"], dd_gbps["dd_write"], ratio("write", "dd_write"),
-         *lm_cells(lm_w, dd_gbps["dd_write"])],
+        ["write (put + flush, durable)", gbps["write"], dd_gbps["dd_write"], ratio("write", "dd_write")],
         [f"cold read (get, batches of {BATCH_READ})", gbps["read_batched"], dd_gbps["dd_read"],
-         ratio("read_batched", "dd_read"), *lm_cells(lm_r, dd_gbps["dd_read"])],
-        [f"cold read (one get of {chunks})", gbps["read_all"], dd_gbps["dd_read"], ratio("read_all", "dd_read"),
-         "", ""],
+         ratio("read_batched", "dd_read")],
+        [f"cold read (one get of {chunks})", gbps["read_all"], dd_gbps["dd_read"], ratio("read_all", "dd_read")],
     ]
     probe = DiskTier(base, "00", 1 << 20)
     direct = probe.direct_io
     probe.close()
     shutil.rmtree(base / "00", ignore_errors=True)
-    head = ["operation", "NenCache GB/s", "dd GB/s", "NenCache / dd (range)", "LMCache GB/s", "LMCache / dd"]
+    head = ["operation", "DiskTier GB/s", "dd GB/s", "DiskTier / dd (range)"]
     notes = (f"\n\n{chunks} chunks of {size / 1e6:.2f} MB ({SHAPE}, bf16), {reps} reps; GB/s are medians, "
-             "NenCache / dd is the median (and range) of the ratios within each rep; "
+             "DiskTier / dd is the median (and range) of the ratios within each rep; "
              f"directory on {fs_type(base)} ({base}), O_DIRECT {'on' if direct else 'off'}, "
              f"page cache dropped before reads: {'yes' if cold else 'no (reads rely on O_DIRECT)'}.")
-    if lm is not None and not lm_ok:
-        notes += f" LMCache run failed: {lm.get('error')}."
     text = table(head, rows) + notes
+    if lm_rows:
+        text += ("\n\nEngine KV -> disk -> engine KV, the same 64 chunks: NenCache `KVCache` (CPU tier off, "
+                 "`disk_path`; store + flush, then retrieve after dropping the page cache, bytes checked) and "
+                 "LMCache 0.5.6's local disk backend (CPU tier off; store timed until every file is written and "
+                 "fsynced, retrieve after dropping the page cache), one rep of each in turn, each LMCache rep in a "
+                 "fresh process; GB/s are medians, ratios the median (and range) of per-rep ratios. Targets: "
+                 "store >= 1x, cold retrieve >= 1.5x.\n\n"
+                 + table(["operation", "NenCache GB/s", "LMCache GB/s", "NenCache / LMCache"], lm_rows))
+    text += lm_note
     print(text)
     return text
 

@@ -183,6 +183,30 @@ def nencache_kv_path(port: int, mib: int, reps: int) -> tuple[float, float]:
     return nbytes / median(store_s) / 1e9, nbytes / median(retrieve_s) / 1e9
 
 
+def redis_ceiling(port: int, mib: int, reps: int) -> tuple[float, float]:
+    """(put GB/s, get GB/s) of bare `RedisTier` calls on 16 fresh keys per rep, as the KV paths write them:
+    what this redis-server takes and gives at most, with no KV copies or cache logic around it."""
+    tier = RedisTier(f"redis://127.0.0.1:{port}", "bench-ceiling", timeout=10.0)
+    put_s, get_s = [], []
+    try:
+        payload = make_blobs(mib * MIB, 1)[0][1][HEADER_SIZE:]
+        for rep in range(reps + 1):
+            keys = [os.urandom(16) for _ in range(BATCH)]
+            batch = [(k, ChunkHeader(0, 3, 1, 1, 1, 1, len(payload), checksum(payload), k).pack() + payload)
+                     for k in keys]
+            put = timed(lambda: tier.put(batch))
+            get = timed(lambda: tier.get(keys))
+            tier.delete(keys)
+            if rep:
+                put_s.append(put)
+                get_s.append(get)
+        assert tier.stats().errors == 0 and tier.stats().corrupt == 0, tier.stats()
+    finally:
+        tier.close()
+    nbytes = BATCH * mib * MIB
+    return nbytes / median(put_s) / 1e9, nbytes / median(get_s) / 1e9
+
+
 def lmcache_rows(port: int, sizes_mib: Sequence[int], reps: int) -> tuple[list[list[object]], str]:
     """NenCache and LMCache side by side on the same server and KV shapes (empty when LMCache is not set up)."""
     if not (LMCACHE_PY.exists() and LMCACHE_SIDE.exists()):
@@ -204,12 +228,13 @@ def lmcache_rows(port: int, sizes_mib: Sequence[int], reps: int) -> tuple[list[l
                          chunks=BATCH, reps=reps, extra=["--remote-url", f"redis://127.0.0.1:{port}"])
         if "error" in lm:
             notes.append(f"{mib} MiB: {lm['error']}")
-            rows.append([f"{mib} MiB ({layers}x{heads}x{dim})", f"{ours_store:.2f}", "error", "-",
-                         f"{ours_retrieve:.2f}", "error", "-"])
+            rows.append([f"{mib} MiB ({layers}x{heads}x{dim})", f"{ours_store:.2f}", "error", "-", "-",
+                         f"{ours_retrieve:.2f}", "error", "-", "-"])
             continue
+        ceiling_put, ceiling_get = redis_ceiling(port, mib, reps)
         rows.append([f"{mib} MiB ({layers}x{heads}x{dim})", f"{ours_store:.2f}", f"{lm['store_gbps']:.2f}",
-                     f"{ours_store / lm['store_gbps']:.2f}x", f"{ours_retrieve:.2f}", f"{lm['retrieve_gbps']:.2f}",
-                     f"{ours_retrieve / lm['retrieve_gbps']:.2f}x"])
+                     f"{ours_store / lm['store_gbps']:.2f}x", f"{ceiling_put:.2f}", f"{ours_retrieve:.2f}",
+                     f"{lm['retrieve_gbps']:.2f}", f"{ours_retrieve / lm['retrieve_gbps']:.2f}x", f"{ceiling_get:.2f}"])
     return rows, "".join(f"\nLMCache: {n}\n" for n in notes)
 
 
@@ -230,9 +255,13 @@ def run_remote_part(sizes_mib: Sequence[int] = (1, 4, 8), reps: int = 5, with_lm
     if lm_rows:
         body += ("\nEngine KV -> Redis -> engine KV, 16 chunks of 256 tokens (bf16, shape layers x KV heads x head "
                  "dim), same server, CPU tier off on both sides (`local_cpu=False`). NenCache: `KVCache` store + "
-                 "flush, then retrieve, raw codec; LMCache 0.5.6: `--backend redis`, naive serde.\n\n"
-                 + table(["chunk", "NenCache store GB/s", "LMCache store GB/s", "store ratio",
-                          "NenCache retrieve GB/s", "LMCache retrieve GB/s", "retrieve ratio"], lm_rows) + "\n")
+                 "flush, then retrieve, raw codec; LMCache 0.5.6: `--backend redis`, naive serde. Target: 1.5x. "
+                 "Redis ceiling: bare `RedisTier` put / get of 16 fresh keys of the same size per rep (fresh keys, "
+                 "as both KV paths write): how fast this redis-server takes and gives such values to a client that "
+                 "does nothing else. Where 1.5x LMCache is above it, no client can reach the target here.\n\n"
+                 + table(["chunk", "NenCache store GB/s", "LMCache store GB/s", "store ratio", "Redis ceiling put GB/s",
+                          "NenCache retrieve GB/s", "LMCache retrieve GB/s", "retrieve ratio",
+                          "Redis ceiling get GB/s"], lm_rows) + "\n")
     body += lm_note
     print(body)
     write_section("tiers: remote (Redis)", body, command_line())

@@ -1,7 +1,8 @@
 """`RedisTier`: chunks in Redis or Valkey (standalone, TLS, unix socket or cluster), shared by processes.
 
 Keys are `<key_prefix>:<namespace>:` + the 16-byte chunk key; values are the shared byte format,
-checked (header, key, CRC) on the way back. `contains_prefix`, `put` and `delete` are one pipelined
+checked (header, key, CRC) on the way back. Chunks over `segment_bytes` (2 MiB) are stored in parts
+under `key`, `key#1`, `key#2`, ... (`nencache.tiers.redis_parts`). `contains_prefix`, `put` and `delete` are one pipelined
 round trip per server; `get` streams pipelined GETs with a few MiB in flight per server. Redis being
 down, slow or killed never raises: the call is counted as an error, the tier is marked down, and
 until a background probe (exponential backoff, capped at `retry_cap`) reaches Redis again every call
@@ -17,10 +18,11 @@ import time
 from collections.abc import Callable, Sequence
 
 from nencache.errors import ClosedError, ConfigError, CorruptChunkError, TierError
-from nencache.format import split_blob
+from nencache.format import HEADER_SIZE, parse_header, split_blob
 from nencache.tiers.base import TierStats
 from nencache.tiers.retry import FIRST_RETRY, Reconnector, ThrottledWarning
 from nencache.tiers.redis_client import Plan, RedisClient, key_slot
+from nencache.tiers.redis_parts import Assembly, part_count, part_key, split_parts
 from nencache.tiers.redis_url import parse_url
 from nencache.tiers.resp import ProtocolError, Reply, ReplyError
 
@@ -29,6 +31,7 @@ __all__ = ["RedisTier", "key_slot"]
 log = logging.getLogger("nencache.redis")
 
 _FAILURES = (OSError, ReplyError)
+SEGMENT_BYTES = 2 << 20  # larger chunks are stored in parts of this size (see nencache.tiers.redis_parts)
 _SCAN_COUNT = 1000
 
 
@@ -38,13 +41,17 @@ class RedisTier:
     name = "redis"
 
     def __init__(self, url: str, namespace: str, *, timeout: float = 0.25, ttl: float | None = None,
-                 key_prefix: str = "nencache", retry_cap: float = 2.0) -> None:
+                 key_prefix: str = "nencache", retry_cap: float = 2.0, segment_bytes: int = SEGMENT_BYTES) -> None:
         if not timeout > 0:
             raise ConfigError(f"Redis timeout must be > 0 seconds, got {timeout}")
         if ttl is not None and not ttl > 0:
             raise ConfigError(f"Redis key TTL must be > 0 seconds or None (no expiry), got {ttl}")
         if not retry_cap >= FIRST_RETRY:
             raise ConfigError(f"Redis retry_cap must be >= {FIRST_RETRY} seconds, got {retry_cap}")
+        if segment_bytes < HEADER_SIZE:
+            raise ConfigError(f"Redis segment size must be at least {HEADER_SIZE} bytes, got {segment_bytes}")
+        self._segment = segment_bytes
+        self._guess = 0  # length of the last multi-part chunk read: the next get asks for that many parts at once
         target = parse_url(url)
         self.url = target.display()
         try:
@@ -89,24 +96,49 @@ class RedisTier:
         if not rkeys:
             return out
         started = time.perf_counter()
-        damaged: list[bytes] = []
+        if not self._up:  # an immediate miss until the background probe reconnects
+            self._stats.add(misses=len(out))
+            return out
+        reads = Assembly(len(rkeys), self._segment, self._guess)
         try:
-            for [pos], blob in self._client.exchange(self._client.plan(rkeys, "GET"), window=True) if self._up else ():
-                if isinstance(blob, ReplyError):
-                    self._reply_error(blob)
-                elif isinstance(blob, memoryview) and self._valid(blob, keys[pos], rkeys[pos]):
-                    out[pos] = blob
-                elif blob is not None:
-                    damaged.append(rkeys[pos])
+            self._read_parts(reads, rkeys, reads.first_round())
+            self._read_parts(reads, rkeys, reads.second_round())  # parts beyond the guessed size
         except _FAILURES as exc:
             self._failed(exc)
+            self._stats.add(misses=len(out))
+            return out  # nothing from a failed exchange is used
+        reads.finish()
+        damaged: list[tuple[bytes, int]] = []  # (key, parts)
+        incomplete: list[tuple[bytes, int]] = []
+        for pos, chunk in enumerate(reads.chunks):
+            if chunk.state == "done" and chunk.buffer is not None and self._valid(chunk.buffer, keys[pos], rkeys[pos]):
+                out[pos] = chunk.buffer
+                if chunk.total > self._segment:
+                    self._guess = chunk.total
+            elif chunk.state in ("done", "damaged"):
+                damaged.append((rkeys[pos], chunk.parts))
+            elif chunk.state == "incomplete" and chunk.segment != self._segment:  # not how parts are cut: truncated
+                self._warn(f"Redis key {rkeys[pos]!r} held a truncated chunk; deleting it")
+                damaged.append((rkeys[pos], chunk.parts))
+            elif chunk.state == "incomplete":
+                incomplete.append((rkeys[pos], chunk.parts))
         hits = sum(b is not None for b in out)
         self._stats.add(hits=hits, misses=len(out) - hits, corrupt=len(damaged),
-                    read_bytes=sum(len(b) for b in out if b is not None),
-                    read_seconds=time.perf_counter() - started)
-        if damaged:
-            self._run_or_fail(lambda: self._client.plan(damaged, "UNLINK", per_slot=True))
+                        read_bytes=sum(len(b) for b in out if b is not None),
+                        read_seconds=time.perf_counter() - started)
+        if damaged or incomplete:  # a part evicted by Redis leaves the others useless: drop them too
+            self._unlink([part_key(rkey, p) for rkey, parts in damaged + incomplete for p in range(parts)])
         return out
+
+    def _read_parts(self, reads: Assembly, rkeys: list[bytes], parts: list[tuple[int, int]]) -> None:
+        if not parts:
+            return
+        plan = self._client.plan([part_key(rkeys[i], p) for i, p in parts], "GET")
+        for [pos], reply in self._client.exchange(plan, window=True, into=lambda at: reads.into(parts[at[0]])):
+            if isinstance(reply, ReplyError):
+                self._reply_error(reply)
+                reply = None
+            reads.take(parts[pos], reply if isinstance(reply, memoryview) else None)
 
     def put(self, items: Sequence[tuple[bytes, bytes | bytearray | memoryview]]) -> None:
         rkeys = self._rkeys([k for k, _ in items])
@@ -116,17 +148,25 @@ class RedisTier:
             self._stats.add(dropped=len(rkeys))
             return
         started = time.perf_counter()
-        values = [v for _, v in items]
-        results = self._run_or_fail(lambda: self._client.plan(rkeys, "SET", args=[(v, *self._ttl_args) for v in values]))
-        stored = stored_bytes = 0
+        values = [memoryview(v).cast("B") for _, v in items]
+        names: list[bytes] = []
+        args: list[tuple[object, ...]] = []
+        owner: list[int] = []
+        for i, (rkey, value) in enumerate(zip(rkeys, values)):
+            parts = split_parts(value, self._segment)
+            for p in reversed(range(len(parts))):  # part 0 last: EXISTS finds a chunk only once it is whole
+                names.append(part_key(rkey, p))
+                args.append((parts[p], *self._ttl_args))
+                owner.append(i)
+        results = self._run_or_fail(lambda: self._client.plan(names, "SET", args=args))  # type: ignore[arg-type]
+        failed: set[int] = set() if results is not None else set(range(len(rkeys)))
         for positions, reply in results or ():
             if isinstance(reply, ReplyError):
                 self._reply_error(reply)
-            else:
-                stored += 1
-                stored_bytes += memoryview(values[positions[0]]).nbytes
-        self._stats.add(stored_chunks=stored, stored_bytes=stored_bytes, dropped=len(rkeys) - stored,
-                    write_seconds=time.perf_counter() - started)
+                failed.add(owner[positions[0]])
+        stored = [i for i in range(len(rkeys)) if i not in failed]
+        self._stats.add(stored_chunks=len(stored), stored_bytes=sum(values[i].nbytes for i in stored),
+                        dropped=len(rkeys) - len(stored), write_seconds=time.perf_counter() - started)
 
     def _valid(self, blob: memoryview, key: bytes, rkey: bytes) -> bool:
         try:
@@ -137,11 +177,27 @@ class RedisTier:
         return True
 
     def delete(self, keys: Sequence[bytes]) -> None:
+        """Forget `keys`: each chunk's first part says how many parts it has, then all go in one UNLINK round."""
         rkeys = self._rkeys(keys)
-        if rkeys and self._up:
-            for _, reply in self._run_or_fail(lambda: self._client.plan(rkeys, "UNLINK", per_slot=True)) or ():
-                if isinstance(reply, ReplyError):
-                    self._reply_error(reply)
+        if not rkeys or not self._up:
+            return
+        names = list(rkeys)
+        firsts = self._run_or_fail(lambda: self._client.plan(rkeys, "GETRANGE", args=[(0, HEADER_SIZE - 1)] * len(rkeys)))
+        lengths = self._run_or_fail(lambda: self._client.plan(rkeys, "STRLEN"))
+        for ([pos], head), (_, length) in zip(firsts or (), lengths or ()):
+            if not isinstance(head, memoryview | bytes) or not isinstance(length, int) or length < HEADER_SIZE:
+                continue
+            try:
+                total = HEADER_SIZE + parse_header(head).payload_len
+            except CorruptChunkError:
+                continue  # a damaged first part: its further parts (if any) stay until they expire or clear()
+            names += [part_key(rkeys[pos], p) for p in range(1, part_count(total, length))]
+        self._unlink(names)
+
+    def _unlink(self, names: list[bytes]) -> None:
+        for _, reply in self._run_or_fail(lambda: self._client.plan(names, "UNLINK", per_slot=True)) or ():
+            if isinstance(reply, ReplyError):
+                self._reply_error(reply)
 
     def clear(self) -> None:
         """Delete every key of this namespace (SCAN + UNLINK on every server); best effort while down."""

@@ -9,13 +9,14 @@ the caller decides what they mean.
 from __future__ import annotations
 
 import binascii
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from nencache.tiers.redis_url import Address, RedisTarget
 from nencache.tiers.resp import Arg, Command, Connection, ConnectionPool, ProtocolError, Reply, ReplyError
 
+Into = Callable[[list[int]], "memoryview | None"]
 SLOTS = 16384
 WINDOW_BYTES = 4 << 20  # bytes of replies outstanding per server in a windowed exchange
 
@@ -62,10 +63,15 @@ class _Exchange:
             self.conn.send(self.commands[self.sent:self.sent + count])
             self.sent += count
 
-    def read(self) -> tuple[list[int], Reply]:
-        reply = self.conn.read_reply()
+    def read(self, into: Into | None = None) -> tuple[list[int], Reply]:
+        positions = self.positions[self.done]
+        self.conn.into = into(positions) if into is not None else None
+        try:
+            reply = self.conn.read_reply()
+        finally:
+            self.conn.into = None
         self.done += 1
-        return self.positions[self.done - 1], reply
+        return positions, reply
 
 
 class RedisClient:
@@ -106,8 +112,11 @@ class RedisClient:
         """Send each server its whole pipeline, then read every reply: one round trip."""
         return list(self.exchange(plan, window=False))
 
-    def exchange(self, plan: Plan, window: bool) -> Iterator[tuple[list[int], Reply]]:
+    def exchange(self, plan: Plan, window: bool, into: Into | None = None) -> Iterator[tuple[list[int], Reply]]:
         """Pipelined exchange with every server of `plan`; (positions, reply) pairs yielded as they arrive.
+
+        `into(positions)` may name the buffer a command's bulk reply is read into (used when its length
+        matches); the reply is then that very buffer.
 
         With `window`, each server has only about `WINDOW_BYTES` of replies outstanding (sized from the
         values seen so far): Redis then streams large values from warm buffers instead of first building
@@ -125,7 +134,7 @@ class RedisClient:
                 for run in runs:
                     if not run.pending:
                         continue
-                    positions, reply = run.read()
+                    positions, reply = run.read(into)
                     if window:
                         if isinstance(reply, memoryview) and len(reply) >= WINDOW_BYTES // 64:
                             self._value_size = len(reply)

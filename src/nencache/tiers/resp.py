@@ -102,6 +102,7 @@ class Connection:
         self._buf = bytearray(_READ_BUF)
         self._view = memoryview(self._buf)
         self._start = self._end = 0
+        self.into: memoryview | None = None  # where the next bulk reply goes, if it is exactly this long
         try:
             hello: list[Command] = []
             if target.password is not None:
@@ -227,7 +228,10 @@ class Connection:
             self._fill()
 
     def _bulk(self, size: int) -> memoryview:
-        view = RECV_BUFFERS.take(size) if size >= _BIG else memoryview(bytearray(size))
+        if self.into is not None and len(self.into) == size:
+            view, self.into = self.into, None
+        else:
+            view = RECV_BUFFERS.take(size) if size >= _BIG else memoryview(bytearray(size))
         have = min(size, self._end - self._start)
         view[:have] = self._view[self._start:self._start + have]
         self._start += have
