@@ -257,8 +257,8 @@ def run_remote_part(sizes_mib: Sequence[int] = (1, 4, 8), reps: int = 5, with_lm
                  "dim), same server, CPU tier off on both sides (`local_cpu=False`). NenCache: `KVCache` store + "
                  "flush, then retrieve, raw codec; LMCache 0.5.6: `--backend redis`, naive serde. Target: 1.5x. "
                  "Redis ceiling: bare `RedisTier` put / get of 16 fresh keys of the same size per rep (fresh keys, "
-                 "as both KV paths write): how fast this redis-server takes and gives such values to a client that "
-                 "does nothing else. Where 1.5x LMCache is above it, no client can reach the target here.\n\n"
+                 "as both KV paths write), with no KV copies or cache logic around it: the most the KV path can "
+                 "reach on this server.\n\n"
                  + table(["chunk", "NenCache store GB/s", "LMCache store GB/s", "store ratio", "Redis ceiling put GB/s",
                           "NenCache retrieve GB/s", "LMCache retrieve GB/s", "retrieve ratio",
                           "Redis ceiling get GB/s"], lm_rows) + "\n")

@@ -9,6 +9,7 @@ and treated as a miss: the engine recomputes, slower but never wrong.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -85,6 +86,7 @@ class KVCache:
         self._inflight: dict[bytes, Future[Any]] = {}
         self._lock = threading.Lock()
         self._io: ThreadPoolExecutor | None = None
+        self._decoders: ThreadPoolExecutor | None = None  # separate from _io: prefetch tasks wait on decodes
         self._warned: set[str] = set()
         self._closed = False
 
@@ -233,6 +235,8 @@ class KVCache:
             self._writer.close()
         if self._io is not None:
             self._io.shutdown(wait=True)
+        if self._decoders is not None:
+            self._decoders.shutdown(wait=True)
         self._prefault.join()
         self.memory.close()
         for lower in self.lower:
@@ -328,22 +332,36 @@ class KVCache:
             if not wanted:
                 break
             blobs = self._guard(lower.tier, lambda t=lower.tier: t.get([s.key for s in wanted]), None)
-            for span, blob in zip(wanted, blobs or ()):
-                if blob is None:
-                    continue
-                chunk = self._decode(lower, span, blob)
-                if chunk is None:
-                    continue
-                if out is not None:
-                    copy_into(out[:, :, span.start : span.end], chunk)
-                if out is None or self.config.local_cpu:  # without local_cpu, only prefetches stage in the pool
-                    try:
-                        self.memory.put_tensor(span.key, chunk)
-                    except PoolExhaustedError:
-                        pass  # served, just not promoted
-                fetched.add(span.key)
-                self._counters.add(lower_hits=1)
+            hits = [(span, blob) for span, blob in zip(wanted, blobs or ()) if blob is not None]
+            for (span, _), landed in zip(hits, self._each(lambda hit: self._land(lower, *hit, out), hits)):
+                if landed:
+                    fetched.add(span.key)
+                    self._counters.add(lower_hits=1)
         return fetched
+
+    def _land(self, lower: LowerTier, span: ChunkSpan, blob: Any, out: torch.Tensor | None) -> bool:
+        """Decode one fetched chunk, copy it into `out` and promote it; False if it was corrupt."""
+        chunk = self._decode(lower, span, blob)
+        if chunk is None:
+            return False
+        if out is not None:
+            copy_into(out[:, :, span.start : span.end], chunk)
+        if out is None or self.config.local_cpu:  # without local_cpu, only prefetches stage in the pool
+            try:
+                self.memory.put_tensor(span.key, chunk)
+            except PoolExhaustedError:
+                pass  # served, just not promoted
+        return True
+
+    def _each(self, fn: Callable[[Any], bool], items: list[Any]) -> list[bool]:
+        """`fn` over `items`, on the decode threads when there are several (decoders and copies release the GIL)."""
+        if len(items) < 2:
+            return [fn(item) for item in items]
+        with self._lock:
+            if self._decoders is None:
+                self._decoders = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                                    thread_name_prefix="nencache-decode")
+        return list(self._decoders.map(fn, items))
 
     def _decode(self, lower: LowerTier, span: ChunkSpan, blob: Any) -> torch.Tensor | None:
         try:
