@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from nencache.codecs import get_codec
 from nencache.errors import CorruptChunkError, LayoutError
-from nencache.format import parse_header
+from nencache.format import HEADER_SIZE, parse_header
 from nencache.layout import KVLayout
 
 from tests.codecs.helpers import (
@@ -71,6 +73,28 @@ def test_int4_groups() -> None:
     # a decoder reads the groups from the header, whatever its own settings
     assert torch.equal(plain.decode(grouped.encode(x)), y)
     assert len(grouped.encode(x)) == grouped.max_encoded_size(KVLayout(2, 2, 64), 100)
+
+
+def test_int8_grid_parameter_types() -> None:
+    """fp16 grid parameters where fp16 holds them (finer than bf16), bf16 ones elsewhere; both decode."""
+    codec = get_codec("int8")
+    x = synthetic_kv(layers=2, tokens=128, heads=2, head_dim=64, dtype=torch.float32)
+    fp16_blob = codec.encode(x)
+    assert parse_header(fp16_blob).codec_param == 1
+    for factor in (1e-30, 1e30):  # outside fp16's range: bf16 parameters, same size
+        blob = codec.encode(x * factor)
+        assert parse_header(blob).codec_param == 0 and len(blob) == len(fp16_blob)
+        y = codec.decode(blob).double()
+        assert ((y - x.double() * factor).abs() <= affine_bound(x * factor, 255)).all()
+    one_token = x[:, :, :1]  # constant key channels: no fp16 step is as fine as the bf16 one
+    assert parse_header(codec.encode(one_token)).codec_param == 0
+    y = codec.decode(fp16_blob).double()
+    header = parse_header(fp16_blob)
+    forged = dataclasses.replace(header, codec_param=2)
+    with pytest.raises(CorruptChunkError, match="codec parameter"):
+        codec.decode(forged.pack() + fp16_blob[HEADER_SIZE:])
+    for part in (0, 1):
+        assert rel_error(y, x, part) < REL_BOUND["int8"]
 
 
 def test_wrapped_and_plain_forms_decode() -> None:
