@@ -206,3 +206,38 @@ def test_concurrent_stores_and_retrieves_stay_exact() -> None:
         for t in threads:
             t.join()
     assert not errors, errors
+
+
+class CountingTier(FaultyTier):
+    """Records the keys of every `get`."""
+
+    def __init__(self, inner: MemoryTier) -> None:
+        super().__init__(inner)
+        self.gets: list[list[bytes]] = []
+
+    def get(self, keys):
+        self.gets.append(list(keys))
+        return super().get(keys)
+
+
+def test_lower_tier_reads_come_in_batches_and_stop_at_the_first_gap(monkeypatch) -> None:
+    import nencache.cache
+
+    monkeypatch.setattr(nencache.cache, "_FETCH_BATCH_BYTES", 2 * LAYOUT.nbytes(CHUNK))
+    lower = CountingTier(byte_tier())
+    with make_cache(lower, local_cpu=False) as cache:
+        ids = list(range(10 * CHUNK))
+        kv = make_kv(len(ids), seed=5)
+        cache.store(ids, kv)
+        assert cache.flush(timeout=10)
+        assert torch.equal(cache.retrieve(ids), kv)
+        assert [len(g) for g in lower.gets] == [2] * 5
+        lower.gets.clear()
+        spans = nencache.cache.chunk_spans(nencache.cache.token_array(ids), CHUNK, cache.namespace,
+                                           include_partial=True)
+        lower.inner.delete([spans[4].key])  # chunk 4 of 10 is gone: the prefix ends there
+        out = torch.zeros_like(kv)
+        assert cache.retrieve_prefix(ids, out=out) == 4 * CHUNK
+        assert torch.equal(out[:, :, : 4 * CHUNK], kv[:, :, : 4 * CHUNK])
+        keys = [k for g in lower.gets for k in g]
+        assert spans[4].key in keys and spans[8].key not in keys  # at most one batch read ahead past the gap

@@ -34,6 +34,7 @@ from nencache.writer import LowerTier, WriteBehind
 
 log = logging.getLogger("nencache")
 _RAW = RawCodec()
+_FETCH_BATCH_BYTES = 32 << 20  # chunks read from a lower tier per batch (their buffers are reused batch to batch)
 
 
 class KVCache:
@@ -87,6 +88,7 @@ class KVCache:
         self._lock = threading.Lock()
         self._io: ThreadPoolExecutor | None = None
         self._decoders: ThreadPoolExecutor | None = None  # separate from _io: prefetch tasks wait on decodes
+        self._fetcher: ThreadPoolExecutor | None = None  # reads the next batch of a fetch ahead
         self._warned: set[str] = set()
         self._closed = False
 
@@ -235,8 +237,9 @@ class KVCache:
             self._writer.close()
         if self._io is not None:
             self._io.shutdown(wait=True)
-        if self._decoders is not None:
-            self._decoders.shutdown(wait=True)
+        for pool in (self._decoders, self._fetcher):
+            if pool is not None:
+                pool.shutdown(wait=True)
         self._prefault.join()
         self.memory.close()
         for lower in self.lower:
@@ -325,19 +328,44 @@ class KVCache:
             self._partials.setdefault(parent, set()).add(length)
 
     def _fetch_lower(self, spans: list[ChunkSpan], out: torch.Tensor | None) -> set[bytes]:
-        """Fetch `spans` from the lower tiers, check, decode, promote into memory and copy into `out`."""
+        """Fetch `spans` from the lower tiers, check, decode, promote into memory and copy into `out`.
+
+        In batches of about `_FETCH_BATCH_BYTES`, the first tier's read of the next batch running while
+        this one is decoded: read buffers are reused instead of faulted in fresh, and reads overlap
+        decoding. A chunk no tier has ends the prefix: nothing after it is fetched.
+        """
         fetched: set[bytes] = set()
-        for lower in self.lower:
-            wanted = [span for span in spans if span.key not in fetched]
-            if not wanted:
-                break
-            blobs = self._guard(lower.tier, lambda t=lower.tier: t.get([s.key for s in wanted]), None)
-            hits = [(span, blob) for span, blob in zip(wanted, blobs or ()) if blob is not None]
-            for (span, _), landed in zip(hits, self._each(lambda hit: self._land(lower, *hit, out), hits)):
-                if landed:
-                    fetched.add(span.key)
-                    self._counters.add(lower_hits=1)
+        if not self.lower or not spans:
+            return fetched
+        per_batch = max(1, _FETCH_BATCH_BYTES // max(1, self.layout.nbytes(self.chunk_size)))
+        batches = [spans[i : i + per_batch] for i in range(0, len(spans), per_batch)]
+        ahead = self._read_ahead(batches[0])
+        for index, batch in enumerate(batches):
+            for order, lower in enumerate(self.lower):
+                wanted = [span for span in batch if span.key not in fetched]
+                if not wanted:
+                    break
+                if order == 0:
+                    blobs = ahead.result()
+                    ahead = self._read_ahead(batches[index + 1]) if index + 1 < len(batches) else None
+                else:
+                    blobs = self._guard(lower.tier, lambda t=lower.tier, w=wanted: t.get([s.key for s in w]), None)
+                hits = [(span, blob) for span, blob in zip(wanted, blobs or ()) if blob is not None]
+                for (span, _), landed in zip(hits, self._each(lambda hit, t=lower: self._land(t, *hit, out), hits)):
+                    if landed:
+                        fetched.add(span.key)
+                        self._counters.add(lower_hits=1)
+            if any(span.key not in fetched for span in batch):
+                break  # the prefix ends in this batch (a read ahead, if any, finishes unused)
         return fetched
+
+    def _read_ahead(self, batch: list[ChunkSpan]) -> Future[Any]:
+        """Start the first lower tier's read of `batch` on a fetch thread."""
+        with self._lock:
+            if self._fetcher is None:
+                self._fetcher = ThreadPoolExecutor(max_workers=self.config.io_threads, thread_name_prefix="nencache-fetch")
+        tier = self.lower[0].tier
+        return self._fetcher.submit(self._guard, tier, lambda: tier.get([s.key for s in batch]), None)
 
     def _land(self, lower: LowerTier, span: ChunkSpan, blob: Any, out: torch.Tensor | None) -> bool:
         """Decode one fetched chunk, copy it into `out` and promote it; False if it was corrupt."""
