@@ -47,7 +47,7 @@ class CacheConfig:
     remote_key_prefix: str = "nencache"
     remote_shared_memory: bool = True  # a nencache:// server on this machine: copy chunks from its mapped pool
     write_queue_chunks: int = 256
-    io_threads: int = 4
+    io_threads: int = 8  # reads in flight per lower tier (a virtual or NVMe disk serves deeper queues faster)
     tenant: str = ""
     auth_token: str | None = None
     enable_p2p: bool = False
