@@ -165,6 +165,7 @@ def nencache_kv_path(port: int, mib: int, reps: int) -> tuple[float, float]:
                          remote_timeout=10.0, cpu_size=int(nbytes * 1.5))
     store_s, retrieve_s = [], []
     with KVCache(config, layout, model_id=f"bench-remote-{mib}") as cache:
+        cache._prefault.join()  # the pool is mapped at start-up, long before requests come; do not time that
         for rep in range(reps + 1):
             ids = torch.randint(0, 50000, (tokens,)).tolist()
             started = time.perf_counter()
@@ -208,7 +209,8 @@ def redis_ceiling(port: int, mib: int, reps: int) -> tuple[float, float]:
 
 
 def lmcache_rows(port: int, sizes_mib: Sequence[int], reps: int) -> tuple[list[list[object]], str]:
-    """NenCache and LMCache side by side on the same server and KV shapes (empty when LMCache is not set up)."""
+    """NenCache, LMCache and the bare-tier ceiling on the same server and KV shapes, one rep of each in turn
+    (this machine's speed drifts: ratios are taken within a rep). Empty when LMCache is not set up."""
     if not (LMCACHE_PY.exists() and LMCACHE_SIDE.exists()):
         return [], "LMCache side skipped: no .venv-lmcache (run `bash benchmarks/setup_lmcache.sh` to add it).\n"
     from _lmcache import run_lmcache
@@ -219,22 +221,26 @@ def lmcache_rows(port: int, sizes_mib: Sequence[int], reps: int) -> tuple[list[l
         if mib not in SHAPES:
             continue
         layers, heads, dim = SHAPES[mib]
-        try:
-            ours_store, ours_retrieve = nencache_kv_path(port, mib, reps)
-        except Exception as exc:  # noqa: BLE001 - report it in the table instead of losing the other figures
-            notes.append(f"{mib} MiB: NenCache KVCache run failed: {type(exc).__name__}: {exc}")
+        runs: list[tuple[float, float, float, float, float, float]] = []
+        for _ in range(reps):
+            ours = nencache_kv_path(port, mib, 1)
+            lm = run_lmcache("redis", layers=layers, kv_heads=heads, head_dim=dim, dtype="bf16", chunk_size=256,
+                             chunks=BATCH, reps=1, extra=["--remote-url", f"redis://127.0.0.1:{port}"])
+            if "error" in lm:
+                notes.append(f"{mib} MiB: {lm['error']}")
+                break
+            runs.append((*ours, lm["store_gbps"], lm["retrieve_gbps"], *redis_ceiling(port, mib, 1)))
+        if not runs:
             continue
-        lm = run_lmcache("redis", layers=layers, kv_heads=heads, head_dim=dim, dtype="bf16", chunk_size=256,
-                         chunks=BATCH, reps=reps, extra=["--remote-url", f"redis://127.0.0.1:{port}"])
-        if "error" in lm:
-            notes.append(f"{mib} MiB: {lm['error']}")
-            rows.append([f"{mib} MiB ({layers}x{heads}x{dim})", f"{ours_store:.2f}", "error", "-", "-",
-                         f"{ours_retrieve:.2f}", "error", "-", "-"])
-            continue
-        ceiling_put, ceiling_get = redis_ceiling(port, mib, reps)
-        rows.append([f"{mib} MiB ({layers}x{heads}x{dim})", f"{ours_store:.2f}", f"{lm['store_gbps']:.2f}",
-                     f"{ours_store / lm['store_gbps']:.2f}x", f"{ceiling_put:.2f}", f"{ours_retrieve:.2f}",
-                     f"{lm['retrieve_gbps']:.2f}", f"{ours_retrieve / lm['retrieve_gbps']:.2f}x", f"{ceiling_get:.2f}"])
+        col = list(zip(*runs))
+
+        def ratio(a: int, b: int) -> str:
+            values = [x / y for x, y in zip(col[a], col[b])]
+            return f"{median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+        rows.append([f"{mib} MiB ({layers}x{heads}x{dim})", f"{median(col[0]):.2f}", f"{median(col[2]):.2f}",
+                     ratio(0, 2), f"{median(col[4]):.2f}", f"{median(col[1]):.2f}", f"{median(col[3]):.2f}",
+                     ratio(1, 3), f"{median(col[5]):.2f}"])
     return rows, "".join(f"\nLMCache: {n}\n" for n in notes)
 
 
@@ -255,7 +261,9 @@ def run_remote_part(sizes_mib: Sequence[int] = (1, 4, 8), reps: int = 5, with_lm
     if lm_rows:
         body += ("\nEngine KV -> Redis -> engine KV, 16 chunks of 256 tokens (bf16, shape layers x KV heads x head "
                  "dim), same server, CPU tier off on both sides (`local_cpu=False`). NenCache: `KVCache` store + "
-                 "flush, then retrieve, raw codec; LMCache 0.5.6: `--backend redis`, naive serde. Target: 1.5x. "
+                 "flush, then retrieve, raw codec; LMCache 0.5.6: `--backend redis`, naive serde; one rep of "
+                 "NenCache, LMCache (a fresh process) and the ceiling in turn, medians over reps, ratios the median "
+                 "(and range) of per-rep ratios. Target: 1.5x. "
                  "Redis ceiling: bare `RedisTier` put / get of 16 fresh keys of the same size per rep (fresh keys, "
                  "as both KV paths write), with no KV copies or cache logic around it: the most the KV path can "
                  "reach on this server.\n\n"
