@@ -217,23 +217,32 @@ def kv_path(url: str, reps: int, shared: bool) -> tuple[float, float]:
 
 
 def lmcache_rows(url: str, reps: int) -> tuple[list[list[object]] | None, str]:
+    """NenCache (socket reads, shared-pool reads) and LMCache, one rep of each in turn (this machine's speed
+    drifts: ratios are taken within a rep), on the same KV."""
     from _lmcache import VENV_PYTHON, run_lmcache
 
     if not VENV_PYTHON.exists():
         return None, "LMCache side skipped: no .venv-lmcache (run `bash benchmarks/setup_lmcache.sh`).\n"
-    ours = {shared: kv_path(url, reps, shared) for shared in (False, True)}
     layers, heads, dim = SHAPE
-    lm = run_lmcache("server", layers=layers, kv_heads=heads, head_dim=dim, dtype="bf16", chunk_size=256,
-                     chunks=BATCH, reps=reps)
-    rows: list[list[object]] = []
-    for shared, (store, retrieve) in ours.items():
-        name = "4 MiB (32x2x64), " + ("shared pool" if shared else "socket")
+    runs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    theirs: list[tuple[float, float]] = []
+    for _ in range(reps):
+        for shared in (False, True):
+            runs[shared].append(kv_path(url, 1, shared))
+        lm = run_lmcache("server", layers=layers, kv_heads=heads, head_dim=dim, dtype="bf16", chunk_size=256,
+                         chunks=BATCH, reps=1)
         if "error" in lm:
-            rows.append([name, f"{store:.2f}", "error", "-", f"{retrieve:.2f}", "error", "-"])
-        else:
-            rows.append([name, f"{store:.2f}", f"{lm['store_gbps']:.2f}", f"{store / lm['store_gbps']:.2f}x",
-                         f"{retrieve:.2f}", f"{lm['retrieve_gbps']:.2f}", f"{retrieve / lm['retrieve_gbps']:.2f}x"])
-    return rows, f"\nLMCache: {lm['error']}\n" if "error" in lm else ""
+            return None, f"\nLMCache: {lm['error']}\n"
+        theirs.append((lm["store_gbps"], lm["retrieve_gbps"]))
+    rows: list[list[object]] = []
+    for shared, ours in runs.items():
+        cells: list[object] = ["4 MiB (32x2x64), " + ("shared pool" if shared else "socket")]
+        for i in (0, 1):
+            ratios = [a[i] / b[i] for a, b in zip(ours, theirs)]
+            cells += [f"{median([a[i] for a in ours]):.2f}", f"{median([b[i] for b in theirs]):.2f}",
+                      f"{median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"]
+        rows.append(cells)
+    return rows, ""
 
 
 def p2p_part() -> tuple[list[object], str]:
@@ -307,7 +316,8 @@ def run(reps: int, with_lmcache: bool) -> str:
                  "checked, raw codec), once reading over the socket (`remote_shared_memory: false`, as from another "
                  "machine) and once copying out of the server's shared pool (the default when the server runs on "
                  "the same machine); LMCache 0.5.6: `--backend server` (its `lm://` server, naive serde, no "
-                 "checksum), measured once. Target: NenCache >= 1.5x.\n\n"
+                 "checksum); one rep of each in turn (LMCache in a fresh process each rep), medians over reps, "
+                 "ratios the median (and range) of per-rep ratios. Target: NenCache >= 1.5x.\n\n"
                  + table(["chunk, NenCache reads", "NenCache store GB/s", "LMCache store GB/s", "store ratio",
                           "NenCache retrieve GB/s", "LMCache retrieve GB/s", "retrieve ratio"], lm) + "\n")
     body += lm_note

@@ -100,7 +100,6 @@ class MappedRegion:
             raise ValueError("the pool's control block does not fit the mapping")
         self.nonce, self.pages, self.page_bytes, self.pool_offset = nonce, pages, page_bytes, pool_offset
         self._map = mapping
-        self._view = memoryview(mapping)
         self._generations = np.frombuffer(mapping, dtype=np.uint64, count=pages, offset=_GENERATIONS_AT)
 
     @classmethod
@@ -123,9 +122,8 @@ class MappedRegion:
         page, within = divmod(spot.offset - self.pool_offset, self.page_bytes)
         if spot.offset < self.pool_offset or page >= self.pages or within + spot.length > self.page_bytes:
             return False
-        into[: spot.length] = self._view[spot.offset : spot.offset + spot.length]
+        # numpy copies without the GIL: other threads decode and copy meanwhile
+        np.copyto(np.frombuffer(into, dtype=np.uint8, count=spot.length),
+                  np.frombuffer(self._map, dtype=np.uint8, count=spot.length, offset=spot.offset))
         return int(self._generations[page]) == spot.generation
 
-    def close(self) -> None:
-        self._view.release()
-        self._map.close()
