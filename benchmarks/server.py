@@ -178,62 +178,72 @@ def exists_latency(tier: ServerTier, calls: int = 5000) -> tuple[float, float]:
     return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
 
 
-def kv_path(url: str, reps: int, shared: bool) -> tuple[float, float]:
+class KVPath:
     """A `KVCache` with `remote_url` = the server and `local_cpu` off (every retrieve goes to the server), as
-    LMCache is run: (store GB/s until the server holds every chunk, retrieve GB/s into an engine KV tensor).
-    `shared`: retrieve copies out of the server's shared pool; else every chunk crosses the socket."""
-    layers, heads, dim = SHAPE
-    layout = KVLayout(layers, heads, dim, torch.bfloat16)
-    tokens_n = 256 * BATCH
-    config = CacheConfig(chunk_size=256, local_cpu=False, cpu_size=4 * BATCH * layout.nbytes(256),
-                         remote_url=url, remote_timeout=10.0, write_queue_chunks=4 * BATCH, remote_shared_memory=shared)
-    kv = torch.empty(layout.shape(tokens_n), dtype=torch.bfloat16)
-    out = torch.empty_like(kv)
-    gen = torch.Generator().manual_seed(1234)
-    store_s, retrieve_s = [], []
-    with KVCache(config, layout, "bench-model") as cache:
-        cache._prefault.join()  # the pool is mapped at start-up, long before requests come; do not time that
-        for rep in range(reps + 1):
-            tokens = torch.randint(0, 50_000, (tokens_n,), generator=gen).tolist()
-            kv.view(torch.int16).random_(-(2**15), 2**15, generator=gen)
-            started = time.perf_counter()
-            cache.store(tokens, kv)
-            cache.flush()
-            s = time.perf_counter() - started
-            out.zero_()
-            assert len(cache.memory) == 0, "local_cpu=False must leave nothing in memory"
-            started = time.perf_counter()
-            cache.retrieve(tokens, out=out)
-            r = time.perf_counter() - started
-            assert torch.equal(out.view(torch.int16), kv.view(torch.int16)), "KV read back from the server differs"
-            cache.memory.clear()
-            if rep:
-                store_s.append(s)
-                retrieve_s.append(r)
-        assert cache.stats()["tier_errors"] == 0
-        assert (cache.lower[0].tier.shared_reads > 0) == shared, "shared reads were (not) used"
-    nbytes = kv.numel() * kv.element_size()
-    return nbytes / median(store_s) / 1e9, nbytes / median(retrieve_s) / 1e9
+    LMCache is run. `shared`: retrieve copies out of the server's shared pool; else every chunk crosses the
+    socket. Each `rep` stores fresh KV (timed until the server holds every chunk) and retrieves it into an
+    engine KV tensor (timed, bytes checked): (store GB/s, retrieve GB/s)."""
+
+    def __init__(self, url: str, shared: bool) -> None:
+        layers, heads, dim = SHAPE
+        layout = KVLayout(layers, heads, dim, torch.bfloat16)
+        config = CacheConfig(chunk_size=256, local_cpu=False, cpu_size=4 * BATCH * layout.nbytes(256), remote_url=url,
+                             remote_timeout=10.0, write_queue_chunks=4 * BATCH, remote_shared_memory=shared)
+        self.shared = shared
+        self.kv = torch.empty(layout.shape(256 * BATCH), dtype=torch.bfloat16)
+        self.out = torch.empty_like(self.kv)
+        self.gen = torch.Generator().manual_seed(1234 + shared)
+        self.cache = KVCache(config, layout, "bench-model")
+        self.cache._prefault.join()  # the pool is mapped at start-up, long before requests come; do not time that
+        self.rep()  # warm-up: threads, buffers
+
+    def rep(self) -> tuple[float, float]:
+        cache, kv, out = self.cache, self.kv, self.out
+        tokens = torch.randint(0, 50_000, (kv.shape[2],), generator=self.gen).tolist()
+        kv.view(torch.int16).random_(-(2**15), 2**15, generator=self.gen)
+        started = time.perf_counter()
+        cache.store(tokens, kv)
+        cache.flush()
+        stored = time.perf_counter() - started
+        out.zero_()
+        assert len(cache.memory) == 0, "local_cpu=False must leave nothing in memory"
+        started = time.perf_counter()
+        cache.retrieve(tokens, out=out)
+        retrieved = time.perf_counter() - started
+        assert torch.equal(out.view(torch.int16), kv.view(torch.int16)), "KV read back from the server differs"
+        cache.memory.clear()
+        nbytes = kv.numel() * kv.element_size()
+        return nbytes / stored / 1e9, nbytes / retrieved / 1e9
+
+    def close(self) -> None:
+        assert self.cache.stats()["tier_errors"] == 0
+        assert (self.cache.lower[0].tier.shared_reads > 0) == self.shared, "shared reads were (not) used"
+        self.cache.close()
 
 
 def lmcache_rows(url: str, reps: int) -> tuple[list[list[object]] | None, str]:
-    """NenCache (socket reads, shared-pool reads) and LMCache, one rep of each in turn (this machine's speed
-    drifts: ratios are taken within a rep), on the same KV."""
+    """NenCache (socket reads, shared-pool reads) and LMCache on the same KV, one rep of each in turn (this
+    machine's speed drifts: ratios are taken within a rep; LMCache runs one rep per fresh process)."""
     from _lmcache import VENV_PYTHON, run_lmcache
 
     if not VENV_PYTHON.exists():
         return None, "LMCache side skipped: no .venv-lmcache (run `bash benchmarks/setup_lmcache.sh`).\n"
     layers, heads, dim = SHAPE
+    paths = {shared: KVPath(url, shared) for shared in (False, True)}
     runs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     theirs: list[tuple[float, float]] = []
-    for _ in range(reps):
-        for shared in (False, True):
-            runs[shared].append(kv_path(url, 1, shared))
-        lm = run_lmcache("server", layers=layers, kv_heads=heads, head_dim=dim, dtype="bf16", chunk_size=256,
-                         chunks=BATCH, reps=1)
-        if "error" in lm:
-            return None, f"\nLMCache: {lm['error']}\n"
-        theirs.append((lm["store_gbps"], lm["retrieve_gbps"]))
+    try:
+        for _ in range(reps):
+            for shared, path in paths.items():
+                runs[shared].append(path.rep())
+            lm = run_lmcache("server", layers=layers, kv_heads=heads, head_dim=dim, dtype="bf16", chunk_size=256,
+                             chunks=BATCH, reps=1)
+            if "error" in lm:
+                return None, f"\nLMCache: {lm['error']}\n"
+            theirs.append((lm["store_gbps"], lm["retrieve_gbps"]))
+    finally:
+        for path in paths.values():
+            path.close()
     rows: list[list[object]] = []
     for shared, ours in runs.items():
         cells: list[object] = ["4 MiB (32x2x64), " + ("shared pool" if shared else "socket")]
