@@ -230,3 +230,17 @@ def test_copy_into_any_strides(dtype) -> None:
         if wide is not None:
             copy_into(wide, src)
             assert torch.equal(wide, src)
+
+
+def test_store_from_kv_start_leaves_the_prefix_and_checks_its_arguments() -> None:
+    with make_cache() as cache:
+        tokens = list(range(70))
+        kv = make_kv(LAYOUT, 70, seed=9)
+        assert cache.store(tokens[:32], kv[:, :, :32]) == 2
+        assert cache.store(tokens, kv[:, :, 32:], kv_start=32) == 3  # two full chunks and the partial one
+        assert torch.equal(cache.retrieve(tokens), kv)
+        with pytest.raises(LayoutError, match="multiple of chunk_size"):
+            cache.store(tokens, kv[:, :, 20:], kv_start=20)
+        with pytest.raises(LayoutError, match="shape"):
+            cache.store(tokens, kv, kv_start=16)
+        assert torch.equal(cache.retrieve(tokens), kv)  # bad calls changed nothing

@@ -93,8 +93,11 @@ class KVCache:
         self._closed = False
 
     # --- public API --------------------------------------------------------------------------------
-    def lookup(self, token_ids: TokenIds, *, salt: str | bytes | None = None) -> int:
-        """Length, in tokens, of the longest prefix of `token_ids` whose KV is cached in any tier."""
+    def lookup(self, token_ids: TokenIds, *, salt: str | bytes | None = None, record: bool = True) -> int:
+        """Length, in tokens, of the longest prefix of `token_ids` whose KV is cached in any tier.
+
+        `record=False` leaves the lookup statistics alone (a check made while saving, not a request's lookup).
+        """
         self._check_open()
         tokens = token_array(token_ids)
         namespace = salted(self.namespace, salt)
@@ -104,19 +107,27 @@ class KVCache:
         matched = found * self.chunk_size
         if matched < len(tokens):  # a stored partial chunk may extend the run
             matched += self._match_partial(keys[found - 1] if found else namespace, tokens[matched:])
-        self._counters.count_lookup(len(tokens), matched, found, len(keys) - found)
+        if record:
+            self._counters.count_lookup(len(tokens), matched, found, len(keys) - found)
         return matched
 
-    def store(self, token_ids: TokenIds, kv: torch.Tensor, *, salt: str | bytes | None = None) -> int:
-        """Cache the KV of `token_ids` (`kv`: `[layers, 2, len(token_ids), kv_heads, head_dim]`).
+    def store(self, token_ids: TokenIds, kv: torch.Tensor, *, salt: str | bytes | None = None,
+              kv_start: int = 0) -> int:
+        """Cache the KV of `token_ids` (`kv`: `[layers, 2, len(token_ids) - kv_start, kv_heads, head_dim]`).
 
-        Chunks already cached are skipped. Returns how many chunks were newly stored. Lower tiers are
-        written in the background (see `flush`).
+        Chunks already cached are skipped. `kv_start` (a multiple of `chunk_size`) says `kv` starts at that
+        token: an engine that knows a prefix is cached passes only the KV after it, and the chunks of that
+        prefix are left as they are. Returns how many chunks were newly stored. Lower tiers are written in
+        the background (see `flush`).
         """
         self._check_open()
         tokens = token_array(token_ids)
-        self.layout.check(kv, len(tokens))
-        return self._store(tokens, salt, lambda target, s, e: copy_into(target, kv[:, :, s:e]))
+        if kv_start % self.chunk_size or not 0 <= kv_start <= len(tokens):
+            raise LayoutError(f"kv_start={kv_start} must be a multiple of chunk_size ({self.chunk_size}) between 0 "
+                              f"and the {len(tokens)} tokens given")
+        self.layout.check(kv, len(tokens) - kv_start)
+        return self._store(tokens, salt, lambda target, s, e: copy_into(target, kv[:, :, s - kv_start : e - kv_start]),
+                           first=kv_start)
 
     def store_layers(self, token_ids: TokenIds, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
                      salt: str | bytes | None = None) -> int:
@@ -270,11 +281,13 @@ class KVCache:
         return tensor
 
     def _store(self, tokens: np.ndarray, salt: str | bytes | None,
-               fill: Callable[[torch.Tensor, int, int], object]) -> int:
+               fill: Callable[[torch.Tensor, int, int], object], first: int = 0) -> int:
         namespace = salted(self.namespace, salt)
         spans = chunk_spans(tokens, self.chunk_size, namespace, include_partial=self.config.save_unfull_chunk)
         new = 0
         for index, span in enumerate(spans):
+            if span.end <= first:
+                continue  # the caller vouches for this prefix
             try:
                 stored = self.memory.put_filled(span.key, span.num_tokens,
                                                 lambda target, s=span: fill(target, s.start, s.end))

@@ -194,3 +194,35 @@ def test_request_salt_and_connector_settings() -> None:
     overrides, options = connector_settings({"lmcache.chunk_size": 64, "nencache.async_load": True,
                                              "nencache.cpu_size": "1GiB", "discard_partial_chunks": True})
     assert overrides == {"chunk_size": 64, "cpu_size": "1GiB"} and options == {"async_load": True}
+
+
+def test_a_save_gathers_only_what_is_not_cached(cache, monkeypatch) -> None:
+    engine = Engine(cache)
+    prefix = list(range(300, 300 + 2 * CHUNK))
+    prompt = prefix + list(range(7, 7 + CHUNK + 5))
+    cache.store(prefix, expected_kv(prefix))
+    gathered: list[int] = []
+    gather = engine.paged.gather
+    monkeypatch.setattr(engine.paged, "gather", lambda slots, out=None: (gathered.append(len(slots)), gather(slots, out=out))[1])
+    lookups = cache.stats()["lookups"]
+    external, _ = run_prefill(engine, "r", prompt)
+    assert external == 2 * CHUNK and gathered == [len(prompt) - 2 * CHUNK]
+    assert cache.stats()["lookups"] == lookups + 1  # the scheduler's; the save's own check is not counted
+    assert torch.equal(cache.retrieve(prompt), expected_kv(prompt))
+
+
+def test_a_cached_chunk_evicted_before_the_save_is_stored_again(cache) -> None:
+    engine = Engine(cache)
+    prefix = list(range(400, 400 + 2 * CHUNK))
+    prompt = prefix + list(range(3, 3 + CHUNK))
+    cache.store(prefix, expected_kv(prefix))
+    external, _ = engine.scheduler.match("r", prompt, 0)
+    blocks = engine.allocate(len(prompt))
+    engine.scheduler.allocated("r", blocks, external)
+    plan = engine.scheduler.build(new=[ScheduledRequest("r", external, len(prompt) - external, blocks, prompt)])
+    engine.worker.start_load(plan)
+    engine.compute(prompt, blocks, external)
+    cache.invalidate(prefix)  # gone between the load and the save
+    engine.worker.save(plan)
+    assert cache.lookup(prompt) == len(prompt)
+    assert torch.equal(cache.retrieve(prompt), expected_kv(prompt))

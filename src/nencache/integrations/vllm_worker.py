@@ -6,8 +6,8 @@
   tokens `[engine_tokens, end_tokens)` into its blocks. Tokens that could not be loaded (a chunk
   evicted since the lookup, a tier that failed, a load stopped because the request was aborted)
   are reported as failed blocks, which the engine recomputes;
-- a save gathers the prompt's KV out of the blocks and stores it. Its leading chunks already in
-  NenCache are read from the cache instead of the engine's memory.
+- a save gathers the prompt's KV out of the blocks and stores it. Its leading whole chunks still in
+  NenCache are neither gathered nor stored again.
 
 Loads run in the engine's step (synchronous) or on a background thread (`async_load`), where they
 can be stopped between pieces of `piece_tokens` tokens.
@@ -154,12 +154,14 @@ class ConnectorWorker:
     def _save(self, work: RequestWork) -> None:
         assert work.save is not None
         tokens, total = work.token_ids, len(work.token_ids)
-        staging = self._staging(total)
-        known = min(work.save.cached_tokens, total)
-        got = self.cache.retrieve_prefix(tokens[:known], salt=work.salt, out=staging[:, :, :known]) if known else 0
-        slots = slot_mapping(work.block_ids, self.paged.block_size, got, total, device=self.paged.device)
-        self.paged.gather(slots, out=staging[:, :, got:total])
-        self.cache.store(tokens, staging, salt=work.salt)
+        chunk = self.cache.chunk_size
+        known = min(work.save.cached_tokens, total) // chunk * chunk
+        if known:  # chunks evicted since the scheduler's lookup are stored again from the engine's blocks
+            known = self.cache.lookup(tokens[:known], salt=work.salt, record=False) // chunk * chunk
+        staging = self._staging(total - known)
+        slots = slot_mapping(work.block_ids, self.paged.block_size, known, total, device=self.paged.device)
+        self.paged.gather(slots, out=staging)
+        self.cache.store(tokens, staging, salt=work.salt, kv_start=known)
 
     def _staging(self, num_tokens: int) -> torch.Tensor:
         layout = self.cache.layout
