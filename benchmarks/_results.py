@@ -43,6 +43,12 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def paired_ratio(ours: Sequence[float], theirs: Sequence[float], unit: str = "x") -> str:
+    """The median (and range) of per-rep ratios `ours[i] / theirs[i]`, as a table cell."""
+    values = [a / b for a, b in zip(ours, theirs)]
+    return f"{median(values):.2f}{unit} ({min(values):.2f}-{max(values):.2f})"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A Markdown table; floats get 3 significant decimals."""
     def cell(v: object) -> str:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import command_line, median, table, write_section  # noqa: E402
+from _results import command_line, median, paired_ratio, table, write_section  # noqa: E402
 
 from nencache.cache import KVCache  # noqa: E402
 from nencache.config import CacheConfig  # noqa: E402
@@ -248,9 +248,8 @@ def lmcache_rows(url: str, reps: int) -> tuple[list[list[object]] | None, str]:
     for shared, ours in runs.items():
         cells: list[object] = ["4 MiB (32x2x64), " + ("shared pool" if shared else "socket")]
         for i in (0, 1):
-            ratios = [a[i] / b[i] for a, b in zip(ours, theirs)]
-            cells += [f"{median([a[i] for a in ours]):.2f}", f"{median([b[i] for b in theirs]):.2f}",
-                      f"{median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"]
+            mine, lms = [a[i] for a in ours], [b[i] for b in theirs]
+            cells += [f"{median(mine):.2f}", f"{median(lms):.2f}", paired_ratio(mine, lms)]
         rows.append(cells)
     return rows, ""
 

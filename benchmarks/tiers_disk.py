@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import median, table, write_section  # noqa: E402
+from _results import median, paired_ratio, table, write_section  # noqa: E402
 
 from nencache.codecs.raw import header_for, tensor_bytes  # noqa: E402
 from nencache.format import ChunkHeader  # noqa: E402
@@ -188,9 +188,7 @@ def kv_rows(chunks: int, reps: int, work: Path) -> tuple[list[list[object]], str
     for i, what in enumerate(("store (durable)", "cold retrieve")):
         mine = [nbytes / o[i] / 1e9 for o in ours]
         lms = [lm["store_gbps" if i == 0 else "retrieve_gbps"] for lm in theirs]
-        ratios = [a / b for a, b in zip(mine, lms)]
-        rows.append([what, f"{median(mine):.2f}", f"{median(lms):.2f}",
-                     f"{median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"])
+        rows.append([what, f"{median(mine):.2f}", f"{median(lms):.2f}", paired_ratio(mine, lms)])
     return rows, ""
 
 
@@ -226,8 +224,7 @@ def run_disk_part(chunks: int, reps: int, directory: str | Path | None = None) -
     dd_gbps = {k: median([dd_total / r[k] / 1e9 for r in runs]) for k in ("dd_write", "dd_read")}
 
     def ratio(ours: str, theirs: str) -> str:
-        values = [(total / r[ours]) / (dd_total / r[theirs]) for r in runs]
-        return f"{median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+        return paired_ratio([total / r[ours] for r in runs], [dd_total / r[theirs] for r in runs], unit="")
 
     rows = [
         ["write (put + flush, durable)", gbps["write"], dd_gbps["dd_write"], ratio("write", "dd_write")],

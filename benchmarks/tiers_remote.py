@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import command_line, median, table, write_section  # noqa: E402
+from _results import command_line, median, paired_ratio, table, write_section  # noqa: E402
 
 from nencache.format import HEADER_SIZE, ChunkHeader, checksum  # noqa: E402
 from nencache.tiers.redis import RedisTier  # noqa: E402
@@ -233,14 +233,9 @@ def lmcache_rows(port: int, sizes_mib: Sequence[int], reps: int) -> tuple[list[l
         if not runs:
             continue
         col = list(zip(*runs))
-
-        def ratio(a: int, b: int) -> str:
-            values = [x / y for x, y in zip(col[a], col[b])]
-            return f"{median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
-
         rows.append([f"{mib} MiB ({layers}x{heads}x{dim})", f"{median(col[0]):.2f}", f"{median(col[2]):.2f}",
-                     ratio(0, 2), f"{median(col[4]):.2f}", f"{median(col[1]):.2f}", f"{median(col[3]):.2f}",
-                     ratio(1, 3), f"{median(col[5]):.2f}"])
+                     paired_ratio(col[0], col[2]), f"{median(col[4]):.2f}", f"{median(col[1]):.2f}",
+                     f"{median(col[3]):.2f}", paired_ratio(col[1], col[3]), f"{median(col[5]):.2f}"])
     return rows, "".join(f"\nLMCache: {n}\n" for n in notes)
 
 

@@ -182,9 +182,16 @@ class RedisTier:
         if not rkeys or not self._up:
             return
         names = list(rkeys)
-        firsts = self._run_or_fail(lambda: self._client.plan(rkeys, "GETRANGE", args=[(0, HEADER_SIZE - 1)] * len(rkeys)))
-        lengths = self._run_or_fail(lambda: self._client.plan(rkeys, "STRLEN"))
-        for ([pos], head), (_, length) in zip(firsts or (), lengths or ()):
+
+        def headers_and_lengths() -> Plan:
+            plan = self._client.plan(rkeys, "GETRANGE", args=[(0, HEADER_SIZE - 1)] * len(rkeys))
+            plan.extend(self._client.plan(rkeys, "STRLEN"), offset=len(rkeys))
+            return plan
+
+        replies: list[Reply] = [None] * (2 * len(rkeys))
+        for [pos], reply in self._run_or_fail(headers_and_lengths) or ():
+            replies[pos] = reply
+        for pos, (head, length) in enumerate(zip(replies[: len(rkeys)], replies[len(rkeys) :])):
             if not isinstance(head, memoryview | bytes) or not isinstance(length, int) or length < HEADER_SIZE:
                 continue
             try:

@@ -42,6 +42,12 @@ class Plan:
         self.commands.setdefault(address, []).append(command)
         self.positions.setdefault(address, []).append(positions)
 
+    def extend(self, other: Plan, offset: int) -> None:
+        """Add `other`'s commands too (one round trip for both), its positions shifted by `offset`."""
+        for address, commands in other.commands.items():
+            for command, positions in zip(commands, other.positions[address]):
+                self.add(address, command, [p + offset for p in positions])
+
 
 @dataclass(slots=True)
 class _Exchange:
