@@ -7,6 +7,8 @@ bf16 KV, perplexity of the continuation and its change vs the exact prefix, top-
 agreement with the exact-prefix run, relative KV error, and encode/decode throughput (GB/s of bf16 KV,
 one thread). The noise floor row is the same model with the exact prefix KV computed chunk by chunk
 (256-token prefill steps) instead of in one pass: bf16 arithmetic alone moves the logits this much.
+The reference row puts the exact KV on int8's grids with 4095 steps instead of 255 (fp32, no bytes
+stored): how far a perturbation 16 times finer than int8's still moves the continuation.
 
     python benchmarks/codecs.py [--windows 4] [--no-write]
 """
@@ -54,6 +56,7 @@ class Score:
     key_err: float
     val_err: float
     kl: float  # summed KL(exact-prefix next-token distribution || this one), nats
+    hits: torch.Tensor  # [positions] bool: the top-1 token matches the exact-prefix run's
 
 
 def load_model():
@@ -111,12 +114,42 @@ def continuation_logits(model, kv: torch.Tensor, ids: torch.Tensor) -> torch.Ten
 def score(window: Window, logits: torch.Tensor, kv: torch.Tensor) -> Score:
     targets = window.continuation[0, 1:]
     nll = torch.nn.functional.cross_entropy(logits[:-1], targets, reduction="sum").item()
-    agree = int((logits.argmax(-1) == window.logits.argmax(-1)).sum())
+    hits = logits.argmax(-1) == window.logits.argmax(-1)
     exact = torch.log_softmax(window.logits, -1)
     kl = float((exact.exp() * (exact - torch.log_softmax(logits, -1))).sum())
     def err(part: int) -> float:
         return float((kv[:, part].float() - window.kv[:, part].float()).norm() / window.kv[:, part].float().norm())
-    return Score(nll, targets.numel(), agree, logits.shape[0], err(0), err(1), kl)
+    return Score(nll, targets.numel(), int(hits.sum()), logits.shape[0], err(0), err(1), kl, hits)
+
+
+def _verdict(z: float) -> str:
+    if abs(z) < 1.96:
+        return "no difference at the 5% level"
+    return "int8 worse than the floor at the 5% level" if z < 0 else "int8 better than the floor at the 5% level"
+
+
+def paired_top1(ours: list[Score], floor: list[Score]) -> tuple[int, int, float]:
+    """McNemar's paired comparison of top-1 agreement on the same positions: (positions only `ours`
+    gets right, positions only `floor` gets right, z = (first - second) / sqrt(their sum))."""
+    a = torch.cat([s.hits for s in ours])
+    b = torch.cat([s.hits for s in floor])
+    only_ours, only_floor = int((a & ~b).sum()), int((b & ~a).sum())
+    return only_ours, only_floor, (only_ours - only_floor) / math.sqrt(max(1, only_ours + only_floor))
+
+
+def fine_grid(kv: torch.Tensor, chunk: int, levels: int = 4095) -> torch.Tensor:
+    """`kv` on int8's grids (keys per channel, values per token and head, per chunk) but with `levels`
+    steps instead of 255, computed in fp32: a reference for how much a perturbation far smaller than
+    int8's moves the continuation (no codec stores this)."""
+    def grid(x: torch.Tensor, dim: int) -> torch.Tensor:
+        low, high = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+        step = (high - low).clamp_min(torch.finfo(torch.float32).tiny) / levels
+        return low + torch.round((x - low) / step) * step
+    parts = []
+    for c in kv.split(chunk, dim=2):
+        c = c.float()
+        parts.append(torch.stack([grid(c[:, 0], 1), grid(c[:, 1], -1)], 1).to(kv.dtype))
+    return torch.cat(parts, dim=2)
 
 
 def _digest(kv: torch.Tensor) -> str:
@@ -181,7 +214,7 @@ def main() -> None:
     span = args.prefix + args.continuation
     if ids.shape[1] < (args.windows + 1) * span:
         raise SystemExit(f"text has {ids.shape[1]} tokens, fewer than {args.windows + 1} windows of {span}")
-    windows, floor = [], []
+    windows, floor, reference = [], [], []
     for w in range(args.windows):
         seq = ids[:, w * span:(w + 1) * span]
         prefix, cont = seq[:, :args.prefix], seq[:, args.prefix:]
@@ -190,6 +223,8 @@ def main() -> None:
         windows.append(window)
         chunked = prefill(model, prefix, args.chunk)
         floor.append(score(window, continuation_logits(model, chunked, cont), chunked))
+        fine = fine_grid(kv, args.chunk)
+        reference.append(score(window, continuation_logits(model, fine, cont), fine))
     # vq codebooks are learned from a window the scores never see (the end of the text)
     held_out = prefill(model, ids[:, -args.prefix:])
     calibration = list(held_out.split(args.chunk, dim=2))
@@ -238,6 +273,10 @@ def main() -> None:
     fk, fv = kerr(floor)
     rows.append(["noise floor: chunked prefill", 1.0, f"{ppl(floor):.3f}", f"{(ppl(floor) / exact - 1) * 100:+.2f}",
                  f"{agree(floor):.2f}", kl(floor), f"{fk:.4f}", f"{fv:.4f}", "-", "-", "-", "-"])
+    rk, rv = kerr(reference)
+    rows.append(["reference: int8's grids at 12 bits (no codec)", "-", f"{ppl(reference):.3f}",
+                 f"{(ppl(reference) / exact - 1) * 100:+.2f}", f"{agree(reference):.2f}", kl(reference), f"{rk:.4f}",
+                 f"{rv:.4f}", "-", "-", "-", "-"])
     for name, (ratio, scores, (enc, dec, par)) in results.items():
         k, v = kerr(scores)
         rows.append([name, round(ratio, 3), f"{ppl(scores):.3f}", f"{(ppl(scores) / exact - 1) * 100:+.2f}",
@@ -249,11 +288,15 @@ def main() -> None:
     if "int8" in results:
         ratio, scores, _ = results["int8"]
         d = (ppl(scores) / exact - 1) * 100
-        p, n = agree(floor) / 100, sum(s.positions for s in floor)
-        se = 100 * math.sqrt(2 * p * (1 - p) / n)
+        mine, theirs, z = paired_top1(scores, floor)
+        ref_mine, ref_theirs, ref_z = paired_top1(reference, floor)
         checks.append(f"int8: ratio {ratio:.3f} (target >= 1.9), Δppl {d:+.2f}% (target within 0.5%), "
-                      f"top-1 {agree(scores):.2f}% vs noise floor {agree(floor):.2f}% (one standard error of the "
-                      f"difference: {se:.2f} points), KL {kl(scores)} vs noise floor {kl(floor)}")
+                      f"top-1 {agree(scores):.2f}% vs noise floor {agree(floor):.2f}%, KL {kl(scores)} vs noise floor "
+                      f"{kl(floor)}")
+        checks.append(f"int8 vs noise floor, position by position (McNemar): {mine} positions only int8 gets right, "
+                      f"{theirs} only the chunked prefill does, z = {z:+.2f}: {_verdict(z)}")
+        checks.append(f"the same grids at 12 bits (16x finer steps, no codec): top-1 {agree(reference):.2f}%, KL "
+                      f"{kl(reference)}; vs noise floor {ref_mine} / {ref_theirs} positions, z = {ref_z:+.2f}")
     best = [(n, r, (ppl(s) / exact - 1) * 100) for n, (r, s, _) in results.items() if r >= 4.0]
     best = [b for b in best if abs(b[2]) <= 2.0]
     checks.append("codecs >= 4x within 2% perplexity: " + (", ".join(f"{n} ({r:.2f}x, {d:+.2f}%)" for n, r, d in best)
@@ -265,7 +308,8 @@ def main() -> None:
         f"({positions} scored positions); prefix KV cut into {args.chunk}-token chunks, each encoded and decoded. "
         "vq codebooks learned from a held-out window (end of the text). int4-g32 = int4 with key_group=32, "
         "value_group=32. vq-2bit = vq with bits=4. KL = mean KL divergence of the next-token distribution from "
-        "the exact-prefix one. K/V err = relative Frobenius error of the decoded KV. "
+        "the exact-prefix one. Reference row: the exact KV rounded to int8's grids (keys per channel, values per "
+        "token and head, per chunk) with 4095 steps instead of 255, in fp32; no codec stores this. K/V err = relative Frobenius error of the decoded KV. "
         "Throughput: GB/s of bf16 KV, one thread (and, for decode, one thread per core, as KVCache decodes the "
         "chunks of a retrieve), median of "
         f"{args.repeats} passes over {args.prefix // args.chunk} chunks of {args.chunk} tokens; the machine is shared, "

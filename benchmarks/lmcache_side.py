@@ -83,6 +83,7 @@ class Bench:
     disk_path: str | None
     remote_url: str | None
     torch_threads: int
+    pause: float = 0.0  # seconds of idle before each timed store and retrieve (as the caller's own side)
 
     @property
     def tokens(self) -> int:
@@ -242,6 +243,7 @@ def run_reps(bench: Bench, hooks: Hooks) -> dict[str, Any]:
             src.view(torch.int16).random_(-(2**15), 2**15, generator=gen)
             keys = chunk_keys(engine, tokens)
 
+            time.sleep(bench.pause)
             t0 = time.perf_counter()
             engine.store(tokens, kvcaches=src)
             hooks.finish_store(engine, keys)
@@ -251,6 +253,7 @@ def run_reps(bench: Bench, hooks: Hooks) -> dict[str, Any]:
             hooks.before_retrieve(engine, keys)
             if not hooks.lmcache_config["local_cpu"]:
                 assert_cpu_tier_empty(engine)
+            time.sleep(bench.pause)
             t0 = time.perf_counter()
             mask = engine.retrieve(tokens, kvcaches=dst)
             t_retrieve = time.perf_counter() - t0
@@ -565,6 +568,7 @@ def parse_args(argv: list[str] | None = None) -> Bench:
     p.add_argument("--warmup", type=int, default=1, help="untimed reps first")
     p.add_argument("--disk-path", default=None, help="parent dir for disk files")
     p.add_argument("--remote-url", default=None, help="redis://… or lm://…")
+    p.add_argument("--pause", type=float, default=0.0, help="idle seconds before each timed store and retrieve")
     p.add_argument(
         "--torch-threads",
         type=int,
@@ -585,6 +589,7 @@ def parse_args(argv: list[str] | None = None) -> Bench:
         disk_path=a.disk_path,
         remote_url=a.remote_url,
         torch_threads=a.torch_threads,
+        pause=a.pause,
     )
 
 

@@ -177,7 +177,7 @@ def kv_rows(chunks: int, reps: int, work: Path) -> tuple[list[list[object]], str
     theirs: list[dict] = []
     with KVCache(config, layout, "bench-disk") as cache:
         cache._prefault.join()  # the pool is mapped at start-up, long before requests come; do not time that
-        kv_disk_rep(cache, min(chunks, 8), gen)  # warm-up
+        kv_disk_rep(cache, chunks, gen)  # warm-up: read buffers, I/O and decode threads at full size
         for _ in range(reps):
             ours.append(kv_disk_rep(cache, chunks, gen))
             lm = lmcache_disk(chunks, 1, work)
@@ -198,7 +198,7 @@ def lmcache_disk(chunks: int, reps: int, work: Path) -> dict | None:
         return None  # hook: run benchmarks/setup_lmcache.sh to add LMCache's figures
     cmd = [str(LMCACHE_PY), str(LMCACHE_SIDE), "--backend", "disk", "--layers", str(SHAPE[0]), "--kv-heads",
            str(SHAPE[3]), "--head-dim", str(SHAPE[4]), "--dtype", "bf16", "--chunk-size", str(SHAPE[2]),
-           "--chunks", str(chunks), "--reps", str(reps), "--disk-path", str(work)]
+           "--chunks", str(chunks), "--reps", str(reps), "--disk-path", str(work), "--pause", str(PAUSE)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
@@ -243,11 +243,12 @@ def run_disk_part(chunks: int, reps: int, directory: str | Path | None = None) -
              f"page cache dropped before reads: {'yes' if cold else 'no (reads rely on O_DIRECT)'}.")
     text = table(head, rows) + notes
     if lm_rows:
-        text += ("\n\nEngine KV -> disk -> engine KV, the same 64 chunks: NenCache `KVCache` (CPU tier off, "
+        text += (f"\n\nEngine KV -> disk -> engine KV, the same {chunks} chunks: NenCache `KVCache` (CPU tier off, "
                  "`disk_path`; store + flush, then retrieve after dropping the page cache, bytes checked) and "
                  "LMCache 0.5.6's local disk backend (CPU tier off; store timed until every file is written and "
                  "fsynced, retrieve after dropping the page cache), one rep of each in turn, each LMCache rep in a "
-                 "fresh process; GB/s are medians, ratios the median (and range) of per-rep ratios. Targets: "
+                 "fresh process after one untimed rep of its own; both sides idle the disk for 1 s before each timed "
+                 "store and retrieve; GB/s are medians, ratios the median (and range) of per-rep ratios. Targets: "
                  "store >= 1x, cold retrieve >= 1.5x.\n\n"
                  + table(["operation", "NenCache GB/s", "LMCache GB/s", "NenCache / LMCache"], lm_rows))
     text += lm_note

@@ -241,3 +241,30 @@ def test_lower_tier_reads_come_in_batches_and_stop_at_the_first_gap(monkeypatch)
         assert torch.equal(out[:, :, : 4 * CHUNK], kv[:, :, : 4 * CHUNK])
         keys = [k for g in lower.gets for k in g]
         assert spans[4].key in keys and spans[8].key not in keys  # at most one batch read ahead past the gap
+
+
+class CheckingTier(FaultyTier):
+    """Says its `get` verifies payload checksums (as DiskTier and RedisTier do)."""
+
+    checks_payload = True
+
+
+def _payload_checksums_on_retrieve(tier, monkeypatch) -> int:
+    import nencache.format
+
+    calls = []
+    real = nencache.format.checksum
+    with make_cache(tier, local_cpu=False) as cache:
+        ids = list(range(3 * CHUNK))
+        kv = make_kv(len(ids), seed=9)
+        cache.store(ids, kv)
+        assert cache.flush(timeout=10)
+        monkeypatch.setattr(nencache.format, "checksum", lambda payload: calls.append(1) or real(payload))
+        assert torch.equal(cache.retrieve(ids), kv)
+        monkeypatch.setattr(nencache.format, "checksum", real)
+    return len(calls)
+
+
+def test_payload_checked_once_when_the_tier_checks_it(monkeypatch) -> None:
+    assert _payload_checksums_on_retrieve(FaultyTier(byte_tier()), monkeypatch) == 3  # the cache checks each
+    assert _payload_checksums_on_retrieve(CheckingTier(byte_tier()), monkeypatch) == 0  # the tier did already

@@ -409,7 +409,7 @@ class KVCache:
             header = parse_header(blob)
             if header.codec_id == RawCodec.codec_id and header.wrapper_id == 0:
                 # Copied into the pool and `out` right away: no need for a private copy first.
-                chunk = _RAW.view(blob, span.key)
+                chunk = _RAW.view(blob, span.key, verify=not getattr(lower.tier, "checks_payload", False))
             elif header.codec_id == lower.codec.codec_id:
                 chunk = lower.codec.decode(blob, expected_key=span.key)
             else:  # written by an instance with another codec: the header says which

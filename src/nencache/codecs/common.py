@@ -137,6 +137,13 @@ def quantize_into(codes: torch.Tensor, x: torch.Tensor, low: torch.Tensor, step:
         codes[i].copy_(torch.addcmul(bias[i], x[i].float(), inv[i]).round_().clamp_(0, levels))
 
 
+def layer_blocks(layers: int, per_layer: int, budget: int = 1 << 19) -> list[slice]:
+    """Slices of about `budget` elements over the layer axis: decoding block by block keeps the fp32
+    temporaries in cache while paying torch's per-call overhead a few times per chunk, not per layer."""
+    step = max(1, budget // max(1, per_layer))
+    return [slice(start, min(layers, start + step)) for start in range(0, layers, step)]
+
+
 def dequantize(codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """fp32 `low + step * codes` (params as fp32, broadcast against the codes)."""
     return torch.addcmul(low, codes.float(), step)

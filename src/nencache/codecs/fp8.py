@@ -19,7 +19,7 @@ import torch
 
 from nencache.codecs.common import (
     SectionCodec,
-    bad_param, check_header, read_sections, section_bytes,
+    bad_param, check_header, layer_blocks, read_sections, section_bytes,
 )
 from nencache.errors import LayoutError
 from nencache.format import HEADER_SIZE, ChunkHeader
@@ -74,8 +74,8 @@ class Fp8Codec(SectionCodec):
         scale, codes = read_sections(payload, _spec(layers, tokens, heads, head_dim))
         scale = (scale * 256.0)[:, :, None, :, None]
         out = torch.empty((layers, 2, tokens, heads, head_dim), dtype=dtype)
-        for layer in range(layers):
-            out[layer] = _e4m3_as_fp16(codes[layer]).float().mul_(scale[layer])
+        for block in layer_blocks(layers, 2 * tokens * heads * head_dim):
+            out[block] = _e4m3_as_fp16(codes[block]).float().mul_(scale[block])
         return out
 
     def max_encoded_size(self, layout: KVLayout, num_tokens: int) -> int:

@@ -28,7 +28,7 @@ import torch
 
 from nencache.codecs.common import (
     SectionCodec,
-    affine_params, bad_param, check_header, dequantize, quantize_into, read_sections,
+    affine_params, bad_param, check_header, dequantize, layer_blocks, quantize_into, read_sections,
     section_bytes,
 )
 from nencache.format import HEADER_SIZE, ChunkHeader
@@ -106,9 +106,9 @@ class Int8Codec(SectionCodec):
         out = torch.empty((layers, 2, tokens, heads, head_dim), dtype=dtype)
         klo, kst = key_low.float()[:, None], key_step.float()[:, None]
         vlo, vst = val_low.float()[..., None], val_step.float()[..., None]
-        for layer in range(layers):  # per layer keeps the fp32 temporaries in cache
-            out[layer, 0] = dequantize(codes[layer, 0], klo[layer], kst[layer])
-            out[layer, 1] = dequantize(codes[layer, 1], vlo[layer], vst[layer])
+        for block in layer_blocks(layers, tokens * heads * head_dim):
+            out[block, 0] = dequantize(codes[block, 0], klo[block], kst[block])
+            out[block, 1] = dequantize(codes[block, 1], vlo[block], vst[block])
         return out
 
     def max_encoded_size(self, layout: KVLayout, num_tokens: int) -> int:

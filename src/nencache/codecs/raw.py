@@ -59,13 +59,15 @@ class RawCodec:
             raise CorruptChunkError(f"raw payload of {payload_len} bytes does not hold a {shape} {dtype} chunk")
         return dtype, shape
 
-    def view(self, blob: bytes | bytearray | memoryview, expected_key: bytes | None = None) -> torch.Tensor:
+    def view(self, blob: bytes | bytearray | memoryview, expected_key: bytes | None = None, *,
+             verify: bool = True) -> torch.Tensor:
         """Like `decode`, checked the same way, but without copying: the tensor aliases `blob`'s memory.
 
         For callers that copy the chunk somewhere else at once (the cache's promotion path); the
-        tensor is read-only in spirit and must not outlive `blob`.
+        tensor is read-only in spirit and must not outlive `blob`. `verify=False` skips only the
+        payload checksum, for blobs whose tier has just checked it (header, length and key still are).
         """
-        header, payload = split_blob(blob, expected_key)
+        header, payload = split_blob(blob, expected_key, verify)
         dtype, shape = self._geometry(header, len(payload))
         if not len(payload):
             return torch.empty(shape, dtype=dtype)

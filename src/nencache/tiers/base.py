@@ -47,7 +47,11 @@ class TierStats:
 
 @runtime_checkable
 class Tier(Protocol):
-    """A place chunks live below the memory pool."""
+    """A place chunks live below the memory pool.
+
+    A tier whose `get` verifies each blob's payload checksum itself may say so with a class attribute
+    `checks_payload = True`; the cache then skips its own second pass over the payload.
+    """
 
     name: str
 

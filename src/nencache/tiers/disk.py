@@ -55,6 +55,7 @@ class DiskTier:
     """
 
     name = "disk"
+    checks_payload = True  # `get` returns only blobs whose payload checksum it has verified
 
     def __init__(self, path: str | Path, namespace: str, capacity_bytes: int, *, io_threads: int = 4,
                  use_direct_io: bool | None = None, read_buffer_bytes: int = 64 << 20,

@@ -39,6 +39,7 @@ class RedisTier:
     """A byte tier in Redis/Valkey. See the module docstring for the fault behaviour."""
 
     name = "redis"
+    checks_payload = True  # `get` returns only blobs whose payload checksum it has verified
 
     def __init__(self, url: str, namespace: str, *, timeout: float = 0.25, ttl: float | None = None,
                  key_prefix: str = "nencache", retry_cap: float = 2.0, segment_bytes: int = SEGMENT_BYTES) -> None:
