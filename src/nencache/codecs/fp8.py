@@ -75,7 +75,7 @@ class Fp8Codec(SectionCodec):
         scale = (scale * 256.0)[:, :, None, :, None]
         out = torch.empty((layers, 2, tokens, heads, head_dim), dtype=dtype)
         for block in layer_blocks(layers, 2 * tokens * heads * head_dim):
-            out[block] = _e4m3_as_fp16(codes[block]).float().mul_(scale[block])
+            torch.mul(_e4m3_as_fp16(codes[block]), scale[block], out=out[block])  # in fp32, rounded once
         return out
 
     def max_encoded_size(self, layout: KVLayout, num_tokens: int) -> int:

@@ -33,7 +33,7 @@ import torch
 
 from nencache.codecs.common import (
     SectionCodec,
-    affine_params, bad_param, check_header, dequantize, pack_nibbles, quantize_into,
+    affine_params, bad_param, check_header, dequantize, layer_blocks, pack_nibbles, quantize_into,
     read_sections, section_bytes, unpack_nibbles,
 )
 from nencache.errors import ConfigError
@@ -142,14 +142,15 @@ class Int4Codec(SectionCodec):
         klo, kst = key_low.float()[:, :, None], key_step.float()[:, :, None]
         vlo, vst = val_low.float()[..., None], val_step.float()[..., None]
         body = out[:, :, params.exact:]
-        for layer in range(layers):
-            key_codes = unpack_nibbles(codes[layer, 0], head_dim)
+        for block in layer_blocks(layers, 2 * padded * heads * head_dim):
+            n = block.stop - block.start
+            key_codes = unpack_nibbles(codes[block, 0], head_dim)
             if padded != rest:
                 key_codes = torch.nn.functional.pad(key_codes, (0, 0, 0, 0, 0, padded - rest))
-            keys = dequantize(key_codes.reshape(g, -1, heads, head_dim), klo[layer], kst[layer])
-            body[layer, 0] = keys.reshape(padded, heads, head_dim)[:rest]
-            val_codes = unpack_nibbles(codes[layer, 1], head_dim).reshape(rest, heads, v, -1)
-            body[layer, 1] = dequantize(val_codes, vlo[layer], vst[layer]).reshape(rest, heads, head_dim)
+            keys = dequantize(key_codes.reshape(n, g, -1, heads, head_dim), klo[block], kst[block])
+            body[block, 0] = keys.reshape(n, padded, heads, head_dim)[:, :rest]
+            val_codes = unpack_nibbles(codes[block, 1], head_dim).reshape(n, rest, heads, v, -1)
+            body[block, 1] = dequantize(val_codes, vlo[block], vst[block]).reshape(n, rest, heads, head_dim)
         return out
 
     def max_encoded_size(self, layout: KVLayout, num_tokens: int) -> int:

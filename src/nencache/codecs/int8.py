@@ -28,7 +28,7 @@ import torch
 
 from nencache.codecs.common import (
     SectionCodec,
-    affine_params, bad_param, check_header, dequantize, layer_blocks, quantize_into, read_sections,
+    affine_params, bad_param, check_header, layer_blocks, quantize_into, read_sections,
     section_bytes,
 )
 from nencache.format import HEADER_SIZE, ChunkHeader
@@ -107,8 +107,9 @@ class Int8Codec(SectionCodec):
         klo, kst = key_low.float()[:, None], key_step.float()[:, None]
         vlo, vst = val_low.float()[..., None], val_step.float()[..., None]
         for block in layer_blocks(layers, tokens * heads * head_dim):
-            out[block, 0] = dequantize(codes[block, 0], klo[block], kst[block])
-            out[block, 1] = dequantize(codes[block, 1], vlo[block], vst[block])
+            # fp32 `low + step * code`, rounded once into the output: no fp32 temporaries
+            torch.addcmul(klo[block], codes[block, 0], kst[block], out=out[block, 0])
+            torch.addcmul(vlo[block], codes[block, 1], vst[block], out=out[block, 1])
         return out
 
     def max_encoded_size(self, layout: KVLayout, num_tokens: int) -> int:
