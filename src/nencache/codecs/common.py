@@ -138,8 +138,8 @@ def quantize_into(codes: torch.Tensor, x: torch.Tensor, low: torch.Tensor, step:
 
 
 def layer_blocks(layers: int, per_layer: int, budget: int = 1 << 19) -> list[slice]:
-    """Slices of about `budget` elements over the layer axis: decoding block by block keeps the fp32
-    temporaries in cache while paying torch's per-call overhead a few times per chunk, not per layer."""
+    """Slices of about `budget` elements over the layer axis: decoders work block by block, paying torch's
+    per-call overhead a few times per chunk rather than per layer, with any temporaries still cache-sized."""
     step = max(1, budget // max(1, per_layer))
     return [slice(start, min(layers, start + step)) for start in range(0, layers, step)]
 

@@ -50,7 +50,8 @@ class Tier(Protocol):
     """A place chunks live below the memory pool.
 
     A tier whose `get` verifies each blob's payload checksum itself may say so with a class attribute
-    `checks_payload = True`; the cache then skips its own second pass over the payload.
+    `checks_payload = True`; the cache then skips its own second pass over raw payloads (lossy codecs
+    still check theirs as they decode).
     """
 
     name: str
