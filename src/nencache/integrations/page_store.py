@@ -28,11 +28,12 @@ from nencache.tiers.memory import MemoryTier, raw_page_bytes
 log = logging.getLogger("nencache.pages")
 
 
-def page_namespace(model_name: str, layout: KVLayout, page_tokens: int, *, tp_rank: int = 0, tp_size: int = 1,
-                   pp_rank: int = 0, tenant: str = "") -> bytes:
-    """The salt of page keys: a page of another model, shard, geometry or tenant never matches."""
-    text = "\x00".join(["nencache-sglang-v1", model_name, layout.describe(), str(page_tokens),
-                        f"tp={tp_rank}/{tp_size}", f"pp={pp_rank}", tenant])
+def page_namespace(model_name: str, layout: KVLayout, page_tokens: int, *, shard: str = "", tenant: str = "") -> bytes:
+    """The salt of page keys: a page of another model, page format, shard, geometry or tenant never matches.
+
+    `shard` names what else makes the engine's pages differ (page format, pool, parallel ranks).
+    """
+    text = "\x00".join(["nencache-pages-v2", model_name, layout.describe(), str(page_tokens), shard, tenant])
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
