@@ -56,7 +56,7 @@ def test_memory_cleared_then_served_from_disk_and_promoted(tmp_path: Path) -> No
 
 
 def test_pool_smaller_than_the_data_still_serves_everything_from_disk(tmp_path: Path) -> None:
-    with make_cache(tmp_path, write_queue_chunks=1024) as cache:  # more than the pool's 512 pages
+    with make_cache(tmp_path) as cache:  # the write-behind queues as many chunks as the pool holds
         prompts = [list(range(i * 1000, i * 1000 + 64)) for i in range(300)]  # ~4.7 MiB of KV > 4 MiB pool
         for index, ids in enumerate(prompts):
             cache.store(ids, make_kv(64, seed=index))
@@ -68,3 +68,29 @@ def test_pool_smaller_than_the_data_still_serves_everything_from_disk(tmp_path: 
         for index in (0, 1, 150, 299):
             assert cache.lookup(prompts[index]) == 64
             assert torch.equal(cache.retrieve(prompts[index]), make_kv(64, seed=index))
+
+
+def test_a_burst_the_pool_can_hold_reaches_a_slow_disk_whole_and_survives_a_restart(
+        tmp_path: Path, monkeypatch) -> None:
+    """Stores back to back on a slow disk: nothing is dropped while the pool has room, flush says all is well
+    only because it is, and a restart finds every prompt."""
+    import time
+
+    from nencache.tiers.disk import DiskTier
+    from nencache.tiers.memory import raw_page_bytes
+
+    real_put = DiskTier.put
+    monkeypatch.setattr(DiskTier, "put", lambda self, items: (time.sleep(0.03), real_put(self, items))[1])
+    config = CacheConfig(chunk_size=16, cpu_size=64 * raw_page_bytes(LAYOUT, 16), local_cpu=False,
+                         disk_path=str(tmp_path), disk_size="64MiB")
+    prompts = [list(range(i * 10_000, i * 10_000 + 7 * 16)) for i in range(8)]  # 56 chunks, a 64-page pool
+    with KVCache(config, LAYOUT, model_id="burst") as cache:
+        for index, ids in enumerate(prompts):
+            assert cache.store(ids, make_kv(len(ids), seed=index)) == 7
+        assert cache.flush(timeout=60) is True
+        stats = cache.stats()
+        assert stats["write_dropped"] == 0 and stats["store_skipped_chunks"] == 0
+    with KVCache(config, LAYOUT, model_id="burst") as cache:
+        assert [cache.lookup(ids) for ids in prompts] == [len(prompts[0])] * 8
+        for index, ids in enumerate(prompts):
+            assert torch.equal(cache.retrieve(ids), make_kv(len(ids), seed=index))

@@ -158,17 +158,29 @@ def test_failing_tier_degrades_to_memory_only() -> None:
         assert cache.lookup(ids) == 64  # the tier is used again once it works
 
 
-def test_full_write_queue_drops_the_oldest_and_never_blocks() -> None:
+def test_a_capped_write_queue_without_backpressure_drops_the_oldest_and_never_blocks() -> None:
     lower = FaultyTier(byte_tier())
     lower.delay = 0.2
-    with make_cache(lower, write_queue_chunks=2) as cache:
+    with make_cache(lower, write_queue_chunks=2, write_wait_seconds=0) as cache:
         started = time.perf_counter()
         for i in range(8):
             cache.store(list(range(i * 100, i * 100 + CHUNK)), make_kv(CHUNK, seed=i))
-        assert time.perf_counter() - started < 0.5  # the engine never waits on the slow tier
-        assert cache.stats()["write_dropped"] >= 4
-        cache.flush()
-        assert len(lower.inner) < 8 and all(cache.lookup(list(range(i * 100, i * 100 + CHUNK))) for i in range(8))
+        assert time.perf_counter() - started < 0.5  # with no wait allowed, the engine never waits on the slow tier
+        dropped = cache.stats()["write_dropped"]
+        assert dropped >= 4
+        assert cache.flush() is False
+        assert len(lower.inner) == 8 - dropped
+        assert all(cache.lookup(list(range(i * 100, i * 100 + CHUNK))) for i in range(8))
+
+
+def test_a_capped_write_queue_waits_for_the_writer_before_it_drops() -> None:
+    lower = FaultyTier(byte_tier())
+    lower.delay = 0.05
+    with make_cache(lower, write_queue_chunks=2, write_wait_seconds=5.0) as cache:
+        for i in range(8):
+            cache.store(list(range(i * 100, i * 100 + CHUNK)), make_kv(CHUNK, seed=i))
+        assert cache.flush(timeout=10) is True
+        assert cache.stats()["write_dropped"] == 0 and len(lower.inner) == 8
 
 
 def test_without_local_cpu_the_pool_only_stages() -> None:
@@ -268,3 +280,108 @@ def _payload_checksums_on_retrieve(tier, monkeypatch) -> int:
 def test_payload_checked_once_when_the_tier_checks_it(monkeypatch) -> None:
     assert _payload_checksums_on_retrieve(FaultyTier(byte_tier()), monkeypatch) == 3  # the cache checks each
     assert _payload_checksums_on_retrieve(CheckingTier(byte_tier()), monkeypatch) == 0  # the tier did already
+
+
+class GatedTier(FaultyTier):
+    """Every `put` waits until `gate` is set: a lower tier that has stopped taking writes for a while."""
+
+    def __init__(self, inner: MemoryTier) -> None:
+        super().__init__(inner)
+        self.gate = threading.Event()
+
+    def put(self, items) -> None:
+        self.gate.wait(30)
+        super().put(items)
+
+
+def big_byte_tier() -> MemoryTier:
+    tier = MemoryTier(MemoryPool(2048 * 4096, 4096))
+    tier.name = "lower"
+    return tier
+
+
+def one_chunk_prompts(count: int, start: int = 0) -> list[list[int]]:
+    return [list(range(i * 1000, i * 1000 + CHUNK)) for i in range(start, start + count)]
+
+
+def test_a_pool_full_of_pending_writes_waits_then_drops_the_oldest_and_flush_says_so() -> None:
+    lower = GatedTier(big_byte_tier())
+    with make_cache(lower, write_wait_seconds=0.3) as cache:  # 40 pages; default drop: the oldest
+        for i, ids in enumerate(one_chunk_prompts(40)):
+            assert cache.store(ids, make_kv(CHUNK, seed=i)) == 1  # every page now pins a pending write
+        started = time.perf_counter()
+        ids = list(range(900_000, 900_000 + 5 * CHUNK))
+        assert cache.store(ids, make_kv(5 * CHUNK, seed=99)) == 5
+        waited = time.perf_counter() - started
+        assert 0.3 <= waited < 2.0  # backpressure, bounded by write_wait_seconds for the whole call
+        stats = cache.stats()
+        assert stats["write_dropped"] == 5 and stats["store_skipped_chunks"] == 0
+        lower.gate.set()
+        assert cache.flush(timeout=10) is False  # five chunks never reached the tier
+        assert lower.inner.stats().stored_chunks == 40
+        assert cache.stats()["write_dropped"] + lower.inner.stats().stored_chunks == cache.stats()["stored_chunks"]
+        assert cache.flush(timeout=10) is True  # nothing lost since the last flush
+        assert cache.lookup(ids) == 5 * CHUNK
+
+
+def test_drop_newest_keeps_the_pending_writes_and_skips_the_new_chunks() -> None:
+    lower = GatedTier(big_byte_tier())
+    with make_cache(lower, write_wait_seconds=0.0, write_drop="newest") as cache:
+        for i, ids in enumerate(one_chunk_prompts(40)):
+            assert cache.store(ids, make_kv(CHUNK, seed=i)) == 1
+        ids = list(range(900_000, 900_000 + 5 * CHUNK))
+        assert cache.store(ids, make_kv(5 * CHUNK, seed=99)) == 0
+        stats = cache.stats()
+        assert stats["store_skipped_chunks"] == 5 and stats["write_dropped"] == 0
+        lower.gate.set()
+        assert cache.flush(timeout=10) is False
+        assert lower.inner.stats().stored_chunks == 40
+
+
+def test_a_store_into_a_pool_pinned_by_readers_counts_every_chunk_it_skips() -> None:
+    lower = big_byte_tier()
+    with make_cache(lower) as cache:
+        prompts = one_chunk_prompts(40)
+        for i, ids in enumerate(prompts):
+            cache.store(ids, make_kv(CHUNK, seed=i))
+        assert cache.flush(timeout=10) is True
+        spans = [nencache_chunk_key(cache, ids) for ids in prompts]
+        leases = [cache.memory.lease(key, count=False) for key in spans]  # readers pin every page
+        try:
+            assert cache.store(list(range(900_000, 900_000 + 5 * CHUNK)), make_kv(5 * CHUNK)) == 0
+            assert cache.stats()["store_skipped_chunks"] == 5  # per chunk, not per call
+            assert cache.flush(timeout=10) is False
+        finally:
+            for lease in leases:
+                lease.release()
+
+
+def nencache_chunk_key(cache: KVCache, ids: list[int]) -> bytes:
+    import nencache.cache
+
+    return nencache.cache.chunk_spans(nencache.cache.token_array(ids), CHUNK, cache.namespace,
+                                      include_partial=True)[0].key
+
+
+def test_every_chunk_not_stored_or_not_written_is_counted() -> None:
+    lower = FaultyTier(big_byte_tier())
+    lower.delay = 0.005  # 5 ms a batch
+    threads_, prompts_each, chunks_each = 4, 25, 3
+    with make_cache(lower, write_wait_seconds=0.01) as cache:  # 40 pages for 300 chunks: drops happen
+        def worker(seed: int) -> None:
+            for p in range(prompts_each):
+                start = (seed * 1000 + p) * 10_000
+                cache.store(list(range(start, start + chunks_each * CHUNK)), make_kv(chunks_each * CHUNK, seed=p))
+
+        threads = [threading.Thread(target=worker, args=(s,)) for s in range(threads_)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        cache.flush(timeout=30)
+        stats = cache.stats()
+        given = threads_ * prompts_each * chunks_each
+        assert stats["stored_chunks"] + stats["store_skipped_chunks"] == given, stats
+        written = lower.inner.stats().stored_chunks
+        assert stats["write_pending"] == 0
+        assert written + stats["write_dropped"] + stats["write_failed_chunks"] == stats["stored_chunks"], stats

@@ -39,3 +39,7 @@ class ChunkMissingError(NenCacheError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class TraceError(NenCacheError, ValueError):
+    """A request trace given to the simulator cannot be read (its message names the file and line)."""

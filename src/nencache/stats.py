@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 
 @dataclass(slots=True)
 class CacheCounters:
-    """Lookups and their hit rate in chunks and tokens, stores, retrieves, errors."""
+    """Lookups and their hit rate in chunks and tokens, stores (and chunks not stored), retrieves, errors."""
 
     lookups: int = 0
     lookup_tokens: int = 0
@@ -17,7 +17,8 @@ class CacheCounters:
     misses: int = 0
     stored_chunks: int = 0
     stored_bytes: int = 0
-    store_failures: int = 0
+    store_failures: int = 0  # store calls that could not put every chunk into the pool
+    store_skipped_chunks: int = 0  # chunks those calls did not store (the pool was pinned by readers and writes)
     retrieved_tokens: int = 0
     retrieved_bytes: int = 0
     lower_hits: int = 0

@@ -1,23 +1,260 @@
-"""`WriteBehind`: copies chunks from the memory pool down to the byte tiers in the background.
+"""`WriteBehind`: writes chunks held in the memory pool down to slower tiers, in the background.
 
-`store` returns once a chunk is in the pool; this writer encodes it and puts it into every lower
-tier. The queue is bounded: when it is full, the oldest pending write is dropped and counted, so
-the engine never waits on a disk or a network. Queued chunks stay pinned in the pool until written.
+Callers return as soon as a chunk is in the pool; one background thread writes it below. Each
+pending write pins its chunk's page, so the queue *is* the pool: nothing else bounds how many writes
+may wait (unless `WritePolicy.max_pending` does), and no write is given up while the pool still has
+a page for the next chunk.
+
+When the pool is full of pending writes, the one that needs a page calls `make_room`, and the
+`WritePolicy` decides: wait up to `wait_seconds` for the writer to finish something (backpressure),
+then give up either the oldest pending write or the new chunk. The same policy applies when
+`max_pending` writes wait. Every chunk given up (`dropped`) or not taken by a tier (`failed`) is
+counted, and `flush` answers False when any was since the previous `flush`.
+
+The component knows nothing of tiers or codecs: it drains pinned items through a `write` callable.
+`KVCache` writes chunks to its lower tiers with it; the server writes received chunks to its disk.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Generic, Protocol, TypeVar
 
 from nencache.codecs import Codec, RawCodec
+from nencache.errors import ConfigError
 from nencache.tiers.base import Tier
 from nencache.tiers.memory import ChunkLease
 
 log = logging.getLogger("nencache.writer")
+
+
+class Drop(StrEnum):
+    """Which write is given up when the pool (or `max_pending`) is full and the wait is over."""
+
+    OLDEST = "oldest"  # the longest-waiting pending write; the new chunk is kept
+    NEWEST = "newest"  # the new chunk; the pending writes are kept
+
+
+@dataclass(frozen=True, slots=True)
+class WritePolicy:
+    """What a full write-behind does: wait up to `wait_seconds` for the writer, then drop per `drop`.
+
+    `max_pending`: most writes that may wait (None: as many as the pool has pages for).
+    """
+
+    wait_seconds: float = 1.0
+    drop: Drop = Drop.OLDEST
+    max_pending: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.wait_seconds >= 0:
+            raise ConfigError(f"write_wait_seconds must be 0 or more seconds, got {self.wait_seconds}")
+        if self.drop not in tuple(Drop):
+            raise ConfigError(f"write_drop must be one of {', '.join(Drop)}, got {self.drop!r}")
+        if self.max_pending is not None and self.max_pending < 1:
+            raise ConfigError(f"write_queue_chunks must be at least 1 (or null: the pool), got {self.max_pending}")
+
+
+class Pinned(Protocol):
+    """A pending write: it holds its chunk's page until `release`."""
+
+    def release(self) -> None: ...
+
+
+@dataclass(slots=True)
+class WriteCounts:
+    """Chunks through the write-behind. After a flush, submitted == written + dropped + failed."""
+
+    submitted: int = 0
+    written: int = 0  # reached every tier below
+    dropped: int = 0  # given up by the policy (or at close), never written
+    failed: int = 0  # some tier below did not take it (error, disk full)
+    pending: int = 0
+
+
+P = TypeVar("P", bound=Pinned)
+
+
+class WriteBehind(Generic[P]):
+    """One background thread draining pinned items through `write` under a `WritePolicy`.
+
+    `write(batch)` writes a batch and returns how many of its items some tier did not take (it should
+    not raise; if it does, the whole batch counts as failed). `sync()`, run by `flush` after the queue
+    drains, makes what was written durable and returns False if it could not.
+    """
+
+    def __init__(self, write: Callable[[list[P]], int], policy: WritePolicy, *,
+                 sync: Callable[[], bool] | None = None, batch: int = 16, name: str = "nencache-writer") -> None:
+        self._write = write
+        self._sync = sync
+        self.policy = policy
+        self._batch = batch
+        self._name = name
+        self._queue: deque[P] = deque()
+        self._busy = 0
+        self._finished = 0  # batches finished so far: a waiter for room watches it move
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._counts = WriteCounts()
+        self._lost_at_flush = 0
+
+    # --- producers -------------------------------------------------------------------------------
+    def deadline(self) -> float:
+        """The end of a backpressure wait starting now (one per caller's operation, shared by its chunks)."""
+        return time.monotonic() + self.policy.wait_seconds
+
+    def submit(self, item: P, deadline: float | None = None) -> bool:
+        """Queue a pinned item. With `max_pending` items waiting, the policy applies (waiting until
+        `deadline` at most); False when the item itself was dropped (and released)."""
+        given_up: P | None = None
+        with self._cond:
+            if self._closed:
+                self._counts.submitted += 1
+                self._counts.dropped += 1
+                given_up = item
+            else:
+                if self._full_locked():
+                    self._cond.wait_for(lambda: not self._full_locked(), self._left(deadline))
+                    if self._full_locked():
+                        given_up = self._give_up_locked(item)
+                self._counts.submitted += 1
+                if given_up is not item:
+                    self._queue.append(item)
+                    self._start_locked()
+                    self._cond.notify_all()
+        if given_up is not None:
+            given_up.release()
+        return given_up is not item
+
+    @property
+    def progress(self) -> int:
+        """A count that moves each time the writer finishes a batch (and so unpins pages)."""
+        with self._cond:
+            return self._finished
+
+    def make_room(self, deadline: float, since: int) -> bool:
+        """The pool had no page for a new chunk (tried when `progress` was `since`): free one held by a
+        pending write, per the policy.
+
+        Waits until a pending write finishes (at once if one has since `since`) or `deadline` passes;
+        then (policy `oldest`) drops the oldest queued write. True when a page was unpinned (try again);
+        False when the new chunk should be skipped (policy `newest`, or nothing pending that could be
+        dropped).
+        """
+        dropped: P | None = None
+        with self._cond:
+            if self._finished != since:
+                return True
+            if not self._queue and not self._busy:
+                return False
+            if self._cond.wait_for(lambda: self._finished != since, self._left(deadline)):
+                return True
+            if self.policy.drop is Drop.NEWEST or not self._queue:
+                return False
+            dropped = self._queue.popleft()
+            self._counts.dropped += 1
+        dropped.release()
+        return True
+
+    # --- state -----------------------------------------------------------------------------------
+    def counts(self) -> WriteCounts:
+        with self._cond:
+            return replace(self._counts, pending=len(self._queue) + self._busy)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every queued item was handed to `write`; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Drain, then `sync`. True only if that finished in time and no item was dropped or failed
+        since the previous `flush` (`counts()` says how many)."""
+        ok = self.drain(timeout)
+        if ok and self._sync is not None:
+            ok = self._sync()
+        with self._cond:
+            lost = self._counts.dropped + self._counts.failed
+            ok = ok and lost == self._lost_at_flush
+            self._lost_at_flush = lost
+        return ok
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Flush (up to `timeout`), stop the thread; whatever is still queued is dropped and counted."""
+        self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            leftovers = list(self._queue)
+            self._queue.clear()
+            self._counts.dropped += len(leftovers)
+            self._cond.notify_all()
+        for item in leftovers:
+            item.release()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # --- internals -------------------------------------------------------------------------------
+    def _full_locked(self) -> bool:
+        limit = self.policy.max_pending
+        return limit is not None and len(self._queue) + self._busy >= limit
+
+    @staticmethod
+    def _left(deadline: float | None) -> float:
+        return 0.0 if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _give_up_locked(self, item: P) -> P:
+        """`max_pending` is reached and the wait is over: the item to release (counted as dropped)."""
+        self._counts.dropped += 1
+        if self.policy.drop is Drop.OLDEST and self._queue:
+            return self._queue.popleft()
+        return item
+
+    def _start_locked(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed)
+                if self._closed and not self._queue:
+                    return
+                batch = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
+                self._busy = len(batch)
+            try:
+                failed = min(len(batch), max(0, self._write(batch)))
+            except Exception:  # a failing tier costs its writes, never the writer
+                log.exception("%s: a write of %d chunks failed", self._name, len(batch))
+                failed = len(batch)
+            finally:
+                for item in batch:
+                    item.release()
+            with self._cond:
+                self._counts.written += len(batch) - failed
+                self._counts.failed += failed
+                self._busy = 0
+                self._finished += 1
+                self._cond.notify_all()
+
+
+def put_counted(tier: Tier, items: Sequence[tuple[bytes, object]],
+                on_error: Callable[[Tier, BaseException], None]) -> int:
+    """`tier.put(items)`; how many of them the tier did not take (all on an exception, else the rise of
+    its `dropped` counter, e.g. a full disk). Errors go to `on_error`, never up."""
+    before = tier.stats().dropped
+    try:
+        tier.put(items)  # type: ignore[arg-type]
+    except Exception as exc:
+        on_error(tier, exc)
+        return len(items)
+    return min(len(items), max(0, tier.stats().dropped - before))
 
 
 @dataclass(slots=True)
@@ -32,106 +269,53 @@ class LowerTier:
     keys_only: bool = False
 
 
-class WriteBehind:
-    """One background thread draining a bounded queue of pinned chunks into the lower tiers."""
+class TierSink:
+    """The `write` of `KVCache`'s write-behind: pinned chunks, encoded once per codec, into every lower tier.
 
-    def __init__(self, tiers: Sequence[LowerTier], max_pending: int, on_error: Callable[[Tier, BaseException], None],
-                 after_write: Callable[[bytes], None] | None = None, batch: int = 16) -> None:
-        self._tiers = list(tiers)
-        self._max_pending = max_pending
+    `after_write(key)` runs for each chunk once every tier was asked (`KVCache` without `local_cpu` then
+    lets the pool forget it).
+    """
+
+    def __init__(self, tiers: Sequence[LowerTier], on_error: Callable[[Tier, BaseException], None],
+                 after_write: Callable[[bytes], None] | None = None) -> None:
+        self.tiers = list(tiers)
         self._on_error = on_error
         self._after_write = after_write
-        self._batch = batch
-        self._queue: deque[ChunkLease] = deque()
-        self._cond = threading.Condition()
-        self._busy = 0
-        self._closed = False
-        self._thread: threading.Thread | None = None
-        self.dropped = 0
-        self.written = 0
 
-    def submit(self, lease: ChunkLease) -> None:
-        """Queue a pinned chunk; drops (and unpins) the oldest pending one when the queue is full."""
-        dropped: ChunkLease | None = None
-        with self._cond:
-            if self._closed:
-                lease.release()
-                return
-            if len(self._queue) >= self._max_pending:
-                dropped = self._queue.popleft()
-                self.dropped += 1
-            self._queue.append(lease)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="nencache-writer", daemon=True)
-                self._thread.start()
-            self._cond.notify()
-        if dropped is not None:
-            dropped.release()
+    def __call__(self, batch: list[ChunkLease]) -> int:
+        """Write `batch`; how many chunks some tier did not take (at most one count per chunk and tier,
+        at most the batch)."""
+        encoded: dict[str, list[tuple[bytes, object]]] = {}
+        failed = 0
+        for lower in self.tiers:
+            if lower.keys_only:
+                failed += put_counted(lower.tier, [(lease.key, b"") for lease in batch], self._on_error)
+                continue
+            items = encoded.get(lower.codec.name)
+            if items is None:
+                try:
+                    items = [(lease.key, self._encode(lower.codec, lease)) for lease in batch]
+                except Exception as exc:
+                    self._on_error(lower.tier, exc)
+                    failed += len(batch)
+                    continue
+                encoded[lower.codec.name] = items
+            failed += put_counted(lower.tier, items, self._on_error)
+        if self._after_write is not None:
+            for lease in batch:
+                self._after_write(lease.key)
+        return min(failed, len(batch))
 
-    @property
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._queue) + self._busy
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued chunk was handed to the tiers, then make the tiers durable."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: not self._queue and not self._busy, timeout):
-                return False
-        for lower in self._tiers:
+    def sync(self) -> bool:
+        """Make every tier durable (`flush`); False if one failed (counted through `on_error`)."""
+        ok = True
+        for lower in self.tiers:
             try:
                 lower.tier.flush()
             except Exception as exc:  # a failing tier is counted, never raised to the engine
                 self._on_error(lower.tier, exc)
-        return True
-
-    def close(self, timeout: float | None = 30.0) -> None:
-        self.flush(timeout)
-        with self._cond:
-            self._closed = True
-            leftovers = list(self._queue)
-            self._queue.clear()
-            self._cond.notify_all()
-        for lease in leftovers:
-            lease.release()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closed)
-                if self._closed and not self._queue:
-                    return
-                batch = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
-                self._busy = len(batch)
-            try:
-                self._write(batch)
-            finally:
-                for lease in batch:
-                    lease.release()
-                with self._cond:
-                    self._busy = 0
-                    self._cond.notify_all()
-
-    def _write(self, batch: list[ChunkLease]) -> None:
-        encoded: dict[str, list[tuple[bytes, bytes]]] = {}
-        for lower in self._tiers:
-            try:
-                if lower.keys_only:
-                    lower.tier.put([(lease.key, b"") for lease in batch])
-                    continue
-                items = encoded.get(lower.codec.name)
-                if items is None:
-                    items = [(lease.key, self._encode(lower.codec, lease)) for lease in batch]
-                    encoded[lower.codec.name] = items
-                lower.tier.put(items)
-            except Exception as exc:
-                self._on_error(lower.tier, exc)
-        self.written += len(batch)
-        if self._after_write is not None:
-            for lease in batch:
-                self._after_write(lease.key)
+                ok = False
+        return ok
 
     @staticmethod
     def _encode(codec: Codec, lease: ChunkLease) -> bytes | memoryview:

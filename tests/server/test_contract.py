@@ -86,7 +86,7 @@ def test_evicted_chunks_come_back_from_disk(disk_server: BackgroundServer) -> No
         items = [(make_key(i), make_blob(make_key(i), tokens=1024, seed=i)) for i in range(100)]
         for i in range(0, 100, 10):
             t.put(items[i : i + 10])
-        disk_server.server.store.flush()  # type: ignore[union-attr]
+            disk_server.server.store.flush()  # type: ignore[union-attr]  # paced to the disk: no write given up
         assert disk_server.server.store.memory.stats().evicted_chunks > 0  # type: ignore[union-attr]
         assert t.contains_prefix([k for k, _ in items]) == 100
         got = t.get([k for k, _ in items[:10]])

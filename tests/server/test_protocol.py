@@ -177,3 +177,18 @@ def test_namespace_isolation_on_the_wire(local_server: BackgroundServer) -> None
         assert read_frame(sock)[0].count == 1  # type: ignore[index]
         sock.sendall(request(Op.EXISTS, 2, b, [key]))
         assert read_frame(sock)[0].count == 0  # type: ignore[index]
+
+
+def test_a_slow_server_is_not_taken_for_a_dead_one() -> None:
+    """A call that times out is a miss; only several in a row mark the server down (a refused one does at once)."""
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel's backlog) and never answers
+    try:
+        tier = ServerTier(f"nencache://127.0.0.1:{listener.getsockname()[1]}", "ns", timeout=0.2,
+                          shared_memory=False)
+        assert tier.is_up  # the first call (its AUTH) timed out: counted, but not taken for down
+        assert tier.get([make_key(1)]) == [None] and tier.is_up
+        assert tier.get([make_key(1)]) == [None] and not tier.is_up  # three in a row
+        assert tier.stats().errors == 3
+        tier.close()
+    finally:
+        listener.close()

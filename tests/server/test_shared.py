@@ -104,7 +104,7 @@ def test_chunks_only_on_disk_are_promoted_and_shared(tmp_path: Path) -> None:
             stored = blobs(12)  # three times the pool: the first ones live only on disk
             for item in stored:
                 tier.put([item])
-            srv.server.store.flush()  # type: ignore[union-attr]
+                srv.server.store.flush()  # type: ignore[union-attr]  # paced to the disk: no write is given up
             got = tier.get([k for k, _ in stored[:4]])
             assert [bytes(b) for b in got] == [b for _, b in stored[:4]]
             assert tier.shared_reads == 4

@@ -100,6 +100,20 @@ def chunk_blob(key: bytes, payload: bytes, crc: int | None = None) -> bytes:
     return header.pack() + payload
 
 
+ATTACKER = "127.0.0.2"  # another client address: Linux routes all of 127/8 to loopback
+
+
+def attacker_socket(port: int, rcvbuf: int | None = None) -> socket.socket:
+    """A connection to a server on 127.0.0.1 from `ATTACKER` (with a small receive buffer if `rcvbuf`)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.bind((ATTACKER, 0))
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
 def raw_connect(port: int, timeout: float = 5.0) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -356,3 +356,131 @@ def test_two_processes_share_a_directory_without_serving_a_bad_chunk(tmp_path: P
         on_disk = [int.from_bytes(bytes.fromhex(f.stem), "little") for f in chunk_files(t)]
         got = t.get([key(i) for i in on_disk])
         assert all(g is not None and bytes(g) == blob(i) for i, g in zip(on_disk, got))
+
+
+def _index_matches_files(t: DiskTier) -> None:
+    """Every indexed chunk has its file, the index's byte count is the files' and within capacity."""
+    files = {int.from_bytes(bytes.fromhex(f.stem), "little"): f.stat().st_size for f in chunk_files(t)}
+    s = t.stats()
+    indexed = t._index.entries  # noqa: SLF001 - the index is what lookup() answers from
+    missing = [k for k in indexed if not (t.path / f"{k.hex()}.kv").exists()]
+    assert missing == [], f"{len(missing)} indexed chunks have no file"
+    assert s.bytes_used == sum(files.values()) and s.chunks == len(files)
+    assert s.bytes_used <= t.capacity_bytes
+
+
+def test_a_get_racing_an_eviction_never_brings_back_a_deleted_chunk(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from nencache.tiers import disk as disk_module
+
+    size = len(blob(2))
+    t = DiskTier(tmp_path, NS, 3 * size + 100)
+    t.put([(key(2), blob(2))])
+    reading, evicted = threading.Event(), threading.Event()
+    real_read = disk_module.read_chunk
+
+    def read_then_stall(path, k, direct, buffers):  # type: ignore[no-untyped-def]
+        data = real_read(path, k, direct, buffers)
+        if k == key(2):
+            reading.set()
+            evicted.wait(10)  # the file is evicted and deleted while this read is between its bytes and the index
+        return data
+
+    monkeypatch.setattr(disk_module, "read_chunk", read_then_stall)
+    got: list[object] = []
+    reader = threading.Thread(target=lambda: got.append(t.get([key(2)])[0]))
+    reader.start()
+    assert reading.wait(10)
+    t.put([(key(i), blob(i)) for i in (7, 12, 17)])  # key 2 is the oldest: evicted, its file deleted
+    assert not (t.path / f"{key(2).hex()}.kv").exists()
+    evicted.set()
+    reader.join(10)
+    assert got and got[0] is not None and bytes(got[0]) == blob(2)  # its bytes were whole when read
+    assert t.contains_prefix([key(2)]) == 0  # but lookup must not report a chunk retrieve would miss
+    assert t.get([key(2)]) == [None]
+    _index_matches_files(t)
+    t.close()
+
+
+def test_threads_racing_gets_against_evictions_keep_index_and_files_in_step(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eviction race, scaled: every read pauses between its bytes and the index while puts evict."""
+    from nencache.tiers import disk as disk_module
+
+    real_read = disk_module.read_chunk
+    monkeypatch.setattr(disk_module, "read_chunk",
+                        lambda *args: (real_read(*args), time.sleep(0.002))[0])
+    t = DiskTier(tmp_path, NS, 400_000)
+    blobs = {i: blob(i, 20_000 + 1000 * (i % 7)) for i in range(200)}
+    stop = time.monotonic() + 2.0
+
+    def putter(seed: int) -> None:
+        rng = random.Random(seed)
+        while time.monotonic() < stop:
+            t.put([(key(i), blobs[i]) for i in rng.sample(range(200), 3)])
+
+    def getter(seed: int) -> None:
+        rng = random.Random(seed)
+        while time.monotonic() < stop:
+            ids = rng.sample(range(200), 6)
+            for i, g in zip(ids, t.get([key(i) for i in ids])):
+                assert g is None or bytes(g) == blobs[i]
+
+    stale: list[int] = []
+
+    def checker() -> None:  # at every instant, an indexed chunk has its file
+        while time.monotonic() < stop:
+            with t._lock:  # noqa: SLF001 - a consistent view of the index
+                stale.append(sum(not (t.path / f"{k.hex()}.kv").exists() for k in t._index.entries))  # noqa: SLF001
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=putter, args=(s,)) for s in range(2)]
+    threads += [threading.Thread(target=getter, args=(10 + s,)) for s in range(3)]
+    threads.append(threading.Thread(target=checker))
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert t.stats().evicted_chunks > 50
+    assert sum(stale) == 0, f"indexed chunks without a file seen {sum(stale)} times in {len(stale)} checks"
+    _index_matches_files(t)
+    known = [i for i in range(200) if key(i) in t._index]  # noqa: SLF001
+    assert all(g is not None for g in t.get([key(i) for i in known]))
+    t.close()
+
+
+def _tamper_checkpoint(directory: Path, change: Callable[[bytes, int], int]) -> None:
+    from nencache.tiers.disk_index import load_checkpoint, save_checkpoint
+
+    entries = load_checkpoint(directory)
+    assert entries, "no checkpoint to tamper with"
+    save_checkpoint(directory, [(k, change(k, s)) for k, s in entries], ".tamper.tmp")
+
+
+def test_a_checkpoint_with_wrong_sizes_is_caught_at_start_and_disk_size_holds(tmp_path: Path) -> None:
+    blobs = {i: blob(i, 50_000) for i in range(20)}
+    with DiskTier(tmp_path, NS, 1 << 30) as t:
+        t.put(list((key(i), b) for i, b in blobs.items()))
+    real = 20 * len(blobs[0])
+    _tamper_checkpoint(tmp_path / NS, lambda k, s: s // 20)  # well formed, checksummed, and wrong
+    with DiskTier(tmp_path, NS, 1 << 30) as t:
+        assert t.stats().bytes_used == real
+    _tamper_checkpoint(tmp_path / NS, lambda k, s: s // 20)
+    with DiskTier(tmp_path, NS, real // 2 - 1) as t:  # the real sizes do not fit: disk_size is kept
+        _index_matches_files(t)
+        assert t.stats().chunks == 9
+
+
+def test_a_checkpoint_size_missed_at_start_is_corrected_by_the_first_read(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from nencache.tiers import disk_index
+
+    monkeypatch.setattr(disk_index, "START_CHECKS", 0, raising=False)  # the start-up sample sees nothing
+    blobs = {i: blob(i, 50_000) for i in range(10)}
+    with DiskTier(tmp_path, NS, 1 << 30) as t:
+        t.put(list((key(i), b) for i, b in blobs.items()))
+    _tamper_checkpoint(tmp_path / NS, lambda k, s: 100 if k == key(3) else s)
+    with DiskTier(tmp_path, NS, 10 * len(blobs[0]) - 1000) as t:  # one chunk too many, if sizes are right
+        assert bytes(t.get([key(3)])[0]) == blobs[3]
+        _index_matches_files(t)
+        assert t.stats().chunks == 9

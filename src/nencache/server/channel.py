@@ -23,7 +23,11 @@ class Channel(Protocol):
         ...
 
     async def send(self, parts: Sequence[Buffer], timeout: float) -> None:
-        """Write all of `parts`; `TimeoutError` if the peer stops reading for `timeout`."""
+        """Write all of `parts` within `timeout` seconds in all; `TimeoutError` if the peer reads too slowly."""
+        ...
+
+    def abort(self) -> None:
+        """Cut the connection now: a reader waiting on it sees the end of the stream."""
         ...
 
     def close(self) -> None: ...
@@ -75,13 +79,23 @@ class SocketChannel:
 
     async def send(self, parts: Sequence[Buffer], timeout: float) -> None:
         views = [memoryview(p).cast("B") for p in parts if len(p)]
+        deadline = self._loop.time() + timeout  # for the whole reply: a peer reading a byte at a time is cut too
         while views:
             try:
                 sent = self.sock.sendmsg(views[:_IOV_MAX])
             except (BlockingIOError, InterruptedError):
-                await _ready(self._loop.add_writer, self._loop.remove_writer, self._fd, timeout)
+                left = deadline - self._loop.time()
+                if left <= 0:
+                    raise TimeoutError("the peer did not read the reply in time") from None
+                await _ready(self._loop.add_writer, self._loop.remove_writer, self._fd, left)
                 continue
             drop_sent(views, sent)
+
+    def abort(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def close(self) -> None:
         """Send FIN after what was written and drop unread input first, so the peer reads the last frame."""
@@ -113,6 +127,9 @@ class StreamChannel:
                 self.writer.write(part)
         async with asyncio.timeout(timeout):
             await self.writer.drain()
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
 
     def close(self) -> None:
         self.writer.close()

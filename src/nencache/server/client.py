@@ -2,9 +2,11 @@
 
 Each call takes a pooled connection and pipelines its frames (many in flight, replies matched by
 request id). Every socket call is bounded by `timeout`. A server that is down, slow or killed never
-raises here: the call is counted as an error and answered as a miss, the tier is marked down, and
-until a background probe (exponential backoff) reaches the server again every call is an immediate
-miss. Returned blobs are checked (header, length, key); the codec checks the payload checksum.
+raises here: the call is counted as an error and answered as a miss. A refused or broken connection
+marks the tier down at once (so do a few timed-out calls in a row; a single one is a busy server, not
+a dead one), and until a background probe (exponential backoff) reaches the server again every call
+is an immediate miss. Returned blobs are checked (header, length, key); the codec checks the payload
+checksum.
 
 When the server runs on this machine and shares its pool (`server_shared_memory`), `get` maps that
 pool read-only and copies chunks straight out of it after one LOCATE round trip, instead of
@@ -37,6 +39,7 @@ Blob = bytes | bytearray | memoryview
 T = TypeVar("T")
 _FAILURES = (OSError, ProtocolError, ErrorReply, ssl.SSLError, ValueError, KeyError)
 _MAX_IDLE = 8
+_TIMEOUTS_BEFORE_DOWN = 3  # consecutive timed-out calls after which a slow server counts as down
 
 
 class ServerTier:
@@ -64,6 +67,7 @@ class ServerTier:
         self._retry = Reconnector("nencache-server-retry", self._probe, self._back_up, self._closed, retry_cap)
         self._warn = ThrottledWarning(log)
         self._up = True
+        self._timeouts = 0  # consecutive calls that timed out
         self._share = shared_memory
         self._region: MappedRegion | None = None
         self._region_tried = False
@@ -251,6 +255,7 @@ class ServerTier:
             conn.close()
             self._failed(exc)
             return default
+        self._timeouts = 0
         self._checkin(conn)
         return result
 
@@ -274,21 +279,41 @@ class ServerTier:
         return WireConnection(self.target, self.timeout, self._token, self._buffers)
 
     def _checkout(self) -> tuple[WireConnection, bool]:
-        """A connection, and whether it was pooled (it may have gone stale)."""
-        with self._state:
-            if self._idle:
-                return self._idle.pop(), True
+        """A connection, and whether it was pooled (it may have gone stale). Pooled connections that idled
+        near the server's idle timeout are closed instead: the server is about to close them."""
+        stale: list[WireConnection] = []
+        now = time.monotonic()
+        try:
+            with self._state:
+                while self._idle:
+                    conn = self._idle.pop()
+                    if now - conn.idle_since < 0.8 * conn.idle_timeout:
+                        return conn, True
+                    stale.append(conn)
+        finally:
+            for conn in stale:
+                conn.close()
         return self._connect(), False
 
     def _checkin(self, conn: WireConnection) -> None:
         with self._state:
             if self._up and not self._closed.is_set() and len(self._idle) < _MAX_IDLE:
+                conn.idle_since = time.monotonic()
                 self._idle.append(conn)
                 return
         conn.close()
 
     def _failed(self, exc: BaseException) -> None:
+        """A call failed: the server counts as down (misses at once, a background probe) unless it only
+        timed out, fewer than `_TIMEOUTS_BEFORE_DOWN` times in a row: a busy server is not a dead one."""
         self._stats.add(errors=1)
+        if isinstance(exc, TimeoutError):
+            with self._state:
+                self._timeouts += 1
+                busy = self._timeouts < _TIMEOUTS_BEFORE_DOWN
+            if busy:
+                self._warn(f"{self.url}: a call timed out ({describe_failure(exc)}); answered as a miss")
+                return
         with self._state:
             was_up, self._up = self._up, False
             idle, self._idle = self._idle, []
@@ -312,6 +337,7 @@ class ServerTier:
     def _back_up(self) -> None:
         with self._state:
             self._up = not self._closed.is_set()
+            self._timeouts = 0
         log.info("NenCache server %s is reachable again", self.url)
 
     def _check(self, keys: Sequence[bytes]) -> None:

@@ -4,6 +4,14 @@ Frames are read in order; replies go out whenever they are ready, each written w
 by the client through request ids. Every header is checked against the limits before anything is
 allocated; a malformed frame gets an error frame and the connection is closed. Nothing that
 happens on one connection reaches another.
+
+Deadlines, so that a slow or silent peer holds nothing for long: a frame must arrive whole within
+`io_timeout` of its first byte, and a reply be read whole within `io_timeout`; a connection with no
+frame and no reply in flight for `idle_timeout` is closed; on a server with a token, a connection
+must authenticate within `auth_timeout` of being accepted (PING does not extend it). Pool pages held
+by replies on the wire and by PUT bodies being received come from the server's fair budgets (see
+`nencache.server.budget`); a PUT that finds no room there within `ADMISSION_WAIT` is answered BUSY
+at once, its body read and discarded.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from nencache.errors import PoolExhaustedError
+from nencache.server.budget import Holder
 from nencache.server.channel import Buffer, Channel
 from nencache.server.protocol import (
     HEADER_SIZE, KEY_SIZE, MAX_NAMESPACE, MISSING, SPOT, UNPLACED, Code, Flag, Frame, Op, ProtocolError, check_request,
@@ -30,17 +39,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nencache.server")
 MAX_INFLIGHT = 32  # requests of one connection being answered at once
+ADMISSION_WAIT = 0.25  # seconds a PUT waits for room to receive a body before it is answered BUSY
 T = TypeVar("T")
 
 
 class Connection:
     """The reader loop of one connection and the tasks answering its requests."""
 
-    def __init__(self, server: NenCacheServer, channel: Channel, peer: str) -> None:
+    def __init__(self, server: NenCacheServer, channel: Channel, peer: str, client: str) -> None:
         self.server, self.channel, self.peer = server, channel, peer
         self.store, self.limits, self.counters = server.store, server.settings.limits, server.counters
         self.timeout = server.settings.io_timeout
+        self.idle_timeout = server.settings.idle_timeout
+        self.holder = Holder(self, client)
         self.authed = server.token is None
+        self._auth_deadline = time.monotonic() + server.settings.auth_timeout
+        self._frame_deadline = 0.0
         self.idle = True
         self._write = asyncio.Lock()
         self._slots = asyncio.Semaphore(MAX_INFLIGHT)
@@ -71,28 +85,53 @@ class Connection:
             log.exception("connection %s: unexpected error", self.peer)
             await self._fail(frame, ProtocolError(Code.INTERNAL, f"internal server error ({type(exc).__name__})"))
         finally:
+            for budget in (self.server.replies, self.server.bodies):
+                budget.forget(self)
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             self.channel.close()
 
     # --- reading ---------------------------------------------------------------------------------
     async def _read_header(self) -> bool:
-        """Wait for the next frame (an authenticated connection may idle); False at a clean end of stream."""
+        """Wait for the next frame; False at a clean end of stream, `TimeoutError` when the connection idled
+        too long (or did not authenticate in time). The frame's deadline starts with its first byte."""
         view = memoryview(self._header)
         self.idle = True
-        got = await self.channel.recv_into(view, None if self.authed else self.timeout)
-        self.idle = False
+        try:
+            got = await self._first_bytes(view)
+        finally:
+            self.idle = False
         if got == 0:
             return False
+        self._frame_deadline = time.monotonic() + self.timeout
         if got < HEADER_SIZE:
             await self._read_exact(view[got:])
         self.counters.received_bytes += got
         return True
 
+    async def _first_bytes(self, view: memoryview) -> int:
+        while True:
+            if self.authed:
+                wait = self.idle_timeout
+            else:  # PING and failed attempts do not move this deadline
+                wait = self._auth_deadline - time.monotonic()
+                if wait <= 0:
+                    raise TimeoutError("the connection did not authenticate in time (server_auth_timeout)")
+            try:
+                return await self.channel.recv_into(view, wait)
+            except TimeoutError:
+                if self.authed and self._tasks:
+                    continue  # replies still in flight: busy, not idle
+                raise
+
     async def _read_exact(self, view: memoryview) -> None:
+        """Fill `view` from the peer before the current frame's deadline."""
         got = 0
         while got < len(view):
-            n = await self.channel.recv_into(view[got:], self.timeout)
+            left = self._frame_deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the frame did not arrive whole in time (server_io_timeout)")
+            n = await self.channel.recv_into(view[got:], left)
             if n == 0:
                 raise EOFError("peer closed the connection inside a frame")
             got += n
@@ -150,7 +189,8 @@ class Connection:
             raise ProtocolError(Code.AUTH_FAILED, "wrong auth token; give the client the server's auth_token "
                                                   "(NENCACHE_AUTH_TOKEN)")
         self.authed = True
-        hello = {"server": "nencache", "protocol": 1, "auth": expected is not None, **self.limits.as_dict()}
+        hello = {"server": "nencache", "protocol": 1, "auth": expected is not None, **self.limits.as_dict(),
+                 "idle_timeout": self.idle_timeout}
         await self._reply(frame, started, body=[json.dumps(hello).encode()])
 
     async def _answer(self, op: Op, frame: Frame, namespace: bytes, keys: list[bytes], started: float) -> None:
@@ -162,7 +202,10 @@ class Connection:
             elif op is Op.LOCATE:
                 await self._locate(frame, space, keys, started)
             elif op is Op.EXISTS:
-                count = await self._on_disk(space, self.store.exists, space, keys) if space else 0
+                count = 0
+                if space is not None:
+                    count = await self._disk_read(lambda: self.store.exists(space, keys),
+                                                  lambda: self.store.exists(space, keys, disk=False))
                 await self._reply(frame, started, count=count)
             else:
                 if space is not None:
@@ -183,18 +226,27 @@ class Connection:
             self._slots.release()
 
     async def _get(self, frame: Frame, space: Namespace | None, keys: list[bytes], started: float) -> None:
+        """Chunks held only on disk are read and promoted into memory first, holding nothing; then the reply's
+        pages come from the replies budget, so a GET pins pool pages only while its reply is on the wire."""
         if space is None:
             await self._reply(frame, started, count=len(keys), meta=pack_lengths([MISSING] * len(keys)))
             return
-        pins = self.server.pins
-        await pins.acquire(len(keys))
-        leases = self.store.lease(space, keys)
+        held: list[bool] | None = None
+        if space.disk is not None:
+            held = self.store.present(space, keys)
+            if not all(held):
+                wanted = [k for k, h in zip(keys, held) if not h]
+                await self._disk_read(lambda: self.store.read_disk(space, wanted), lambda: None)
+        replies = self.server.replies
+        await replies.take(self.holder, len(keys))  # at most one GET's worth per connection; fair across them
+        leases = self.store.lease(space, keys) if held is None else self.store.lease_after_read(space, keys, held)
         try:
-            blobs: list[Any] = [self.store.view(lease) if lease else None for lease in leases]
-            missing = [i for i, blob in enumerate(blobs) if blob is None]
-            if missing and space.disk is not None:
-                found = await self._blocking(self.store.read_disk, space, [keys[i] for i in missing])
-                for i, blob in zip(missing, found):
+            blobs: list[Any] = [None if lease is None else self.store.view(lease) for lease in leases]
+            if held is not None and (late := [i for i, blob in enumerate(blobs) if blob is None and held[i]]):
+                # evicted from memory while this GET waited for the budget (which covers these reads too)
+                found = await self._disk_read(lambda: self.store.read_disk(space, [keys[i] for i in late]),
+                                              lambda: [None] * len(late))
+                for i, blob in zip(late, found):
                     blobs[i] = None if blob is None else memoryview(blob).cast("B")
             lengths = [MISSING if blob is None else len(blob) for blob in blobs]
             await self._reply(frame, started, count=len(keys), meta=pack_lengths(lengths),
@@ -203,7 +255,7 @@ class Connection:
             for lease in leases:
                 if lease is not None:
                     lease.release()
-            pins.release(len(keys))
+            replies.give(self.holder, len(keys))
 
     async def _locate(self, frame: Frame, space: Namespace | None, keys: list[bytes], started: float) -> None:
         """Offsets of chunks in the shared region; chunks only on disk are promoted first."""
@@ -214,7 +266,8 @@ class Connection:
         missing = [i for i, spot in enumerate(spots) if spot is None]
         unplaced: set[int] = set()
         if missing and space is not None and space.disk is not None:
-            found = await self._blocking(self.store.read_disk, space, [keys[i] for i in missing])
+            found = await self._disk_read(lambda: self.store.read_disk(space, [keys[i] for i in missing]),
+                                          lambda: [None] * len(missing))
             held = [i for i, blob in zip(missing, found) if blob is not None]
             for i, spot in zip(held, self.store.locate(space, [keys[i] for i in held])):
                 spots[i] = spot
@@ -240,31 +293,49 @@ class Connection:
             raise ProtocolError(Code.BUSY, f"{exc}; retry later or raise server_max_namespaces", fatal=False) from None
         assert space is not None
         stored = bad = busy = 0
+        bodies = self.server.bodies
         for key, nbytes in zip(keys, lengths):
-            try:
-                page, view = self.store.take_page(nbytes)
-            except PoolExhaustedError:
-                busy += 1
+            taken = await self._admit(nbytes, shed=busy > 0)
+            if taken is None:
+                busy += 1  # shed: the rest of the frame is read and dropped without waiting again
                 await self._discard(nbytes)
                 continue
+            page, view = taken
             try:
                 await self._read_exact(view)
-                if space.disk is not None and self.store.writer is not None:
-                    await self.store.writer.reserve()
             except BaseException:
                 self.store.abandon(page)
                 raise
+            finally:
+                bodies.give(self.holder, 1)
             if self.store.commit(space, key, page, nbytes):
                 stored += 1
             else:
                 bad += 1
         if busy:
-            raise ProtocolError(Code.BUSY, f"{busy} of {len(keys)} chunks not stored: every pool page is being "
-                                           "read; retry later or raise cpu_size on the server", fatal=False)
+            raise ProtocolError(Code.BUSY, f"{busy} of {len(keys)} chunks not stored: the server is taking in as much "
+                                           "as its pool and disk allow; retry later, or raise cpu_size on the "
+                                           "server", fatal=False)
         if bad:
             raise ProtocolError(Code.BAD_CHUNK, f"{bad} of {len(keys)} blobs are not NenCache chunks (header, length "
                                                 "or key do not match); they were not stored", fatal=False)
         await self._reply(frame, started, count=stored)
+
+    async def _admit(self, nbytes: int, *, shed: bool) -> tuple[int, memoryview] | None:
+        """A pool page (and a view of its first `nbytes`) to receive one PUT chunk into, or None to refuse it
+        (BUSY): no room for a body to be received (after `ADMISSION_WAIT`), or every pool page pinned and
+        none freed by the disk writer's policy. Holds one page of the bodies budget (the caller gives it back)."""
+        bodies = self.server.bodies
+        if shed or not await bodies.take(self.holder, 1, ADMISSION_WAIT):
+            return None
+        try:
+            return self.store.take_page(nbytes)
+        except PoolExhaustedError:
+            bodies.give(self.holder, 1)
+            return None
+        except BaseException:
+            bodies.give(self.holder, 1)
+            raise
 
     # --- helpers ---------------------------------------------------------------------------------
     async def _namespace(self, name: bytes, *, create: bool) -> Namespace | None:
@@ -274,6 +345,31 @@ class Connection:
         if self.store.disk_root is None:
             return self.store.open(name, create=create) if create else None
         return await self._blocking(self.store.open, name, create=create)
+
+    async def _disk_read(self, read: Callable[[], T], instead: Callable[[], T]) -> T:
+        """`read()` (a disk tier lookup, which also promotes what it finds) off the event loop, or `instead()`
+        (its memory-only answer) when the disk has fallen behind: when `server.max_disk_reads` reads are in
+        flight, or when this one takes longer than `server_disk_read_wait` (it then finishes
+        in the background, promoting for the next request). A late hit is a miss to a client that timed out:
+        replies stay fast rather than queueing past the clients' timeouts."""
+        server = self.server
+        if server.disk_reads >= server.max_disk_reads:
+            self.counters.disk_reads_skipped += 1
+            return instead()
+        server.disk_reads += 1
+        future = asyncio.get_running_loop().run_in_executor(server.executor, read)
+
+        def done(finished: asyncio.Future[T]) -> None:
+            server.disk_reads -= 1
+            if not finished.cancelled() and finished.exception() is not None:  # seen here if nobody waited
+                log.debug("connection %s: a disk read failed: %r", self.peer, finished.exception())
+
+        future.add_done_callback(done)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), server.settings.disk_read_wait)
+        except TimeoutError:
+            self.counters.disk_reads_skipped += 1
+            return instead()
 
     async def _on_disk(self, space: Namespace, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` off the event loop when it may touch the disk tier, else right here."""
@@ -288,7 +384,11 @@ class Connection:
         body_len = sum(len(part) for part in body)
         header = Frame(frame.op, frame.request_id, count, len(meta), body_len, int(Flag.RESPONSE)).pack()
         async with self._write:
-            await self.channel.send([header, meta, *body], self.timeout)
+            try:
+                await self.channel.send([header, meta, *body], self.timeout)
+            except (TimeoutError, OSError):
+                self.channel.abort()  # a peer that does not read its replies loses the connection, and only it
+                raise
         self.counters.sent_bytes += HEADER_SIZE + len(meta) + body_len
         self.counters.request(Op(frame.op), started)
 

@@ -1,113 +1,53 @@
-"""`DiskWriter`: writes chunks the server received down to its disk tier, behind the replies.
+"""The server's disk writes: chunks it received, written down to their namespace's disk tier behind the replies.
 
-The pages being written are pinned (leased) until written, so the queue is bounded: a put takes a
-slot (`reserve`, on the event loop) before its chunk is queued, and waits for one only when the
-disk has fallen `max_pending` chunks behind.
+The queue is the shared `WriteBehind` (`nencache.writer`), and as for `KVCache` it is the pool:
+each pending write pins its page, nothing else bounds them, and no disk write is given up while the
+pool has a page for the next chunk. A PUT never waits for the disk: when every page is pinned, the
+policy (`write_drop`) at once gives up the oldest pending disk write (the chunk stays in memory; the
+default) or refuses the new chunk with BUSY (`newest`). What never reached the disk is counted
+(`dropped`; `errors` for writes the disk did not take).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import queue
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 from nencache.tiers.base import Tier
 from nencache.tiers.memory import ChunkLease
+from nencache.writer import Drop, WriteBehind, WritePolicy, put_counted
 
 log = logging.getLogger("nencache.server")
-_BATCH = 16
 
 
 @dataclass(slots=True)
-class DiskWriterStats:
-    queued: int = 0
-    written: int = 0
-    errors: int = 0
+class DiskWrite:
+    """One chunk to write: its namespace's disk tier, its key, and its pinned page (`view`: the blob)."""
+
+    tier: Tier
+    key: bytes
+    lease: ChunkLease
+    view: Any
+
+    def release(self) -> None:
+        self.lease.release()
 
 
-class DiskWriter:
-    """One background thread draining a bounded queue of (disk tier, key, pinned page view)."""
+def disk_writer(drop: str) -> WriteBehind[DiskWrite]:
+    """A write-behind that never makes a PUT wait (no backpressure): when full, `drop` gives a write up."""
+    return WriteBehind(write_to_disk, WritePolicy(0.0, Drop(drop)), name="nencache-server-disk")
 
-    def __init__(self, max_pending: int) -> None:
-        self._queue: queue.Queue[tuple[Tier, bytes, ChunkLease, Any] | None] = queue.Queue()
-        self._slots = asyncio.Semaphore(max(1, max_pending))
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.stats = DiskWriterStats()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="nencache-server-disk", daemon=True)
-        self._thread.start()
 
-    @property
-    def pending(self) -> int:
-        return self._queue.qsize()
+def write_to_disk(batch: list[DiskWrite]) -> int:
+    """Write `batch`, one `put` per disk tier; how many chunks a tier did not take."""
+    by_tier: dict[int, list[DiskWrite]] = {}
+    for item in batch:
+        by_tier.setdefault(id(item.tier), []).append(item)
+    return sum(put_counted(items[0].tier, [(item.key, item.view) for item in items], _log_failure)
+               for items in by_tier.values())
 
-    async def reserve(self) -> None:
-        """Wait for room in the queue (call on the event loop before `submit`)."""
-        self._loop = asyncio.get_running_loop()
-        await self._slots.acquire()
 
-    def unreserve(self) -> None:
-        """Give back a slot that was not used (on the event loop)."""
-        self._slots.release()
-
-    def submit(self, tier: Tier, key: bytes, lease: ChunkLease, view: Any) -> None:
-        """Queue a write of `view` (the leased page's bytes) into a slot taken with `reserve`."""
-        self._queue.put_nowait((tier, key, lease, view))
-        with self._lock:
-            self.stats.queued += 1
-
-    def flush(self) -> None:
-        """Wait until everything queued so far is written."""
-        self._queue.join()
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                self._queue.task_done()
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < _BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    self._queue.task_done()
-                    break
-                batch.append(item)
-            self._write(batch)
-            for _ in batch:
-                self._queue.task_done()
-            if stop:
-                return
-
-    def _write(self, batch: list[tuple[Tier, bytes, ChunkLease, Any]]) -> None:
-        by_tier: dict[int, list[tuple[Tier, bytes, ChunkLease, Any]]] = {}
-        for item in batch:
-            by_tier.setdefault(id(item[0]), []).append(item)
-        for items in by_tier.values():
-            tier = items[0][0]
-            try:
-                tier.put([(key, view) for _, key, _, view in items])
-                with self._lock:
-                    self.stats.written += len(items)
-            except Exception as exc:  # a full or failing disk loses only its copy; memory still holds the chunk
-                with self._lock:
-                    self.stats.errors += 1
-                log.warning("disk tier write of %d chunks failed: %r", len(items), exc)
-            finally:
-                for _, _, lease, _ in items:
-                    lease.release()
-                if self._loop is not None and not self._loop.is_closed():
-                    for _ in items:
-                        self._loop.call_soon_threadsafe(self._slots.release)
+def _log_failure(tier: Tier, exc: BaseException) -> None:
+    """A full or failing disk loses only its copy; memory still holds the chunk."""
+    log.warning("disk tier write failed: %r", exc)

@@ -51,6 +51,7 @@ class ServerCounters:
     connections: int = 0
     accepted: int = 0
     refused: int = 0
+    disk_reads_skipped: int = 0  # requests answered from memory alone because the disk had fallen behind
     received_bytes: int = 0
     sent_bytes: int = 0
     requests: dict[str, int] = field(default_factory=lambda: {op.name.lower(): 0 for op in Op})
@@ -68,7 +69,8 @@ class ServerCounters:
     def as_dict(self) -> dict[str, Any]:
         return {
             "uptime_seconds": round(time.time() - self.started, 3), "connections": self.connections,
-            "accepted": self.accepted, "refused": self.refused, "received_bytes": self.received_bytes,
+            "accepted": self.accepted, "refused": self.refused, "disk_reads_skipped": self.disk_reads_skipped,
+            "received_bytes": self.received_bytes,
             "sent_bytes": self.sent_bytes, "requests": dict(self.requests),
             "errors": {k: v for k, v in self.errors.items() if v},
             "latency_ms": {op: {"count": h.n, "mean": round(1e3 * h.total / h.n, 4), "p50_le": 1e3 * h.quantile(0.5),
@@ -112,6 +114,8 @@ class Collector:
         yield counter("evicted_bytes", "Bytes evicted from memory.", memory["evicted_bytes"])
         yield counter("connections_accepted", "Connections accepted.", c.accepted)
         yield counter("connections_refused", "Connections refused (server_max_connections).", c.refused)
+        yield counter("disk_reads_skipped", "Requests answered from memory alone: the disk had fallen behind.",
+                      c.disk_reads_skipped)
         yield gauge("connections", "Open client connections.", c.connections)
         yield gauge("pool_capacity_bytes", "Memory pool size.", store["pool"]["capacity_bytes"])
         yield gauge("pool_used_bytes", "Bytes of chunks held in the memory pool.", memory["bytes_used"])
@@ -125,6 +129,8 @@ class Collector:
             writer_errors = store.get("disk_writer", {}).get("errors", 0)
             yield counter("disk_errors", "Disk tier errors.", disk["errors"] + writer_errors)
             yield counter("disk_dropped", "Chunks the disk tier did not take (disk full).", disk["dropped"])
+            yield counter("disk_writes_dropped", "Disk writes given up because the pool was full of pending ones.",
+                          store.get("disk_writer", {}).get("dropped", 0))
             yield gauge("disk_used_bytes", "Bytes on the disk tier.", disk["bytes_used"])
         histogram = HistogramMetricFamily("nencache_server_request_seconds", "Request latency, by op.", labels=["op"])
         for op, h in c.latency.items():

@@ -13,12 +13,12 @@ import os
 import signal
 import socket
 import threading
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from nencache.errors import ConfigError
+from nencache.server.budget import FairBudget
 from nencache.server.channel import SocketChannel, accept_tls, tune
 from nencache.server.connection import Connection
 from nencache.server.metrics import ServerCounters
@@ -30,41 +30,6 @@ log = logging.getLogger("nencache.server")
 GRACE_SECONDS = 10.0
 
 
-class PinBudget:
-    """Bounds the pool pages pinned by replies on the wire, so slow readers cannot pin the whole pool.
-
-    Used on the event loop thread only; waiters are served first come, first served.
-    """
-
-    def __init__(self, pages: int) -> None:
-        self.free = pages
-        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
-
-    async def acquire(self, pages: int) -> None:
-        if not self._waiters and self.free >= pages:
-            self.free -= pages
-            return
-        granted = asyncio.get_running_loop().create_future()
-        self._waiters.append((pages, granted))
-        try:
-            await granted
-        except asyncio.CancelledError:
-            if granted.done() and not granted.cancelled():
-                self.release(pages)
-            raise
-
-    def release(self, pages: int) -> None:
-        self.free += pages
-        while self._waiters:
-            wanted, granted = self._waiters[0]
-            if not granted.done():
-                if self.free < wanted:
-                    return
-                self.free -= wanted
-                granted.set_result(None)
-            self._waiters.popleft()
-
-
 class NenCacheServer:
     """A chunk server on `settings.host:settings.port`, with its admin HTTP endpoint when configured."""
 
@@ -73,7 +38,8 @@ class NenCacheServer:
         self.token = settings.auth_token.encode() if settings.auth_token else None
         self.counters = ServerCounters()
         self.store = store if store is not None else ChunkStore(settings)  # given: serve another owner's chunks
-        self.executor = ThreadPoolExecutor(max(2, settings.io_threads), thread_name_prefix="nencache-server-io")
+        workers = max(2, settings.io_threads)
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="nencache-server-io")
         self.stopping = False
         self.port = settings.port
         self.admin_port: int | None = None
@@ -83,8 +49,17 @@ class NenCacheServer:
         self._admin: asyncio.AbstractServer | None = None
         self._connections: dict[Connection, asyncio.Task[None]] = {}
         self._handlers: set[asyncio.Task[None]] = set()
+        self._per_client: dict[str, int] = {}  # open connections by client address
         self._stopped = asyncio.Event()
-        self.pins = PinBudget(max(settings.limits.max_get_keys, self.store.pool.num_pages // 2))
+        budgets = settings.page_budgets(self.store.pool.num_pages)
+        # One client address may hold at most half of each budget; one connection one GET's worth of
+        # replies and one body page at a time.
+        self.replies = FairBudget(budgets.replies, budgets.replies // 2, settings.limits.max_get_keys)
+        self.bodies = FairBudget(budgets.bodies, budgets.bodies // 2, 1)
+        # Disk lookups of requests in flight; beyond one per core (more threads only fight over the GIL and
+        # the disk) a request is answered from memory alone.
+        self.disk_reads = 0
+        self.max_disk_reads = max(1, min(workers, os.cpu_count() or 1))
 
     async def start(self) -> None:
         """Listen on the data port (and the admin port); returns once both accept connections."""
@@ -161,18 +136,29 @@ class NenCacheServer:
                 log.warning("accept failed: %s", exc)
                 await asyncio.sleep(0.05)
                 continue
+            client = str(address[0])
             if len(self._handlers) >= self.settings.max_connections:
-                self._refuse(sock)
+                self._refuse(sock, "too many connections (server_max_connections); retry later")
                 continue
-            task = asyncio.create_task(self._serve(sock, f"{address[0]}:{address[1]}"))
+            if self._per_client.get(client, 0) >= self.settings.max_client_connections:
+                self._refuse(sock, "too many connections from this address (server_max_client_connections); "
+                                   "close idle ones or retry later")
+                continue
+            self._per_client[client] = self._per_client.get(client, 0) + 1
+            task = asyncio.create_task(self._serve(sock, f"{address[0]}:{address[1]}", client))
             self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+            task.add_done_callback(lambda done, client=client: self._handler_done(done, client))
 
-    def _refuse(self, sock: socket.socket) -> None:
+    def _handler_done(self, task: asyncio.Task[None], client: str) -> None:
+        self._handlers.discard(task)
+        left = self._per_client.pop(client) - 1
+        if left:
+            self._per_client[client] = left
+
+    def _refuse(self, sock: socket.socket, message: str) -> None:
         self.counters.refused += 1
         self.counters.error(Code.BUSY)
-        header, body = error_frame(0, 0, Code.BUSY, "too many connections (server_max_connections); retry later",
-                                   closing=True)
+        header, body = error_frame(0, 0, Code.BUSY, message, closing=True)
         try:
             sock.setblocking(False)
             sock.send(header.pack() + body)
@@ -180,7 +166,7 @@ class NenCacheServer:
             pass
         sock.close()
 
-    async def _serve(self, sock: socket.socket, peer: str) -> None:
+    async def _serve(self, sock: socket.socket, peer: str, client: str) -> None:
         try:
             tune(sock)
             channel: Any = (SocketChannel(sock) if self._tls is None
@@ -189,7 +175,7 @@ class NenCacheServer:
             log.debug("connection %s failed to start: %r", peer, exc)
             sock.close()
             return
-        connection = Connection(self, channel, peer)
+        connection = Connection(self, channel, peer, client)
         task = asyncio.current_task()
         assert task is not None
         self._connections[connection] = task  # type: ignore[assignment]

@@ -17,6 +17,16 @@ EMBEDDED_POOL = "1GiB"
 EMBEDDED_DISK = "8GiB"
 
 
+@dataclass(frozen=True, slots=True)
+class PageBudgets:
+    """Most pool pages held at once by GET replies on the wire and by PUT bodies being received, each shared
+    fairly across connections and client addresses (see `nencache.server.budget`). Pending disk writes may
+    hold the rest: the pool is their queue."""
+
+    replies: int
+    bodies: int
+
+
 @dataclass(slots=True)
 class ServerSettings:
     """Addresses, limits, the memory pool and the optional disk tier of one server."""
@@ -30,14 +40,18 @@ class ServerSettings:
     max_request_bytes: int = 64 * 2**20
     max_keys: int = 1024
     max_connections: int = 1024
+    max_client_connections: int = 256  # open connections from one client address
     max_namespaces: int = 64
-    io_timeout: float = 30.0
+    io_timeout: float = 30.0  # a frame must arrive whole, and a reply be read whole, within this
+    idle_timeout: float = 300.0  # a connection with no frame (and no reply in flight) for this long is closed
+    auth_timeout: float = 5.0  # a connection to a server with a token must authenticate within this
     tls_cert: str | None = None
     tls_key: str | None = None
     disk_path: str | None = None
     disk_bytes: int = 16 * 2**30
     io_threads: int = 4
-    disk_queue_chunks: int = 256
+    disk_drop: str = "oldest"  # a pool full of disk writes gives up the oldest one, or ("newest") refuses a PUT
+    disk_read_wait: float = 0.1  # a request waits this long for the disk tier, then answers from memory alone
     shared_memory: bool = True
 
     def __post_init__(self) -> None:
@@ -46,10 +60,15 @@ class ServerSettings:
         if self.pool_bytes < self.max_chunk_bytes:
             raise ConfigError(f"cpu_size ({self.pool_bytes} bytes) must hold at least one chunk of "
                               f"server_max_chunk_bytes ({self.max_chunk_bytes}); raise cpu_size")
-        if self.max_keys < 1 or self.max_connections < 1 or self.max_namespaces < 1:
-            raise ConfigError("server_max_keys, server_max_connections and server_max_namespaces must be >= 1")
-        if not self.io_timeout > 0:
-            raise ConfigError(f"server_io_timeout must be positive seconds, got {self.io_timeout}")
+        if min(self.max_keys, self.max_connections, self.max_client_connections, self.max_namespaces) < 1:
+            raise ConfigError("server_max_keys, server_max_connections, server_max_client_connections and "
+                              "server_max_namespaces must be >= 1")
+        if self.disk_drop not in ("oldest", "newest"):
+            raise ConfigError(f"write_drop must be 'oldest' or 'newest', got {self.disk_drop!r}")
+        for name, value in (("server_io_timeout", self.io_timeout), ("server_idle_timeout", self.idle_timeout),
+                            ("server_auth_timeout", self.auth_timeout), ("server_disk_read_wait", self.disk_read_wait)):
+            if not value > 0:
+                raise ConfigError(f"{name} must be positive seconds, got {value}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both server_tls_cert and server_tls_key (PEM files)")
         if not is_loopback(self.host) and not self.auth_token:
@@ -62,6 +81,10 @@ class ServerSettings:
     @property
     def limits(self) -> Limits:
         return Limits(self.max_chunk_bytes, self.max_request_bytes, self.max_keys)
+
+    def page_budgets(self, pages: int) -> PageBudgets:
+        """How many of the pool's `pages` replies on the wire and PUT bodies being received may hold."""
+        return PageBudgets(replies=max(self.limits.max_get_keys, pages // 2), bodies=max(1, pages // 4))
 
     @classmethod
     def from_config(cls, config: CacheConfig, *, host: str | None = None, port: int | None = None,
@@ -78,14 +101,18 @@ class ServerSettings:
             max_request_bytes=int(config.server_max_request_bytes),
             max_keys=config.server_max_keys,
             max_connections=config.server_max_connections,
+            max_client_connections=config.server_max_client_connections,
             max_namespaces=config.server_max_namespaces,
             io_timeout=config.server_io_timeout,
+            idle_timeout=config.server_idle_timeout,
+            auth_timeout=config.server_auth_timeout,
             tls_cert=config.server_tls_cert,
             tls_key=config.server_tls_key,
             disk_path=config.disk_path,
             disk_bytes=int(config.disk_size),
             io_threads=config.io_threads,
-            disk_queue_chunks=config.write_queue_chunks,
+            disk_drop=config.write_drop,
+            disk_read_wait=config.server_disk_read_wait,
             shared_memory=config.server_shared_memory,
         )
 

@@ -5,8 +5,14 @@ the 16-byte chunk key, so namespaces never collide. Put bodies are received stra
 pages and get replies are sent straight from them (pinned while on the wire): no extra copies.
 Where the platform has memfds the pool lives in a `SharedRegion`, which clients on the same machine
 map read-only and copy chunks out of (`locate` tells them where).
-With a disk path, each namespace has a `DiskTier` under it, written behind the replies; memory
-misses are read from disk and promoted. Blocking disk calls run off the event loop (callers' job).
+With a disk path, each namespace has a `DiskTier` under it, written behind the replies (a PUT never
+waits for the disk; see `disk_writer`); memory misses are read from disk and promoted. Blocking disk
+calls run off the event loop (callers' job).
+
+Namespaces are case-sensitive, on disk too: a lower-case hex namespace (what `KVCache` sends: its
+namespace digest) names its directory under `disk_path` itself; any other namespace lives under
+`disk_path/by-digest/` in the directory named by its BLAKE2b digest, so `ABCDEF` and `abcdef`, or a
+namespace and a digest, never share a directory.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +31,14 @@ from typing import Any
 from nencache.errors import ConfigError, CorruptChunkError, PoolExhaustedError
 from nencache.format import HEADER_SIZE, NO_KEY, parse_header
 from nencache.pool import MemoryPool
-from nencache.server.disk_writer import DiskWriter
+from nencache.server.disk_writer import DiskWrite, disk_writer
 from nencache.server.shared import SharedRegion, Spot
 from nencache.server.settings import ServerSettings
 from nencache.tiers.base import Tier, TierStats
 from nencache.tiers.memory import ChunkLease, MemoryTier
 
-_HEX = re.compile(r"[0-9a-fA-F]{1,128}")
+_HEX = re.compile(r"[0-9a-f]{1,128}")
+DIGESTS = "by-digest"  # not hex: never the directory of a namespace named by itself
 
 
 class NamespaceLimitError(Exception):
@@ -69,8 +77,7 @@ class ChunkStore:
             if not os.access(self.disk_root, os.W_OK | os.X_OK):
                 raise ConfigError(f"disk_path {self.disk_root} is not writable by this user; choose another")
         threading.Thread(target=self.pool.prefault, name="nencache-prefault", daemon=True).start()
-        self.writer = (DiskWriter(min(settings.disk_queue_chunks, max(1, self.pool.num_pages // 2)))
-                       if self.disk_root else None)
+        self.writer = disk_writer(settings.disk_drop) if self.disk_root else None
 
     # --- namespaces --------------------------------------------------------------------------
     def known(self, name: bytes) -> Namespace | None:
@@ -88,7 +95,7 @@ class ChunkStore:
             if found is not None:
                 return found
             directory = self._disk_dir(name)
-            if not create and (directory is None or not (self.disk_root / directory).is_dir()):  # type: ignore[operator]
+            if not create and (directory is None or not (directory[0] / directory[1]).is_dir()):
                 return None
             if len(self._namespaces) >= self.settings.max_namespaces and not self._reclaim():
                 raise NamespaceLimitError(
@@ -97,17 +104,20 @@ class ChunkStore:
             if directory is not None:
                 from nencache.tiers.disk import DiskTier
 
-                disk = DiskTier(str(self.disk_root), directory, self.settings.disk_bytes,
+                disk = DiskTier(str(directory[0]), directory[1], self.settings.disk_bytes,
                                 io_threads=min(2, self.settings.io_threads))
             space = Namespace(name, bytes((len(name),)) + name, disk)
             self._namespaces[name] = space
             return space
 
-    def _disk_dir(self, name: bytes) -> str | None:
+    def _disk_dir(self, name: bytes) -> tuple[Path, str] | None:
+        """(root, directory name) of a namespace's disk tier (see the module docstring); None without a disk."""
         if self.disk_root is None:
             return None
         text = name.decode("ascii")
-        return text.lower() if _HEX.fullmatch(text) else hashlib.blake2b(name, digest_size=16).hexdigest()
+        if _HEX.fullmatch(text):
+            return self.disk_root, text
+        return self.disk_root / DIGESTS, hashlib.blake2b(name, digest_size=16).hexdigest()
 
     def _reclaim(self) -> bool:
         """Forget namespaces with no disk tier whose chunks have all been evicted (caller holds the lock)."""
@@ -117,19 +127,33 @@ class ChunkStore:
         return bool(idle)
 
     # --- reads ---------------------------------------------------------------------------------
-    def exists(self, space: Namespace, keys: Sequence[bytes]) -> int:
-        """Length of the run of leading keys held in memory or on disk (blocking when there is a disk tier)."""
+    def exists(self, space: Namespace, keys: Sequence[bytes], *, disk: bool = True) -> int:
+        """Length of the run of leading keys held in memory or (with `disk`) on disk (blocking when the disk
+        tier is asked)."""
         composite = [space.prefix + k for k in keys]
         found = 0
         while found < len(keys):
             found += self.memory.contains_prefix(composite[found:])
-            if found == len(keys) or space.disk is None:
+            if found == len(keys) or space.disk is None or not disk:
                 break
             more = space.disk.contains_prefix(keys[found:])
             if not more:
                 break
             found += more
         return found
+
+    def present(self, space: Namespace, keys: Sequence[bytes]) -> list[bool]:
+        """Which of `keys` memory holds now, nothing pinned; a memory miss is counted for each one it does not
+        (before a disk read: then `lease_after_read` pins what that read promoted without counting again)."""
+        held = [space.prefix + k in self.memory for k in keys]
+        if missed := held.count(False):
+            self.memory.stats().add(misses=missed)
+        return held
+
+    def lease_after_read(self, space: Namespace, keys: Sequence[bytes], held: Sequence[bool]) -> list[ChunkLease | None]:
+        """`lease` after `present` and a disk read: keys memory held are counted as hits (or misses if evicted
+        since), the others (counted by `present`) are pinned uncounted where the read promoted them."""
+        return [self.memory.lease(space.prefix + key, count=was) for key, was in zip(keys, held)]
 
     def lease(self, space: Namespace, keys: Sequence[bytes]) -> list[ChunkLease | None]:
         """Pinned memory hits (release each), None for misses."""
@@ -171,8 +195,18 @@ class ChunkStore:
 
     # --- writes --------------------------------------------------------------------------------
     def take_page(self, nbytes: int) -> tuple[int, memoryview]:
-        """A free page (evicting if needed) and a view of its first `nbytes`; `PoolExhaustedError` if all pinned."""
-        page = self.memory.reserve_page(nbytes)
+        """A free page (evicting if needed) and a view of its first `nbytes`; `PoolExhaustedError` if all pinned.
+
+        A pool pinned by pending disk writes gets a page back from the disk writer's policy, at once.
+        """
+        while True:
+            progress = self.writer.progress if self.writer is not None else 0
+            try:
+                page = self.memory.reserve_page(nbytes)
+                break
+            except PoolExhaustedError:
+                if self.writer is None or not self.writer.make_room(time.monotonic(), progress):
+                    raise
         start = page * self.pool.page_bytes
         return page, self._bytes[start : start + nbytes]
 
@@ -182,8 +216,9 @@ class ChunkStore:
     def commit(self, space: Namespace, key: bytes, page: int, nbytes: int) -> bool:
         """Index a received page under `key` (the page is given up either way). False if not a valid chunk.
 
-        With a disk tier the caller has taken a writer slot (`writer.reserve`); it is used or given back.
+        With a disk tier the chunk is queued for it, pinned from the moment it is indexed; this never waits.
         """
+        to_disk = space.disk is not None and self.writer is not None
         start = page * self.pool.page_bytes
         try:
             header = parse_header(self._bytes[start : start + HEADER_SIZE])
@@ -191,21 +226,15 @@ class ChunkStore:
             header = None
         if header is None or header.payload_len + HEADER_SIZE != nbytes or header.key not in (NO_KEY, key):
             self.pool.release(page)
-            if space.disk is not None and self.writer is not None:
-                self.writer.unreserve()
             return False
         composite = space.prefix + key
-        self.memory.commit_page(composite, page, nbytes, header.num_tokens)
+        lease = self.memory.commit_page(composite, page, nbytes, header.num_tokens, pin=to_disk)
         with self._lock:
             space.keys.add(composite)
             if len(space.keys) > 2 * self.pool.num_pages + 1024:
                 space.keys = {k for k in space.keys if k in self.memory}
-        if space.disk is not None and self.writer is not None:
-            lease = self.memory.lease(composite, count=False)
-            if lease is not None:
-                self.writer.submit(space.disk, key, lease, self.view(lease))
-                return True
-            self.writer.unreserve()
+        if lease is not None and space.disk is not None and self.writer is not None:
+            self.writer.submit(DiskWrite(space.disk, key, lease, self.view(lease)))
         return True
 
     def delete(self, space: Namespace, keys: Sequence[bytes]) -> None:
@@ -216,7 +245,7 @@ class ChunkStore:
             space.keys.difference_update(composite)
         if space.disk is not None:
             if self.writer is not None:
-                self.writer.flush()  # a queued write must not bring a deleted chunk back
+                self.writer.drain()  # a queued write must not bring a deleted chunk back
             space.disk.delete(keys)
 
     def clear(self, space: Namespace) -> None:
@@ -226,7 +255,7 @@ class ChunkStore:
         self.memory.delete(keys)
         if space.disk is not None:
             if self.writer is not None:
-                self.writer.flush()
+                self.writer.drain()
             space.disk.clear()
 
     # --- lifecycle and stats -------------------------------------------------------------------
@@ -263,6 +292,7 @@ class ChunkStore:
                     setattr(total, name, getattr(total, name) + value)
             data["disk"] = total.as_dict() | {"path": str(self.disk_root), "namespaces": len(disks)}
             if self.writer is not None:
-                data["disk_writer"] = {"pending": self.writer.pending, "queued": self.writer.stats.queued,
-                                       "written": self.writer.stats.written, "errors": self.writer.stats.errors}
+                counts = self.writer.counts()
+                data["disk_writer"] = {"pending": counts.pending, "queued": counts.submitted, "written": counts.written,
+                                       "dropped": counts.dropped, "errors": counts.failed}
         return data

@@ -100,10 +100,13 @@ class WireConnection:
         self._header = bytearray(HEADER_SIZE)
         self._deadline = 0.0
         self.limits = Limits(1 << 30, 1 << 30, 1)
+        self.idle_timeout = float("inf")  # the server closes the connection after this long without a frame
+        self.idle_since = time.monotonic()
         try:
             hello: dict[str, Any] = json.loads(self.call(Op.AUTH, meta=token).body)
             self.limits = Limits(int(hello["max_chunk_bytes"]), int(hello["max_request_bytes"]),
                                  int(hello["max_keys"]))
+            self.idle_timeout = float(hello.get("idle_timeout", self.idle_timeout))
         except BaseException:
             self.close()
             raise

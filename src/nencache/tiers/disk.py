@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from nencache.errors import ClosedError, ConfigError
+from nencache.policy.base import EvictionPolicy
+from nencache.policy.index import PolicyIndex
 from nencache.tiers.base import TierStats
 from nencache.tiers.disk_faults import FULL_ERRNOS, DiskFaults
 from nencache.tiers.disk_index import CHECKPOINT, SUFFIX, LruIndex, chunk_name, save_checkpoint, scan
@@ -44,14 +46,15 @@ from nencache.tiers.disk_io import (
 Blob = bytes | bytearray | memoryview
 T = TypeVar("T")
 R = TypeVar("R")
-_NAMESPACE = re.compile(r"[0-9a-fA-F]{1,128}")
+_NAMESPACE = re.compile(r"[0-9a-f]{1,128}")  # case-sensitive: one namespace, one directory
 
 
 class DiskTier:
     """A byte tier on a local directory. See the module docstring for layout, durability and sharing.
 
     `read_buffer_bytes` bounds the idle read buffers kept for reuse; `full_retry_seconds` is how long
-    writes pause after ENOSPC; the index checkpoint is rewritten at most every `checkpoint_seconds`.
+    writes pause after ENOSPC; the index checkpoint is rewritten at most every `checkpoint_seconds`;
+    `eviction` orders evictions (default least recently used first).
     """
 
     name = "disk"
@@ -59,15 +62,17 @@ class DiskTier:
 
     def __init__(self, path: str | Path, namespace: str, capacity_bytes: int, *, io_threads: int = 4,
                  use_direct_io: bool | None = None, read_buffer_bytes: int = 64 << 20,
-                 full_retry_seconds: float = 30.0, checkpoint_seconds: float = 30.0) -> None:
+                 full_retry_seconds: float = 30.0, checkpoint_seconds: float = 30.0,
+                 eviction: EvictionPolicy | None = None) -> None:
         if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
-            raise ConfigError(f"disk tier namespace must be a hex string (the namespace digest), got {namespace!r}")
+            raise ConfigError(f"disk tier namespace must be a lower-case hex string (the namespace digest), "
+                              f"got {namespace!r}")
         if capacity_bytes <= 0:
             raise ConfigError(f"disk tier capacity_bytes must be positive, got {capacity_bytes}; set disk_size")
         if io_threads < 1:
             raise ConfigError(f"disk tier io_threads must be at least 1, got {io_threads}")
         root = disk_path(path)
-        self.path = root / namespace.lower()
+        self.path = root / namespace
         prepare_directory(root, self.path)
         self.direct_io = probe_direct_io(self.path) if use_direct_io is not False else False
         if use_direct_io and not self.direct_io:
@@ -79,7 +84,7 @@ class DiskTier:
         self._lock = threading.Lock()  # guards _index, _reserved, _writing, _changes
         self._sync_lock = threading.Lock()
         self._stats = TierStats(capacity_bytes=capacity_bytes)
-        self._index = LruIndex()
+        self._index = LruIndex(PolicyIndex(eviction))
         self._reserved = 0
         self._writing: dict[bytes, int] = {}  # keys with a write in flight (how many)
         self._dirty = False
@@ -148,22 +153,22 @@ class DiskTier:
 
     def delete(self, keys: Sequence[bytes]) -> None:
         self._check_open()
-        with self._lock:
+        with self._lock:  # unlinked under the lock: a get in flight cannot index the key again in between
             for key in keys:
                 self._index.remove(key)
             self._changes += 1
-        self._unlink(keys)
+            self._unlink(keys)
         self._faults.space_freed()
 
     def clear(self) -> None:
         self._check_open()
-        with self._lock:
+        with self._lock:  # unlinked under the lock: a get in flight cannot index a key again in between
             self._index.clear()
             self._changes += 1
-        with os.scandir(self.path) as it:
-            names = [e.name for e in it if e.name.endswith(SUFFIX) or e.name == CHECKPOINT]
-        for name in names:
-            (self.path / name).unlink(missing_ok=True)
+            with os.scandir(self.path) as it:
+                names = [e.name for e in it if e.name.endswith(SUFFIX) or e.name == CHECKPOINT]
+            for name in names:
+                (self.path / name).unlink(missing_ok=True)
         self._faults.space_freed()
         self._dirty = True
         self.flush()
@@ -301,12 +306,9 @@ class DiskTier:
             self._miss()
             return None
         size = len(blob)
-        victims: list[bytes] = []
         with self._lock:
             self._changes += 1
-            if not self._index.touch(key):  # written by another process
-                self._index.add(key, size)
-                victims = self._evict_locked(0)
+            victims = self._index_read_locked(key, path, size)
         self._drop_victims(victims)
         try:
             os.utime(path)  # recency survives a restart without a checkpoint
@@ -321,13 +323,35 @@ class DiskTier:
         with self._stats.lock:
             self._stats.misses += 1
 
+    def _index_read_locked(self, key: bytes, path: Path, size: int) -> list[bytes]:
+        """After reading `size` bytes of `key`'s file: mark it used, correct a wrong indexed size (from a
+        bad checkpoint), or index a file another process wrote. The keys to unlink to stay within capacity.
+
+        A key the index no longer has is indexed again only if its file is still there (checked under the
+        lock, under which evictions and deletes unlink): the read may have raced an eviction.
+        """
+        known = self._index.entries.get(key)
+        if known is None:
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                return []  # evicted or deleted since it was read: served, but not held any more
+        elif known == size:
+            self._index.touch(key)
+            return []
+        else:
+            self._faults.warn("size", "disk tier %s: a chunk's indexed size (%d) was not its file's (%d); "
+                              "corrected. Further corrections are logged at debug level.", self.path, known, size)
+        self._index.add(key, size)
+        return self._evict_locked(0)
+
     def _adopt(self, key: bytes) -> bool:
         """Index a chunk file this instance did not write (another process's); False if there is none."""
-        try:
-            size = self._file(key).stat().st_size
-        except OSError:
-            return False
-        with self._lock:
+        with self._lock:  # stat under the lock, under which evictions and deletes unlink
+            try:
+                size = self._file(key).stat().st_size
+            except OSError:
+                return False
             if key not in self._index:
                 self._index.add(key, size)
             victims = self._evict_locked(0)
@@ -337,11 +361,11 @@ class DiskTier:
     def _drop_corrupt(self, key: bytes, path: Path, exc: BadChunkFile) -> None:
         with self._lock:
             self._index.remove(key)
-        try:
-            if path.stat().st_ino == exc.inode:  # not a good copy renamed in since
-                path.unlink()
-        except OSError:
-            pass
+            try:
+                if path.stat().st_ino == exc.inode:  # not a good copy renamed in since
+                    path.unlink()
+            except OSError:
+                pass
         with self._stats.lock:
             self._stats.corrupt += 1
         self._faults.warn("corrupt", "disk tier %s: removed a damaged chunk (%s); it will be recomputed. "

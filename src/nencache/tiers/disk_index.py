@@ -1,10 +1,13 @@
-"""What the disk tier holds: an in-memory LRU index, rebuilt at start from the directory.
+"""What the disk tier holds: an in-memory index (eviction order from a policy, LRU by default), rebuilt at
+start from the directory.
 
 The directory is the truth: a chunk is the file `<key hex>.kv`. At start the index is rebuilt from a
 directory listing plus a checkpoint file (`index.ckpt`: keys and sizes in LRU order, written by
 `close` and, at most every `checkpoint_seconds`, by `flush`), so only files missing from the
 checkpoint need a `stat`; their modification times (refreshed on every hit) order them after the
-checkpointed ones. A missing or damaged checkpoint means a full `stat` scan.
+checkpointed ones. A missing or damaged checkpoint means a full `stat` scan. The checkpoint is not
+trusted blindly: a sample of its sizes is checked against the files at start (one wrong size means a
+full `stat` scan), and the tier checks a chunk's size again on every read.
 """
 
 from __future__ import annotations
@@ -12,19 +15,22 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import random
 import struct
 import time
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from nencache.policy.index import PolicyIndex
 
 log = logging.getLogger("nencache.disk")
 
 SUFFIX = ".kv"
 TMP_SUFFIX = ".tmp"
 CHECKPOINT = "index.ckpt"
+START_CHECKS = 64  # checkpointed sizes checked against their files at start (all of them if one is wrong)
 STALE_TMP_SECONDS = 3600.0
 _CKPT_MAGIC = b"NENCIDX1"
 _CKPT_HEAD = struct.Struct("<8sQ")
@@ -48,9 +54,10 @@ def key_of(name: str) -> bytes | None:
 
 @dataclass(slots=True)
 class LruIndex:
-    """Key -> file size, oldest first, with the byte total. Not thread-safe: the tier holds its lock."""
+    """Key -> file size in the policy's eviction order (`entries.items()`: next victim first), with the byte
+    total. Not thread-safe: the tier holds its lock."""
 
-    entries: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
+    entries: PolicyIndex[int] = field(default_factory=PolicyIndex)
     bytes_used: int = 0
 
     def __len__(self) -> int:
@@ -157,11 +164,39 @@ def _stat_all(job: tuple[int, list[str]]) -> list[os.stat_result | None]:
     return out
 
 
+def _stat_names(directory: Path, names: list[str], map_fn: Callable[..., Iterable[list[os.stat_result | None]]],
+                ) -> list[os.stat_result | None]:
+    """`stat` of each name in `directory` (None where gone), in blocks through `map_fn`."""
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        blocks = [(dir_fd, names[i : i + 2048]) for i in range(0, len(names), 2048)]
+        return list(itertools.chain.from_iterable(map_fn(_stat_all, blocks)))
+    finally:
+        os.close(dir_fd)
+
+
+def _checked(directory: Path, listed: list[tuple[bytes, int]], names: dict[bytes, str],
+             map_fn: Callable[..., Iterable[list[os.stat_result | None]]]) -> tuple[list[tuple[bytes, int]], int]:
+    """The checkpoint's (key, size) list, checked against the files: a sample of `START_CHECKS` entries is
+    `stat`ed; if one disagrees, every entry is, and the files' sizes replace the checkpoint's. Also the count
+    of entries corrected (a checkpoint with any is rewritten)."""
+    sample = random.sample(listed, min(START_CHECKS, len(listed)))
+    found = _stat_names(directory, [names[key] for key, _ in sample], map_fn)
+    if all(st is None or st.st_size == size for (_, size), st in zip(sample, found)):
+        return listed, 0
+    log.warning("disk index checkpoint in %s gives sizes that disagree with the chunk files; checking every file",
+                directory)
+    found = _stat_names(directory, [names[key] for key, _ in listed], map_fn)
+    checked = [(key, st.st_size) for (key, _), st in zip(listed, found) if st is not None]
+    return checked, sum(st is None or st.st_size != size for (_, size), st in zip(listed, found))
+
+
 def scan(directory: Path, map_fn: Callable[..., Iterable[list[os.stat_result | None]]] = map,
          ) -> tuple[list[tuple[bytes, int]], int]:
     """The chunks in `directory` as (key, size), least recently used first, and how many were missing from
-    the checkpoint (those are `stat`ed through `map_fn`, e.g. a thread pool's). Removes temporary files
-    left by dead processes."""
+    the checkpoint or listed with a wrong size (files are `stat`ed through `map_fn`, e.g. a thread pool's).
+    The checkpoint's sizes are checked against a sample of the files (see `_checked`); the tier checks each
+    chunk's size again whenever it reads it. Removes temporary files left by dead processes."""
     names: dict[bytes, str] = {}
     with os.scandir(directory) as it:
         for entry in it:
@@ -170,17 +205,12 @@ def scan(directory: Path, map_fn: Callable[..., Iterable[list[os.stat_result | N
                 _remove_stale_tmp(directory, name)
             elif (key := key_of(name)) is not None:
                 names[key] = name
-    ordered: list[tuple[bytes, int]] = []
-    for key, size in load_checkpoint(directory):
-        if names.pop(key, None) is not None:
-            ordered.append((key, size))
+    listed = [(key, size) for key, size in load_checkpoint(directory) if key in names]
+    ordered, corrected = _checked(directory, listed, names, map_fn)
+    for key, _ in listed:
+        del names[key]
     keys, rest = list(names), list(names.values())
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        blocks = [(dir_fd, rest[i : i + 2048]) for i in range(0, len(rest), 2048)]
-        stats = list(itertools.chain.from_iterable(map_fn(_stat_all, blocks)))
-    finally:
-        os.close(dir_fd)
+    stats = _stat_names(directory, rest, map_fn)
     tail = sorted((st.st_mtime_ns, key, st.st_size) for key, st in zip(keys, stats) if st is not None)
     ordered.extend((key, size) for _, key, size in tail)
-    return ordered, len(tail)
+    return ordered, len(tail) + corrected

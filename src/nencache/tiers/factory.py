@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from nencache.config import CacheConfig
 from nencache.errors import ConfigError
+from nencache.policy.base import EvictionPolicy
 from nencache.tiers.base import Tier
 
 REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis-cluster", "rediss-cluster",
@@ -13,13 +15,16 @@ REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis-cluster"
 SERVER_SCHEMES = ("nencache", "nencaches")
 
 
-def build_lower_tiers(config: CacheConfig, namespace: str) -> list[tuple[Tier, str]]:
-    """(tier, codec name) pairs, fastest first: the disk tier, then the remote tier."""
+def build_lower_tiers(config: CacheConfig, namespace: str, *,
+                      eviction: Callable[[], EvictionPolicy] | None = None) -> list[tuple[Tier, str]]:
+    """(tier, codec name) pairs, fastest first: the disk tier, then the remote tier. `eviction` makes the
+    disk tier's eviction policy (default LRU)."""
     tiers: list[tuple[Tier, str]] = []
     if config.disk_path:
         from nencache.tiers.disk import DiskTier
 
-        tiers.append((DiskTier(config.disk_path, namespace, int(config.disk_size), io_threads=config.io_threads),
+        tiers.append((DiskTier(config.disk_path, namespace, int(config.disk_size), io_threads=config.io_threads,
+                               eviction=eviction() if eviction is not None else None),
                       config.disk_codec))
     if config.remote_url:
         tiers.append((build_remote_tier(config, namespace), config.remote_codec))

@@ -1,4 +1,4 @@
-"""`MemoryTier`: chunks in the static memory pool, least-recently-used eviction, pinned readers.
+"""`MemoryTier`: chunks in the static memory pool, a pluggable eviction policy (LRU by default), pinned readers.
 
 Each stored chunk owns one pool page. A chunk is either a raw tensor (its bytes exactly as the
 layout says, the fast path) or a blob in the shared byte format (when the CPU codec compresses, or
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +26,8 @@ from nencache.copy import as_numpy, copy_into
 from nencache.errors import LayoutError, PoolExhaustedError, TierError
 from nencache.format import HEADER_SIZE
 from nencache.layout import KVLayout
+from nencache.policy.base import EvictionPolicy
+from nencache.policy.index import PolicyIndex
 from nencache.pool import MemoryPool
 from nencache.tiers.base import TierStats
 
@@ -70,16 +71,17 @@ class ChunkLease:
 
 
 class MemoryTier:
-    """The CPU tier: a key -> page index over a `MemoryPool`, in LRU order."""
+    """The CPU tier: a key -> page index over a `MemoryPool`; `policy` orders evictions (default LRU)."""
 
     name = "memory"
 
-    def __init__(self, pool: MemoryPool, layout: KVLayout | None = None, codec: Codec | None = None) -> None:
+    def __init__(self, pool: MemoryPool, layout: KVLayout | None = None, codec: Codec | None = None,
+                 policy: EvictionPolicy | None = None) -> None:
         self.pool = pool
         self.layout = layout
         self.codec: Codec = codec or RawCodec()
         self._raw = isinstance(self.codec, RawCodec)
-        self._index: OrderedDict[bytes, Entry] = OrderedDict()
+        self._index: PolicyIndex[Entry] = PolicyIndex(policy)
         self._lock = threading.Lock()
         self._stats = TierStats(capacity_bytes=pool.capacity_bytes)
         self.on_evict: Callable[[bytes], None] | None = None  # told each evicted key (must be quick, never raise)
@@ -95,10 +97,22 @@ class MemoryTier:
         With the raw codec that tensor is the pool page itself (one copy, no allocation). False if the
         key was already held (then `fill` is not called).
         """
+        lease = self.store_filled(key, num_tokens, fill)
+        if lease is None:
+            return False
+        lease.release()
+        return True
+
+    def store_filled(self, key: bytes, num_tokens: int, fill: Callable[[torch.Tensor], object]) -> ChunkLease | None:
+        """`put_filled`, returning the new chunk already pinned (release it), or None if the key was held.
+
+        The pin is taken before the chunk becomes visible, so no other thread can evict it first: a
+        writer that queues the chunk for the tiers below always gets it.
+        """
         with self._lock:
             if key in self._index:
                 self._index.move_to_end(key)
-                return False
+                return None
         assert self.layout is not None, "put_filled needs a layout"
         started = time.perf_counter()
         shape = self.layout.shape(num_tokens)
@@ -117,8 +131,8 @@ class MemoryTier:
             nbytes = len(blob)
             page = self._take_page(nbytes)
             as_numpy(self.pool.page(page))[:nbytes] = np.frombuffer(blob, dtype=np.uint8)
-        self._insert(key, Entry(page, nbytes, num_tokens, is_blob=not self._raw), started)
-        return True
+        entry = Entry(page, nbytes, num_tokens, is_blob=not self._raw)
+        return ChunkLease(self, key, entry) if self._insert(key, entry, started, pin=True) else None
 
     def read_into(self, key: bytes, out: torch.Tensor) -> bool:
         """Copy a held chunk into `out` (a `[layers, 2, tokens, heads, dim]` view); False on a miss."""
@@ -230,9 +244,16 @@ class MemoryTier:
         `commit_page` indexes it or `pool.release(page)` gives it back. For writers that fill pages in place."""
         return self._take_page(nbytes)
 
-    def commit_page(self, key: bytes, page: int, nbytes: int, num_tokens: int, *, is_blob: bool = True) -> None:
-        """Index a page filled after `reserve_page` under `key` (a duplicate key gives the page back)."""
-        self._insert(key, Entry(page, nbytes, num_tokens, is_blob), time.perf_counter())
+    def commit_page(self, key: bytes, page: int, nbytes: int, num_tokens: int, *, is_blob: bool = True,
+                    pin: bool = False) -> ChunkLease | None:
+        """Index a page filled after `reserve_page` under `key` (a duplicate key gives the page back).
+
+        With `pin`, the new chunk comes back pinned before any other thread can evict it (release it);
+        None when the key was already held, or without `pin`.
+        """
+        entry = Entry(page, nbytes, num_tokens, is_blob)
+        stored = self._insert(key, entry, time.perf_counter(), pin=pin)
+        return ChunkLease(self, key, entry) if stored and pin else None
 
     # --- internals -------------------------------------------------------------------------------
     def payload(self, entry: Entry) -> torch.Tensor:
@@ -259,7 +280,7 @@ class MemoryTier:
         return memoryview(page[: HEADER_SIZE + entry.nbytes])
 
     def _take_page(self, nbytes: int) -> int:
-        """A free page, evicting least-recently-used unpinned chunks if needed."""
+        """A free page, evicting unpinned chunks in the policy's order if needed."""
         if nbytes > self.pool.page_bytes:
             raise TierError(f"chunk of {nbytes} bytes is larger than a pool page ({self.pool.page_bytes})")
         while True:
@@ -274,7 +295,7 @@ class MemoryTier:
 
     def _evict_one(self) -> bool:
         with self._lock:
-            victim = next((k for k, e in self._index.items() if self.pool.refcount(e.page) == 1), None)
+            victim = self._index.victim(lambda _, e: self.pool.refcount(e.page) == 1)
             if victim is None:
                 return False
             entry = self._index.pop(victim)
@@ -283,19 +304,23 @@ class MemoryTier:
             self.on_evict(victim)
         return True
 
-    def _insert(self, key: bytes, entry: Entry, started: float) -> None:
+    def _insert(self, key: bytes, entry: Entry, started: float, *, pin: bool = False) -> bool:
+        """Index `entry` (pinned first when `pin`); False if another thread stored the key meanwhile."""
         with self._lock:
             duplicate = key in self._index
             if not duplicate:
+                if pin:
+                    self.pool.acquire(entry.page)
                 self._index[key] = entry
         if duplicate:  # another thread stored the same chunk meanwhile
             self.pool.release(entry.page)
-            return
+            return False
         with self._stats.lock:
             self._stats.stored_chunks += 1
             self._stats.stored_bytes += entry.nbytes
             self._stats.bytes_used += entry.nbytes
             self._stats.write_seconds += time.perf_counter() - started
+        return True
 
     def _drop(self, entry: Entry, evicted: bool = False) -> None:
         self.pool.release(entry.page)
