@@ -12,7 +12,6 @@ check, decode, promotion into B's pool, copy out). Reference, in the same reps: 
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nencache.bench.references import RawSocket
 from nencache.cache import KVCache
 from nencache.config import CacheConfig
 from nencache.format import HEADER_SIZE, split_blob
@@ -43,40 +43,6 @@ print(cache.peer.address, flush=True)
 sys.stdin.read()
 cache.close()
 """
-
-RAW_PEER = r"""
-import socket, sys
-data = memoryview(bytearray(b"x" * int(sys.argv[1])))
-listener = socket.create_server(("127.0.0.1", 0)); print(listener.getsockname()[1], flush=True)
-conn, _ = listener.accept(); conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-for option in (socket.SO_SNDBUF, socket.SO_RCVBUF): conn.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
-while conn.recv(1): conn.sendall(data)
-"""
-
-
-class RawReference:
-    """`size` bytes from a child process over one loopback connection, into one touched buffer."""
-
-    def __init__(self, size: int) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", RAW_PEER, str(size)], stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        self.sock = socket.create_connection(("127.0.0.1", int(self.proc.stdout.readline())))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            self.sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
-        self.into = memoryview(bytearray(b"y" * size))
-
-    def fetch(self) -> None:
-        self.sock.sendall(b"G")
-        got = 0
-        while got < len(self.into):
-            got += self.sock.recv_into(self.into[got:])
-
-    def close(self) -> None:
-        self.sock.close()
-        self.proc.kill()
-        self.proc.wait()
-
 
 @dataclass(slots=True)
 class Latency:
@@ -116,7 +82,7 @@ def _measure(b: KVCache, address: str, samples: int, warmup: int) -> dict[str, L
     index, clients = tier.index, tier.clients  # type: ignore[attr-defined]
     [key] = chunk_keys(TOKENS, 256, b.namespace)
     steps: dict[str, list[float]] = {"lookup": [], "fetch": [], "check": [], "total": [], "raw": [], "retrieve": []}
-    raw = RawReference(HEADER_SIZE + LAYOUT.nbytes(256))
+    raw = RawSocket(HEADER_SIZE + LAYOUT.nbytes(256))
     for rep in range(warmup + samples):
         started = time.perf_counter()
         raw.fetch()

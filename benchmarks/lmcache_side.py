@@ -62,6 +62,10 @@ from lmcache.v1.gpu_connector import CreateGPUConnector  # noqa: E402
 from lmcache.v1.gpu_connector.mock_gpu_connector import MockGPUConnector  # noqa: E402
 from lmcache.v1.metadata import LMCacheMetadata  # noqa: E402
 
+# The LMCache plumbing `nencache bench --compare lmcache` ships with NenCache (that file imports no NenCache).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src", "nencache", "bench"))
+from lmcache_probe import CopyingMockConnector, drop_page_cache, fsync_paths, stdout_to_stderr  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BACKENDS = ("cpu", "disk", "redis", "server")
 TEARDOWN_HUNG: list[str] = []  # engines whose destroy() did not return
@@ -116,44 +120,6 @@ class Hooks:
 # --------------------------------------------------------------------------
 # LMCache plumbing
 # --------------------------------------------------------------------------
-
-
-class CopyingMockConnector(MockGPUConnector):
-    """LMCache's MockGPUConnector plus the real KV copy a GPU connector makes.
-
-    Memory objects use LMCache's KV_2LTD layout ``[2, layers, tokens,
-    kv_heads*head_dim]``; the engine tensor (passed as ``kvcaches=``) is
-    ``[layers, 2, tokens, kv_heads, head_dim]``. One strided copy per chunk.
-    """
-
-    def _views(
-        self, memory_obj: Any, kv: torch.Tensor, start: int, end: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(memory object, engine KV slice), both as [2, layers, tokens*hidden].
-
-        Flattening (tokens, heads, head_dim) keeps each (k/v, layer) run
-        contiguous, so torch copies it block by block.
-        """
-        hidden = self.kv_shape[3] * self.kv_shape[4]
-        obj = memory_obj.tensor.view(2, self.num_layers, -1)
-        eng = kv.view(self.num_layers, 2, -1)[:, :, start * hidden : end * hidden]
-        return obj, eng.transpose(0, 1)
-
-    def from_gpu(self, memory_obj: Any, start: int, end: int, **kwargs: Any) -> None:
-        obj, eng = self._views(memory_obj, kwargs["kvcaches"], start, end)
-        obj.copy_(eng)
-
-    def to_gpu(self, memory_obj: Any, start: int, end: int, **kwargs: Any) -> None:
-        obj, eng = self._views(memory_obj, kwargs["kvcaches"], start, end)
-        eng.copy_(obj)
-
-    def batched_from_gpu(self, memory_objs, starts, ends, **kwargs: Any) -> None:
-        for obj, start, end in zip(memory_objs, starts, ends, strict=True):
-            self.from_gpu(obj, start, end, **kwargs)
-
-    def batched_to_gpu(self, memory_objs, starts, ends, **kwargs: Any) -> None:
-        for obj, start, end in zip(memory_objs, starts, ends, strict=True):
-            self.to_gpu(obj, start, end, **kwargs)
 
 
 def build_engine(
@@ -359,38 +325,6 @@ def run_cpu(bench: Bench) -> dict[str, Any]:
     return run_reps(bench, hooks)
 
 
-def drop_page_cache(paths: list[str]) -> str:
-    """Evict ``paths`` from the page cache; returns the method that worked."""
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return "drop_caches"
-    except OSError:
-        for path in paths:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-        return "posix_fadvise_dontneed"
-
-
-def fsync_paths(paths: list[str]) -> None:
-    """fsync each file and then its directory."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    if paths:
-        fd = os.open(os.path.dirname(paths[0]), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def run_disk(bench: Bench) -> dict[str, Any]:
     """LocalDiskBackend, CPU tier disabled; durable store, cold retrieve."""
     root = bench.disk_path or tempfile.gettempdir()
@@ -591,21 +525,6 @@ def parse_args(argv: list[str] | None = None) -> Bench:
         torch_threads=a.torch_threads,
         pause=a.pause,
     )
-
-
-@contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[Any]:
-    """Send fd 1 to stderr (LMCache logs, C prints); yield the real stdout."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        with os.fdopen(os.dup(saved), "w") as real_stdout:
-            yield real_stdout
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def main(argv: list[str] | None = None) -> int:

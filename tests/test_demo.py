@@ -37,5 +37,6 @@ def test_demo_answers_with_the_cache() -> None:
     rows = run_demo(None, doc_tokens=300, max_new_tokens=4, config=CacheConfig(cpu_size="256MiB"), out=out)
     text = out.getvalue()
     assert "Reading the document" in text and "TTFT" in text and "speedup" in text
+    assert "Model dtype: " in text  # the dtype chosen for this CPU, and why
     assert len(rows) == 5
     assert all(row.cached_tokens > 250 for row in rows)  # every request reuses the document

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -25,12 +26,16 @@ from nencache.format import parse_header
 from nencache.errors import ChunkMissingError, ClosedError, CorruptChunkError, LayoutError, PoolExhaustedError
 from nencache.keys import ChunkSpan, TokenIds, chunk_spans, namespace_digest, partial_key, salted, token_array
 from nencache.layout import KVLayout
+from nencache.metrics import CallLatency
+from nencache.pinned import PinnedChunk, PinnedPrefix
+from nencache.policy.live import CachePolicies
 from nencache.pool import MemoryPool
 from nencache.stats import CacheCounters
 from nencache.tiers.base import Tier
 from nencache.tiers.factory import build_lower_tiers
-from nencache.tiers.memory import MemoryTier, raw_page_bytes
-from nencache.writer import LowerTier, WriteBehind
+from nencache.tiers.disk_io import disk_path
+from nencache.tiers.memory import ChunkLease, MemoryTier, raw_page_bytes
+from nencache.writer import Drop, LowerTier, TierSink, WriteBehind, WritePolicy
 
 log = logging.getLogger("nencache")
 _RAW = RawCodec()
@@ -61,12 +66,22 @@ class KVCache:
         cpu_codec = get_codec(self.config.cpu_codec)
         page_bytes = (raw_page_bytes(layout, self.chunk_size) if isinstance(cpu_codec, RawCodec)
                       else cpu_codec.max_encoded_size(layout, self.chunk_size))
-        pool = MemoryPool(int(self.config.cpu_size), page_bytes, pin_memory=self.config.pin_memory)
-        self.memory = MemoryTier(pool, layout, cpu_codec)
+        if self.config.enable_p2p and self.config.p2p_shared_memory:  # local peers map it read-only (docs/p2p.md)
+            from nencache.p2p import peer_pool
+
+            pool = peer_pool(int(self.config.cpu_size), page_bytes, pin_memory=self.config.pin_memory)
+        else:
+            pool = MemoryPool(int(self.config.cpu_size), page_bytes, pin_memory=self.config.pin_memory)
+        self.policies = CachePolicies(self.config.eviction, self.config.prefetch, self.chunk_size)
+        self.memory = MemoryTier(pool, layout, cpu_codec, policy=self.policies.tier_policy())
         # Map the pool's pages in the background: stores then never pay first-touch page faults.
         self._prefault = threading.Thread(target=pool.prefault, name="nencache-prefault", daemon=True)
         self._prefault.start()
-        pairs = lower_tiers if lower_tiers is not None else build_lower_tiers(self.config, self.namespace.hex())
+        pairs = (lower_tiers if lower_tiers is not None
+                 else build_lower_tiers(self.config, self.namespace.hex(), eviction=self.policies.tier_policy))
+        # the reuse model learned before a restart lives beside the disk tier's chunks
+        self._policy_dir = disk_path(self.config.disk_path) / self.namespace.hex() if self.config.disk_path else None
+        self.policies.load(self._policy_dir)
         # --- P2P hook (docs/p2p.md): peers fetch from this memory tier; evictions unpublish ---------
         self.peer: Tier | None = None
         if self.config.enable_p2p:
@@ -77,12 +92,16 @@ class KVCache:
             pairs, self.peer = with_peer_tier(pairs, peer), peer
         # --- end of the P2P hook --------------------------------------------------------------------
         self.lower = [LowerTier(tier, get_codec(codec), keys_only=tier is self.peer) for tier, codec in pairs]
-        # Queued writes pin their pages: at most half the pool may wait, so stores always find a page.
-        max_pending = max(1, min(self.config.write_queue_chunks, pool.num_pages // 2))
-        self._writer = (WriteBehind(self.lower, max_pending, self._tier_failed,
-                                    after_write=None if self.config.local_cpu else self._forget_staged)
-                        if self.lower else None)
+        # Queued writes pin their pages: the pool is the queue. When every page holds a pending write,
+        # the policy (backpressure for write_wait_seconds, then drop per write_drop) frees one.
+        policy = WritePolicy(self.config.write_wait_seconds, Drop(self.config.write_drop),
+                             self.config.write_queue_chunks)
+        sink = TierSink(self.lower, self._tier_failed,
+                        after_write=None if self.config.local_cpu else self._forget_staged)
+        self._writer: WriteBehind[ChunkLease] | None = (WriteBehind(sink, policy, sync=sink.sync)
+                                                        if self.lower else None)
         self._counters = CacheCounters()
+        self._skipped_at_flush = 0
         self._partials: dict[bytes, set[int]] = {}
         self._inflight: dict[bytes, Future[Any]] = {}
         self._lock = threading.Lock()
@@ -91,6 +110,16 @@ class KVCache:
         self._fetcher: ThreadPoolExecutor | None = None  # reads the next batch of a fetch ahead
         self._warned: set[str] = set()
         self._closed = False
+        self.latency = CallLatency()  # load and save latency histograms (nencache.metrics)
+        self._metrics: Any = None
+        if self.config.metrics_port is not None:  # Prometheus metrics on their own port (docs/monitoring.md)
+            from nencache.metrics import serve_metrics
+
+            try:
+                self._metrics = serve_metrics(self, self.config.metrics_host, self.config.metrics_port)
+            except BaseException:
+                self.close()
+                raise
 
     # --- public API --------------------------------------------------------------------------------
     def lookup(self, token_ids: TokenIds, *, salt: str | bytes | None = None, record: bool = True) -> int:
@@ -101,7 +130,11 @@ class KVCache:
         self._check_open()
         tokens = token_array(token_ids)
         namespace = salted(self.namespace, salt)
-        spans = chunk_spans(tokens, self.chunk_size, namespace, include_partial=False)
+        observe = record and self.policies.observing
+        spans = chunk_spans(tokens, self.chunk_size, namespace, include_partial=observe)
+        if observe:  # a request's lookup: its chain (partial chunk included) is what the policies learn from
+            self.policies.observe_request(spans, self._promote_planned)
+            spans = spans[: len(tokens) // self.chunk_size]
         keys = [span.key for span in spans]
         found = self._leading_run(keys)
         matched = found * self.chunk_size
@@ -110,6 +143,15 @@ class KVCache:
         if record:
             self._counters.count_lookup(len(tokens), matched, found, len(keys) - found)
         return matched
+
+    def note_request(self, token_ids: TokenIds, *, salt: str | bytes | None = None) -> None:
+        """Tell the eviction and prefetch policies (`eviction`, `prefetch`) that a request for `token_ids`
+        arrived. Once per request: `lookup(record=True)` does it itself; an engine that finds prefixes
+        with `pin_prefix` calls this when the request is queued."""
+        self._check_open()
+        if self.policies.observing:
+            spans = chunk_spans(token_array(token_ids), self.chunk_size, salted(self.namespace, salt))
+            self.policies.observe_request(spans, self._promote_planned)
 
     def store(self, token_ids: TokenIds, kv: torch.Tensor, *, salt: str | bytes | None = None,
               kv_start: int = 0) -> int:
@@ -172,6 +214,7 @@ class KVCache:
         Unlike `retrieve`, a chunk evicted since `lookup` is not an error: the caller recomputes from there.
         """
         self._check_open()
+        started = time.perf_counter()
         tokens = token_array(token_ids)
         out = self._output(out, len(tokens))
         spans = chunk_spans(tokens, self.chunk_size, salted(self.namespace, salt), include_partial=True)
@@ -184,6 +227,7 @@ class KVCache:
             missing = [span for span in missing if span.key not in fetched]
         got = missing[0].start if missing else len(tokens)
         self._counters.add(retrieved_tokens=got, retrieved_bytes=self.layout.nbytes(got))
+        self.latency.observe("load", started)
         return got
 
     def prefetch(self, token_ids: TokenIds, *, salt: str | bytes | None = None) -> Future[int]:
@@ -206,11 +250,56 @@ class KVCache:
         future.add_done_callback(lambda _: self._clear_inflight(todo, future))
         return future
 
+    def pin_prefix(self, token_ids: TokenIds, *, salt: str | bytes | None = None) -> PinnedPrefix:
+        """Bring the longest cached prefix of `token_ids` into the pool and pin it there until released.
+
+        Chunks held only by lower tiers are fetched, checked and promoted first (the call waits for
+        them). What the returned `PinnedPrefix` covers stays readable, whatever evictions or tier
+        failures follow, until its `release()`. Counted as a lookup.
+        """
+        self._check_open()
+        tokens = token_array(token_ids)
+        namespace = salted(self.namespace, salt)
+        spans = chunk_spans(tokens, self.chunk_size, namespace, include_partial=False)
+        pinned = PinnedPrefix(0)
+        try:
+            full = self._pin_spans(spans, pinned)
+            matched = full * self.chunk_size
+            if full == len(spans) and matched < len(tokens):  # a stored partial chunk may extend the run
+                parent = spans[-1].key if spans else namespace
+                length = self._match_partial(parent, tokens[matched:])
+                if length:
+                    tail = ChunkSpan(partial_key(parent, tokens[matched : matched + length]), matched, matched + length)
+                    self._pin_spans([tail], pinned)
+            pinned.tokens = pinned.chunks[-1].end if pinned.chunks else 0
+        except BaseException:
+            pinned.release()
+            raise
+        self._counters.count_lookup(len(tokens), pinned.tokens, full, len(spans) - full)
+        return pinned
+
+    def _pin_spans(self, spans: list[ChunkSpan], pinned: PinnedPrefix) -> int:
+        """Pin the leading run of `spans` (promoting what only lower tiers hold); how many were pinned."""
+        missing = [span for span in spans if span.key not in self.memory]
+        if missing:
+            self._wait_inflight([span.key for span in missing])
+            missing = [span for span in missing if span.key not in self.memory]
+            if missing:
+                self._fetch_lower(missing, None)
+        count = 0
+        for span in spans:
+            lease = self.memory.lease(span.key)
+            if lease is None:  # not held anywhere, or evicted again before it could be pinned
+                break
+            pinned.chunks.append(PinnedChunk(span.start, span.end, lease))
+            count += 1
+        return count
+
     def invalidate(self, token_ids: TokenIds | None = None, *, salt: str | bytes | None = None) -> None:
         """Drop a prefix's chunks (`token_ids` given) or everything of this namespace, in every tier."""
         self._check_open()
         if self._writer is not None:
-            self._writer.flush()
+            self._writer.drain()  # a queued write must not bring an invalidated chunk back
         if token_ids is None:
             self.memory.clear()
             with self._lock:
@@ -224,9 +313,20 @@ class KVCache:
             self._guard(lower.tier, lambda t=lower.tier: t.delete(keys), None)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every stored chunk is written to the lower tiers and durable there."""
+        """Wait until every stored chunk is written to the lower tiers and durable there.
+
+        True only if that finished within `timeout` and every chunk given to `store` since the previous
+        `flush` was stored and written down. False otherwise: `stats()` counts each chunk not stored
+        (`store_skipped_chunks`), given up by the write-behind (`write_dropped`) or not taken by a lower
+        tier (`write_failed_chunks`).
+        """
         self._check_open()
-        return True if self._writer is None else self._writer.flush(timeout)
+        written = True if self._writer is None else self._writer.flush(timeout)
+        skipped = self._counters.as_dict()["store_skipped_chunks"]
+        with self._lock:
+            stored = skipped == self._skipped_at_flush
+            self._skipped_at_flush = skipped
+        return written and stored
 
     def stats(self) -> dict[str, Any]:
         """Counters of the cache and of each tier (hits, misses, stored/evicted chunks and bytes, errors)."""
@@ -235,7 +335,9 @@ class KVCache:
         data.update(evicted_chunks=memory.evicted_chunks, evicted_bytes=memory.evicted_bytes,
                     pool_bytes=self.memory.pool.capacity_bytes, pool_used_bytes=memory.bytes_used)
         if self._writer is not None:
-            data.update(write_pending=self._writer.pending, write_dropped=self._writer.dropped)
+            counts = self._writer.counts()
+            data.update(write_pending=counts.pending, written_chunks=counts.written, write_dropped=counts.dropped,
+                        write_failed_chunks=counts.failed)
         data["tiers"] = {"memory": memory.as_dict()} | {l.tier.name: l.tier.stats().as_dict() for l in self.lower}
         return data
 
@@ -244,6 +346,9 @@ class KVCache:
         if self._closed:
             return
         self._closed = True
+        if self._metrics is not None:
+            self._metrics.close()
+        self.policies.close()
         if self._writer is not None:
             self._writer.close()
         if self._io is not None:
@@ -253,6 +358,10 @@ class KVCache:
                 pool.shutdown(wait=True)
         self._prefault.join()
         self.memory.close()
+        try:
+            self.policies.save(self._policy_dir)
+        except OSError as exc:
+            self._warn_once("policy", f"the reuse model could not be saved ({exc}); it starts fresh next time")
         for lower in self.lower:
             self._guard(lower.tier, lower.tier.close, None)
 
@@ -282,29 +391,50 @@ class KVCache:
 
     def _store(self, tokens: np.ndarray, salt: str | bytes | None,
                fill: Callable[[torch.Tensor, int, int], object], first: int = 0) -> int:
+        started = time.perf_counter()
         namespace = salted(self.namespace, salt)
         spans = chunk_spans(tokens, self.chunk_size, namespace, include_partial=self.config.save_unfull_chunk)
         new = 0
+        writer = self._writer
+        deadline = writer.deadline() if writer is not None else 0.0  # one backpressure bound for the call
         for index, span in enumerate(spans):
             if span.end <= first:
                 continue  # the caller vouches for this prefix
             try:
-                stored = self.memory.put_filled(span.key, span.num_tokens,
-                                                lambda target, s=span: fill(target, s.start, s.end))
+                lease = self._put_chunk(span, fill, deadline)
             except PoolExhaustedError as exc:
-                self._warn_once("pool", f"store skipped: {exc}")
-                self._counters.add(store_failures=1)
+                skipped = sum(1 for s in spans[index:] if s.end > first and s.key not in self.memory)
+                self._counters.add(store_failures=1, store_skipped_chunks=skipped)
+                self._warn_once("pool", f"store skipped {skipped} chunks: {exc}")
                 break
             if span.num_tokens < self.chunk_size:
                 self._remember_partial(spans[index - 1].key if index else namespace, span.num_tokens)
-            if stored:
+            if lease is not None:
                 new += 1
                 self._counters.add(stored_chunks=1, stored_bytes=self.layout.nbytes(span.num_tokens))
-                if self._writer is not None:
-                    lease = self.memory.lease(span.key, count=False)
-                    if lease is not None:
-                        self._writer.submit(lease)
+                if writer is not None:
+                    writer.submit(lease, deadline)
+                else:
+                    lease.release()
+        self.latency.observe("save", started)
         return new
+
+    def _put_chunk(self, span: ChunkSpan, fill: Callable[[torch.Tensor, int, int], object],
+                   deadline: float) -> ChunkLease | None:
+        """Copy one chunk into the pool, pinned for the writer (None: it was already held).
+
+        A pool whose every page is pinned (pending writes, readers) gets room from the write-behind's
+        policy: backpressure until `deadline`, then a dropped write. `PoolExhaustedError` when the policy
+        gives up the new chunk or nothing can be freed.
+        """
+        while True:
+            progress = self._writer.progress if self._writer is not None else 0
+            try:
+                return self.memory.store_filled(span.key, span.num_tokens,
+                                                lambda target: fill(target, span.start, span.end))
+            except PoolExhaustedError:
+                if self._writer is None or not self._writer.make_room(deadline, progress):
+                    raise
 
     def _leading_run(self, keys: list[bytes]) -> int:
         """How many leading keys some tier holds, asking memory first, then each lower tier in order."""
@@ -424,6 +554,11 @@ class KVCache:
             self._warn_once(f"corrupt:{lower.tier.name}", f"{lower.tier.name}: dropped a corrupt chunk ({exc})")
             self._guard(lower.tier, lambda: lower.tier.delete([span.key]), None)
             return None
+
+    def _promote_planned(self, spans: list[ChunkSpan]) -> None:
+        """A learned prefetch fell due: promote what memory lacks (on the planner's thread)."""
+        if not self._closed:
+            self._promote([span for span in spans if span.key not in self.memory])
 
     def _promote(self, spans: list[ChunkSpan]) -> int:
         return len(self._fetch_lower(spans, None))

@@ -24,7 +24,10 @@ from nencache.sizes import parse_size
 
 log = logging.getLogger("nencache.config")
 
-__all__ = ["CacheConfig", "LoadedConfig", "load_config", "parse_size"]
+EVICTION_POLICIES = ("lru", "leaf-lru", "s3fifo", "learned")  # what `eviction` accepts (nencache.policy builds them)
+PREFETCH_POLICIES = ("off", "learned")
+
+__all__ = ["CacheConfig", "LoadedConfig", "is_config_key", "load_config", "parse_size"]
 
 
 @dataclass(slots=True)
@@ -46,8 +49,12 @@ class CacheConfig:
     remote_ttl: int | None = None
     remote_key_prefix: str = "nencache"
     remote_shared_memory: bool = True  # a nencache:// server on this machine: copy chunks from its mapped pool
-    write_queue_chunks: int = 256
+    write_queue_chunks: int | None = None  # most writes waiting for the tiers below; None: the pool bounds them
+    write_wait_seconds: float = 1.0  # a store waits this long for the write-behind when the pool is full of writes
+    write_drop: str = "oldest"  # then gives up the oldest pending write ("oldest") or the new chunk ("newest")
     io_threads: int = 8  # reads in flight per lower tier (a virtual or NVMe disk serves deeper queues faster)
+    eviction: str = "lru"  # the order tiers evict in: lru | leaf-lru | s3fifo | learned (docs/policies.md)
+    prefetch: str = "off"  # off | learned: promote a conversation's chunks ahead of its predicted next turn
     tenant: str = ""
     auth_token: str | None = None
     enable_p2p: bool = False
@@ -55,6 +62,9 @@ class CacheConfig:
     p2p_host: str = "127.0.0.1"
     p2p_port: int = 0
     p2p_ttl: float = 30.0  # seconds an index entry lives unless its holder refreshes it
+    p2p_shared_memory: bool = True  # peers on this machine copy chunks out of each other's pool (Linux memfd)
+    metrics_port: int | None = None  # serve this cache's Prometheus metrics on this port (0: any free port)
+    metrics_host: str = "127.0.0.1"  # the address metrics_port binds
     server_host: str = "127.0.0.1"
     server_port: int = 5870
     server_admin_port: int | None = 5871  # None: no admin HTTP endpoint
@@ -62,8 +72,12 @@ class CacheConfig:
     server_max_request_bytes: int | str = "64MiB"  # the body of one frame
     server_max_keys: int = 1024  # keys in one frame
     server_max_connections: int = 1024
+    server_max_client_connections: int = 256  # open connections from one client address
     server_max_namespaces: int = 64
-    server_io_timeout: float = 30.0  # a frame or a reply that stalls longer closes its connection
+    server_io_timeout: float = 30.0  # a frame must arrive whole, and a reply be read, within this
+    server_idle_timeout: float = 300.0  # a connection with no frame for this long is closed
+    server_auth_timeout: float = 5.0  # a connection must authenticate within this (PING does not extend it)
+    server_disk_read_wait: float = 0.1  # a request waits this long for the server's disk, then answers from memory
     server_tls_cert: str | None = None
     server_tls_key: str | None = None
     server_shared_memory: bool = True  # let clients on this machine map the pool read-only (Linux memfd)
@@ -79,8 +93,16 @@ class CacheConfig:
             raise ConfigError(f"chunk_size must be a positive number of tokens, got {self.chunk_size}")
         if self.remote_timeout <= 0:
             raise ConfigError(f"remote_timeout must be positive seconds, got {self.remote_timeout}")
-        if self.write_queue_chunks <= 0 or self.io_threads <= 0:
-            raise ConfigError("write_queue_chunks and io_threads must be positive")
+        if (self.write_queue_chunks is not None and self.write_queue_chunks <= 0) or self.io_threads <= 0:
+            raise ConfigError("write_queue_chunks (or null: the pool) and io_threads must be positive")
+        if not self.write_wait_seconds >= 0:
+            raise ConfigError(f"write_wait_seconds must be 0 or more seconds, got {self.write_wait_seconds}")
+        if self.write_drop not in ("oldest", "newest"):
+            raise ConfigError(f"write_drop must be 'oldest' or 'newest', got {self.write_drop!r}")
+        if self.eviction not in EVICTION_POLICIES:
+            raise ConfigError(f"eviction must be one of {', '.join(EVICTION_POLICIES)}; got {self.eviction!r}")
+        if self.prefetch not in PREFETCH_POLICIES:
+            raise ConfigError(f"prefetch must be one of {', '.join(PREFETCH_POLICIES)}; got {self.prefetch!r}")
 
     def replace(self, **changes: Any) -> "CacheConfig":
         return dataclasses.replace(self, **changes)
@@ -94,13 +116,16 @@ _TYPES: dict[str, Any] = {
     "pin_memory": (bool, type(None)), "cpu_codec": str, "disk_path": (str, type(None)), "disk_size": int,
     "disk_codec": str, "remote_url": (str, type(None)), "remote_codec": str, "remote_timeout": float,
     "remote_ttl": (int, type(None)), "remote_key_prefix": str, "remote_shared_memory": bool,
-    "write_queue_chunks": int, "io_threads": int,
+    "write_queue_chunks": (int, type(None)), "write_wait_seconds": float, "write_drop": str, "io_threads": int,
     "tenant": str, "auth_token": (str, type(None)), "enable_p2p": bool, "p2p_index_url": (str, type(None)),
-    "p2p_host": str, "p2p_port": int, "p2p_ttl": float,
+    "p2p_host": str, "p2p_port": int, "p2p_ttl": float, "p2p_shared_memory": bool, "metrics_port": (int, type(None)),
+    "metrics_host": str,
     "server_host": str, "server_port": int, "server_admin_port": (int, type(None)), "server_max_chunk_bytes": int,
     "server_max_request_bytes": int, "server_max_keys": int, "server_max_connections": int,
+    "server_max_client_connections": int, "server_idle_timeout": float, "server_auth_timeout": float,
+    "server_disk_read_wait": float,
     "server_max_namespaces": int, "server_io_timeout": float, "server_tls_cert": (str, type(None)),
-    "server_tls_key": (str, type(None)), "server_shared_memory": bool,
+    "server_tls_key": (str, type(None)), "server_shared_memory": bool, "eviction": str, "prefetch": str,
 }
 _SIZE_KEYS = ("cpu_size", "disk_size", "server_max_chunk_bytes", "server_max_request_bytes")
 
@@ -176,6 +201,12 @@ def _apply(values: dict[str, Any], sources: dict[str, str], key: str, value: Any
             warned.add(key)
     else:
         raise ConfigError(f"unknown config key {key!r} in {origin}{_closest(key)}")
+
+
+def is_config_key(key: str, *, lmcache: bool = False) -> bool:
+    """Whether `key` is a `CacheConfig` field or, with `lmcache`, any key of LMCache's config that
+    `load_config` takes (an alias of a NenCache key, or an LMCache-only key it accepts with a warning)."""
+    return key in _TYPES or (lmcache and (key in ALIASES or is_lmcache_only(key)))
 
 
 def load_config(

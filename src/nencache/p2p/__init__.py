@@ -16,11 +16,13 @@ from nencache.layout import KVLayout
 from nencache.p2p.client import PeerClients
 from nencache.p2p.endpoint import PeerEndpoint, PeerStore
 from nencache.p2p.index import PeerIndex
+from nencache.p2p.shared import peer_pool, region_of
 from nencache.p2p.tier import PeerTier
 from nencache.tiers.base import Tier
 from nencache.tiers.memory import MemoryTier
 
-__all__ = ["PeerClients", "PeerEndpoint", "PeerIndex", "PeerStore", "PeerTier", "build_peer_tier", "with_peer_tier"]
+__all__ = ["PeerClients", "PeerEndpoint", "PeerIndex", "PeerStore", "PeerTier", "build_peer_tier", "peer_pool",
+           "with_peer_tier"]
 
 
 def build_peer_tier(config: CacheConfig, namespace: str, memory: MemoryTier, layout: KVLayout) -> PeerTier:
@@ -32,10 +34,12 @@ def build_peer_tier(config: CacheConfig, namespace: str, memory: MemoryTier, lay
         raise ConfigError("enable_p2p serves chunks from the CPU pool, so it needs local_cpu: true")
     index = PeerIndex(config.p2p_index_url, namespace, ttl=config.p2p_ttl, timeout=config.remote_timeout,
                       key_prefix=config.remote_key_prefix)
-    clients = PeerClients(namespace.encode("ascii"), timeout=config.remote_timeout, auth_token=config.auth_token)
+    clients = PeerClients(namespace.encode("ascii"), timeout=config.remote_timeout, auth_token=config.auth_token,
+                          shared_memory=config.p2p_shared_memory)
     endpoint = PeerEndpoint(memory, namespace, host=config.p2p_host, port=config.p2p_port,
                             auth_token=config.auth_token,
-                            max_chunk_bytes=HEADER_SIZE + layout.nbytes(config.chunk_size))
+                            max_chunk_bytes=HEADER_SIZE + layout.nbytes(config.chunk_size),
+                            region=region_of(memory.pool) if config.p2p_shared_memory else None)
     try:
         return PeerTier(index, endpoint, clients, ttl=config.p2p_ttl)
     except BaseException:

@@ -4,6 +4,8 @@ A peer speaks the NenCache server protocol (`nencache.server.wire`). A peer that
 killed or refuses a request is never an error for the caller: the call answers a miss, the failure
 is counted, and the peer is skipped for `retry_after` seconds (its index entries expire meanwhile).
 Returned blobs are checked (header, length, key); the codec checks the payload checksum.
+With `shared_memory`, a peer on this machine that shares its pool is read through it
+(`nencache.p2p.shared`): one LOCATE round trip, then a memory copy per chunk.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from nencache.p2p.shared import attach, read_shared
 from nencache.server.protocol import ProtocolError
 from nencache.server.requests import count_present, fetch
+from nencache.server.shared import MappedRegion
 from nencache.server.wire import (
     ErrorReply, Target, WireConnection, blob_ok, describe_failure, token_bytes,
 )
@@ -46,8 +50,12 @@ class PeerClients:
     """Pooled connections to peers of one namespace. Thread-safe; see the module docstring."""
 
     def __init__(self, namespace: bytes, *, timeout: float, auth_token: str | None = None,
-                 retry_after: float = 2.0, on_failure: Callable[[], None] | None = None) -> None:
+                 retry_after: float = 2.0, on_failure: Callable[[], None] | None = None,
+                 shared_memory: bool = True) -> None:
         self.namespace, self.timeout, self.retry_after = namespace, timeout, retry_after
+        self.shared_memory = shared_memory
+        self.shared_reads = 0  # chunks copied out of a local peer's shared pool
+        self._regions: dict[str, MappedRegion | None] = {}  # peer -> its mapped pool (None: read over the socket)
         self.on_failure = on_failure  # told of each failed call (the owner counts it)
         self._token = token_bytes(auth_token)
         self._buffers = BufferPool()
@@ -73,7 +81,7 @@ class PeerClients:
 
     def get(self, peer: str, keys: Sequence[bytes]) -> list[memoryview | None]:
         """The blobs `peer` holds for `keys` (header, length and key checked), None elsewhere or on failure."""
-        blobs = self._call(peer, lambda conn: fetch(conn, self.namespace, keys), None) if keys else []
+        blobs = self._call(peer, lambda conn: self._fetch(peer, conn, keys), None) if keys else []
         if blobs is None or len(blobs) != len(keys):
             return [None] * len(keys)
         return [blob if blob is not None and blob_ok(key, blob) else None for key, blob in zip(keys, blobs)]
@@ -81,9 +89,40 @@ class PeerClients:
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, OrderedDict()
+            self._regions.clear()
         for conns in idle.values():
             for conn in conns:
                 conn.close()
+
+    # --- reads -----------------------------------------------------------------------------------
+    def _fetch(self, peer: str, conn: WireConnection, keys: Sequence[bytes]) -> list[memoryview | None]:
+        """The blobs of `keys` from `peer`: out of its shared pool where it can be mapped, else with GET."""
+        region = self._region(peer, conn) if self.shared_memory else None
+        if region is not None:
+            got = read_shared(conn, region, self.namespace, keys, self._buffers)
+            if got is not None:
+                rest = [i for i, blob in enumerate(got) if blob is True]
+                copied = len(got) - len(rest) - sum(blob is None for blob in got)
+                if rest:
+                    for i, blob in zip(rest, fetch(conn, self.namespace, [keys[i] for i in rest])):
+                        got[i] = blob
+                with self._lock:
+                    self.shared_reads += copied
+                return [None if blob is None or blob is True else blob for blob in got]  # type: ignore[misc]
+            with self._lock:  # the peer restarted with a new pool: map it again next time
+                self._regions.pop(peer, None)
+        return fetch(conn, self.namespace, keys)
+
+    def _region(self, peer: str, conn: WireConnection) -> MappedRegion | None:
+        with self._lock:
+            if peer in self._regions:
+                return self._regions[peer]
+        region = attach(conn)
+        with self._lock:
+            if len(self._regions) >= 4 * _MAX_PEERS:
+                self._regions.clear()
+            self._regions[peer] = region
+        return region
 
     # --- connections -----------------------------------------------------------------------------
     def _call(self, peer: str, run: Callable[[WireConnection], T], default: T) -> T:
@@ -140,6 +179,7 @@ class PeerClients:
                 self._failed = {p: t for p, t in self._failed.items() if t > now}
             self._failed[peer] = now + self.retry_after
             dropped = self._idle.pop(peer, [])
+            self._regions.pop(peer, None)
         for conn in dropped:
             conn.close()
         self._warn("peer %s failed (%s); its chunks are misses for %gs", peer, describe_failure(exc), self.retry_after)

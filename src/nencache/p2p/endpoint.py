@@ -4,7 +4,8 @@ The server code is the NenCache server's (`nencache.server`); only its store dif
 reads the cache's pool, read-only, and allocates no pool of its own. A raw chunk goes out as its
 own pool page, the raw-codec header (payload CRC32 included) stamped in the page's header slot when
 the chunk is published (on the background writer). Only EXISTS, GET, PING, AUTH and STATS are served; PUT is refused and DELETE and
-CLEAR are ignored: peers never change this cache.
+CLEAR are ignored: peers never change this cache. Where the cache's pool is a shared region
+(`nencache.p2p.shared`), SHARED and LOCATE are served too: peers on this machine copy chunks out of it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from nencache.p2p.client import peer_address
 from nencache.server.protocol import Code, ProtocolError
 from nencache.server.server import BackgroundServer
 from nencache.server.settings import ServerSettings
+from nencache.server.shared import SharedRegion, Spot
 from nencache.server.store import ChunkStore, Namespace
 from nencache.tiers.memory import ChunkLease, MemoryTier
 
@@ -31,7 +33,8 @@ class PeerStore(ChunkStore):
     `ChunkStore.__init__` is not called: it would allocate a pool; this store reads the owner's.
     """
 
-    def __init__(self, settings: ServerSettings, memory: MemoryTier, namespace: bytes) -> None:
+    def __init__(self, settings: ServerSettings, memory: MemoryTier, namespace: bytes,
+                 region: SharedRegion | None = None) -> None:
         self.settings = settings
         self.memory = memory
         self.pool = memory.pool
@@ -40,7 +43,7 @@ class PeerStore(ChunkStore):
         self._namespaces = {namespace: Namespace(namespace, b"")}  # memory keys are the bare chunk keys
         self.disk_root = None
         self.writer = None
-        self.region = None  # peers read over the socket: a peer's pool is its engine's, not shared
+        self.region = region  # the pool's shared region, which local peers map read-only (None: not shared)
         self.served_chunks = 0
 
     # --- what the server asks ------------------------------------------------------------------
@@ -68,6 +71,26 @@ class PeerStore(ChunkStore):
         if header.codec_id == RawCodec.codec_id and not header.wrapper_id:
             return page
         return memoryview(RawCodec().encode(lease.tensor(), lease.key))  # another CPU codec: served as raw
+
+    def locate(self, space: Namespace, keys: Sequence[bytes]) -> list[Spot | None]:
+        """Where held chunks sit in the shared region, in the shared byte format (a raw chunk's header is
+        stamped first); None for the rest. Nothing stays pinned: the reader checks the page's generation."""
+        assert self.region is not None, "locate needs the shared region"
+        spots: list[Spot | None] = []
+        for key in keys:
+            lease = self.memory.lease(key, count=False)
+            if lease is None:
+                spots.append(None)
+                continue
+            try:
+                length = len(lease.blob())
+                page = lease.entry.page
+                spots.append(Spot(self.region.pool_offset + page * self.pool.page_bytes, length,
+                                  int(self.region.generations[page])))
+            finally:
+                lease.release()
+        self.served_chunks += sum(spot is not None for spot in spots)
+        return spots
 
     def delete(self, space: Namespace, keys: Sequence[bytes]) -> None:
         """Peers do not delete this cache's chunks."""
@@ -100,14 +123,15 @@ class PeerEndpoint:
     """A `PeerStore` served on `host:port` (0: any free port) from a server thread of its own."""
 
     def __init__(self, memory: MemoryTier, namespace: str, *, host: str = "127.0.0.1", port: int = 0,
-                 auth_token: str | None = None, max_chunk_bytes: int, io_timeout: float = 30.0) -> None:
+                 auth_token: str | None = None, max_chunk_bytes: int, io_timeout: float = 30.0,
+                 region: SharedRegion | None = None) -> None:
         _check_host(host)
         max_chunk = max(max_chunk_bytes, memory.pool.page_bytes, HEADER_SIZE)
         self.settings = ServerSettings(host=host, port=port, admin_port=None, auth_token=auth_token,
                                        pool_bytes=max(memory.pool.capacity_bytes, max_chunk), max_chunk_bytes=max_chunk,
                                        max_request_bytes=max(8 * max_chunk, 64 << 20), io_timeout=io_timeout,
                                        io_threads=2)
-        self.store = PeerStore(self.settings, memory, namespace.encode("ascii"))
+        self.store = PeerStore(self.settings, memory, namespace.encode("ascii"), region)
         self._server = BackgroundServer(self.settings, self.store)
         try:
             self._server.start()

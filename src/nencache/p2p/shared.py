@@ -1,0 +1,106 @@
+"""Shared-memory reads between peers on one machine (`p2p_shared_memory`).
+
+A cache with `enable_p2p` keeps its pool in a `SharedRegion` (a memfd, `nencache.server.shared`):
+the same region a `nencache serve` shares with its clients. A peer on the same machine maps it
+read-only (SHARED, once per peer), asks where chunks sit (LOCATE, one round trip) and copies them out
+(one memory copy per chunk, no socket transfer), checking each page's generation after the copy: a
+page freed meanwhile is fetched with GET instead. Header, key and checksum are checked as for any read.
+
+A peer counts as local when the connection to it has the same address at both ends (the kernel routes
+it to this machine), whatever address it published. A pool that must be pinned for CUDA copies
+(`pin_memory`) stays private: peers then read it over the socket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from collections.abc import Sequence
+
+from nencache.pool import MemoryPool, cuda_pinning_available
+from nencache.server.protocol import Op
+from nencache.server.requests import locate
+from nencache.server.shared import MappedRegion, SharedRegion, Spot
+from nencache.server.wire import ErrorReply, WireConnection
+from nencache.tiers.buffers import BufferPool
+
+log = logging.getLogger("nencache.p2p")
+Blob = bytes | bytearray | memoryview
+
+
+class SharedPool(MemoryPool):
+    """A `MemoryPool` whose buffer is a `SharedRegion` that peers on this machine may map read-only."""
+
+    def __init__(self, region: SharedRegion, capacity_bytes: int, page_bytes: int) -> None:
+        super().__init__(capacity_bytes, page_bytes, pin_memory=False, buffer=region.buffer,
+                         generations=region.generations)
+        self.region = region
+
+
+def peer_pool(capacity_bytes: int, page_bytes: int, *, pin_memory: bool | None) -> MemoryPool:
+    """The pool of a P2P cache: shared with local peers where memfds exist and no CUDA pinning is
+    wanted, else a private `MemoryPool` (peers then read over the socket)."""
+    if page_bytes <= 0 or capacity_bytes // page_bytes < 1:
+        return MemoryPool(capacity_bytes, page_bytes, pin_memory=pin_memory)  # raises the usual ConfigError
+    pin = cuda_pinning_available() if pin_memory is None else pin_memory
+    region = None if pin else SharedRegion.create(capacity_bytes // page_bytes, page_bytes)
+    if region is None:
+        return MemoryPool(capacity_bytes, page_bytes, pin_memory=pin_memory)
+    return SharedPool(region, capacity_bytes, page_bytes)
+
+
+def region_of(pool: MemoryPool) -> SharedRegion | None:
+    """The shared region under `pool`, if it has one."""
+    return getattr(pool, "region", None)
+
+
+def is_local(conn: WireConnection) -> bool:
+    """True when `conn` leads to this machine (same address at both ends, or loopback)."""
+    try:
+        here, there = conn.sock.getsockname()[0], conn.sock.getpeername()[0]
+    except OSError:
+        return False
+    return here == there or str(there).startswith("127.") or there == "::1"
+
+
+def attach(conn: WireConnection) -> MappedRegion | None:
+    """Map the peer's shared pool read-only (SHARED); None where it does not share one or this process
+    cannot map it (another machine, another user)."""
+    if not is_local(conn):
+        return None
+    try:
+        info = json.loads(conn.call(Op.SHARED).body)
+    except ErrorReply as exc:
+        if exc.closing:
+            raise
+        return None  # the peer does not share its pool
+    except ValueError:
+        return None
+    try:
+        path = f"/proc/{int(info['pid'])}/fd/{int(info['fd'])}"
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a memfd is a regular file; never open anything else
+            return None
+        return MappedRegion.attach(info)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.debug("cannot map the peer's pool (%s); reading it over the socket", exc)
+        return None
+
+
+def read_shared(conn: WireConnection, region: MappedRegion, namespace: bytes, keys: Sequence[bytes],
+                buffers: BufferPool) -> list[Blob | bool | None] | None:
+    """Blobs copied out of the peer's pool (True: held but not copyable, fetch it with GET; None: absent),
+    or None when the peer answers about another pool (it restarted): map it again."""
+    spots = locate(conn, namespace, keys, region.nonce)
+    if spots is None:
+        return None
+    out: list[Blob | bool | None] = []
+    for spot in spots:
+        if isinstance(spot, Spot):
+            buffer = buffers.take(spot.length)
+            out.append(buffer if region.copy(spot, buffer) else True)
+        else:
+            out.append(True if spot else None)
+    return out
+
