@@ -47,9 +47,24 @@ class Prompt:
     root: bytes  # the cache's own namespace: a prompt of another cache is refused
     spans: list[ChunkSpan]
     full: int
+    chunk_size: int
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def head(self, num_tokens: int) -> "Prompt":
+        """The first `num_tokens` tokens as a prompt of their own: its whole chunks are this prompt's (no
+        hashing); only a new trailing partial chunk is hashed (fewer than `chunk_size` tokens)."""
+        if num_tokens >= len(self.tokens):
+            return self
+        num_tokens = max(0, num_tokens)
+        full = num_tokens // self.chunk_size
+        spans = self.spans[:full]
+        end = full * self.chunk_size
+        if end < num_tokens:
+            parent = spans[-1].key if spans else self.namespace
+            spans.append(ChunkSpan(partial_key(parent, self.tokens[end:num_tokens]), end, num_tokens))
+        return Prompt(self.tokens[:num_tokens], self.namespace, self.root, spans, full, self.chunk_size)
 
 
 class KVCache:
@@ -110,7 +125,7 @@ class KVCache:
         tokens = token_array(token_ids)
         namespace = salted(self.namespace, salt)
         spans = chunk_spans(tokens, self.chunk_size, namespace, include_partial=True)
-        return Prompt(tokens, namespace, self.namespace, spans, len(tokens) // self.chunk_size)
+        return Prompt(tokens, namespace, self.namespace, spans, len(tokens) // self.chunk_size, self.chunk_size)
 
     # --- public API --------------------------------------------------------------------------------
     def lookup(self, token_ids: TokenIds | Prompt, *, salt: str | bytes | None = None, record: bool = True) -> int:
@@ -127,7 +142,8 @@ class KVCache:
         found = self._store.contains_prefix(keys)
         matched = found * self.chunk_size
         if matched < tokens:  # a stored partial chunk may extend the run
-            matched += self._match_partial(keys[found - 1] if found else prompt.namespace, prompt.tokens[matched:])
+            matched += self._match_partial(keys[found - 1] if found else prompt.namespace, prompt.tokens[matched:],
+                                           self._tail_key(prompt, found))
         if record:
             self._counters.count_lookup(tokens, matched, found, len(keys) - found)
         return matched
@@ -238,9 +254,12 @@ class KVCache:
             matched = full * self.chunk_size
             if full == len(spans) and matched < len(tokens):  # a stored partial chunk may extend the run
                 parent = spans[-1].key if spans else prompt.namespace
-                length = self._match_partial(parent, tokens[matched:])
+                known = self._tail_key(prompt, full)
+                length = self._match_partial(parent, tokens[matched:], known)
                 if length:
-                    tail = ChunkSpan(partial_key(parent, tokens[matched : matched + length]), matched, matched + length)
+                    key = known if known is not None and matched + length == len(tokens) else \
+                        partial_key(parent, tokens[matched : matched + length])
+                    tail = ChunkSpan(key, matched, matched + length)
                     self._pin_spans([tail], pinned)
             pinned.tokens = pinned.chunks[-1].end if pinned.chunks else 0
         except BaseException:
@@ -371,14 +390,21 @@ class KVCache:
             pinned.chunks.append(PinnedChunk(span.start, span.end, lease))
         return len(leases)
 
-    def _match_partial(self, parent: bytes, rest: np.ndarray) -> int:
-        """The longest stored partial chunk after `parent` that is a prefix of `rest` (0 if none)."""
+    @staticmethod
+    def _tail_key(prompt: Prompt, found: int) -> bytes | None:
+        """The key of the prompt's trailing partial chunk when the run reached it (already hashed), else None."""
+        return prompt.spans[-1].key if found == prompt.full < len(prompt.spans) else None
+
+    def _match_partial(self, parent: bytes, rest: np.ndarray, tail: bytes | None = None) -> int:
+        """The longest stored partial chunk after `parent` that is a prefix of `rest` (0 if none). `tail`:
+        the key of all of `rest` as a partial chunk, when the caller has it."""
         with self._lock:
             lengths = {n for n in self._partials.get(parent, ()) if n <= len(rest)}
         if len(rest) < self.chunk_size:
             lengths.add(len(rest))
         for length in sorted(lengths, reverse=True):
-            if self._store.holds(partial_key(parent, rest[:length])):
+            key = tail if tail is not None and length == len(rest) else partial_key(parent, rest[:length])
+            if self._store.holds(key):
                 return length
         return 0
 
