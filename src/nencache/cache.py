@@ -203,7 +203,7 @@ class KVCache:
         self._check_open()
         prompt = self._prompt(token_ids, salt)
         out = self._output(out, len(prompt))
-        got = self.retrieve_prefix(prompt, out=out)
+        got = self._retrieve(prompt, out)
         if got < len(prompt):
             raise ChunkMissingError(
                 f"only the first {got} of {len(prompt)} tokens are cached; call lookup() first and retrieve "
@@ -218,17 +218,8 @@ class KVCache:
         Unlike `retrieve`, a chunk evicted since `lookup` is not an error: the caller recomputes from there.
         """
         self._check_open()
-        started = time.perf_counter()
         prompt = self._prompt(token_ids, salt)
-        out = self._output(out, len(prompt))
-        spans = prompt.spans
-        got_all = self._store.read([Want(s.key, s.end - s.start, out.narrow(2, s.start, s.end - s.start))
-                                    for s in spans])
-        first_missing = next((i for i, ok in enumerate(got_all) if not ok), None)
-        got = len(prompt) if first_missing is None else spans[first_missing].start
-        self._counters.add(retrieved_tokens=got, retrieved_bytes=got * self._token_bytes)
-        self.latency.observe("load", started)
-        return got
+        return self._retrieve(prompt, self._output(out, len(prompt)))
 
     def prefetch(self, token_ids: TokenIds | Prompt, *, salt: str | bytes | None = None) -> Future[int]:
         """Start promoting the chunks of `token_ids` from lower tiers into memory; `retrieve` waits for them.
@@ -341,6 +332,18 @@ class KVCache:
         if salt and salted(self.namespace, salt) != token_ids.namespace:
             raise LayoutError("a Prompt carries its salt: pass salt to prompt(), not with the Prompt")
         return token_ids
+
+    def _retrieve(self, prompt: Prompt, out: torch.Tensor) -> int:
+        """Copy the longest cached prefix of `prompt` into `out` (checked); its length in tokens."""
+        started = time.perf_counter()
+        spans = prompt.spans
+        views = out.split(self.chunk_size, 2) if len(spans) > 1 else (out,)  # one call: a view per chunk
+        got_all = self._store.read([Want(s.key, s.end - s.start, view) for s, view in zip(spans, views)])
+        first_missing = next((i for i, ok in enumerate(got_all) if not ok), None)
+        got = len(prompt) if first_missing is None else spans[first_missing].start
+        self._counters.add(retrieved_tokens=got, retrieved_bytes=got * self._token_bytes)
+        self.latency.observe("load", started)
+        return got
 
     @staticmethod
     def _wants(spans: Sequence[ChunkSpan]) -> list[Want]:

@@ -168,7 +168,7 @@ class Store:
         return got
 
     def _read_memory(self, keys: list[bytes], outs: list[torch.Tensor | None]) -> list[bool]:
-        read = self.memory.read_many(keys, outs, stop_at_miss=True)  # type: ignore[arg-type]
+        read = self.memory.read_many(keys, outs)  # type: ignore[arg-type]
         if read == len(keys):
             return [True] * read
         rest = [self.memory.read_into(k, o) for k, o in zip(keys[read:], outs[read:])]  # type: ignore[arg-type]

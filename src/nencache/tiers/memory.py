@@ -141,41 +141,55 @@ class MemoryTier:
         return ChunkLease(self, key, entry) if self._insert(key, entry, started, pin=True) else None
 
     def read_into(self, key: bytes, out: torch.Tensor) -> bool:
-        """Copy a held chunk into `out` (a `[layers, 2, tokens, heads, dim]` view); False on a miss."""
-        return self.read_many((key,), (out,), stop_at_miss=True) == 1
+        """Copy a held chunk into `out` (a `[layers, 2, tokens, heads, dim]` view); False on a miss.
 
-    def read_many(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor], *, stop_at_miss: bool = False) -> int:
-        """Copy held chunks into `outs`; how many were copied. With `stop_at_miss`, only the leading run is
-        read (the first miss ends it), else every hit is (and the caller checks which with `held`).
-
-        The hot path of a retrieve: one lock round for the index and the pins, the copies outside any
-        lock, one for the counters.
-        """
-        entries: list[tuple[int, Entry]] = []
+        The hot path of a retrieve: the page is pinned under the index lock and copied outside it."""
         with self._lock:
-            for position, key in enumerate(keys):
-                entry = self._index.get(key)
-                if entry is None:
-                    if stop_at_miss:
-                        break
-                    continue
+            entry = self._index.get(key)
+            if entry is not None:
                 self._index.move_to_end(key)
-                entries.append((position, entry))
-        acquire = self.pool.acquire
-        for _, entry in entries:
-            acquire(entry.page)
+                self.pool.acquire(entry.page)
+        if entry is None:
+            with self._stats.lock:
+                self._stats.misses += 1
+            return False
+        started = time.perf_counter()
+        try:
+            copy_into(out, entry.view if entry.view is not None else self._as_tensor(entry, key))
+        finally:
+            self.pool.release(entry.page)
+        with self._stats.lock:
+            self._stats.hits += 1
+            self._stats.read_bytes += entry.nbytes
+            self._stats.read_seconds += time.perf_counter() - started
+        return True
+
+    def read_many(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> int:
+        """Copy the leading run of held `keys` into `outs` (the first miss ends it); how many were copied.
+
+        One lock round for the index and the pins, the copies outside any lock, one for the counters."""
+        entries: list[Entry] = []
+        with self._lock:
+            get, touch, acquire = self._index.get, self._index.move_to_end, self.pool.acquire
+            for key in keys:
+                entry = get(key)
+                if entry is None:
+                    break
+                touch(key)
+                acquire(entry.page)
+                entries.append(entry)
         started = time.perf_counter()
         read = 0
         try:
-            for position, entry in entries:
-                copy_into(outs[position], entry.view if entry.view is not None else self._as_tensor(entry, keys[position]))
+            for key, entry, out in zip(keys, entries, outs):
+                copy_into(out, entry.view if entry.view is not None else self._as_tensor(entry, key))
                 read += entry.nbytes
         finally:
-            for _, entry in entries:
+            for entry in entries:
                 self.pool.release(entry.page)
         with self._stats.lock:
             self._stats.hits += len(entries)
-            self._stats.misses += (1 if stop_at_miss and len(entries) < len(keys) else len(keys) - len(entries))
+            self._stats.misses += len(entries) < len(keys)
             self._stats.read_bytes += read
             self._stats.read_seconds += time.perf_counter() - started
         return len(entries)
