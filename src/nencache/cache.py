@@ -339,9 +339,8 @@ class KVCache:
         spans = prompt.spans
         views = out.split(self.chunk_size, 2) if len(spans) > 1 else (out,)  # one call: a view per chunk
         got_all = self._store.read([Want(s.key, s.end - s.start, view) for s, view in zip(spans, views)])
-        first_missing = next((i for i, ok in enumerate(got_all) if not ok), None)
-        got = len(prompt) if first_missing is None else spans[first_missing].start
-        self._counters.add(retrieved_tokens=got, retrieved_bytes=got * self._token_bytes)
+        got = len(prompt) if all(got_all) else spans[got_all.index(False)].start
+        self._counters.count_retrieve(got, got * self._token_bytes)
         self.latency.observe("load", started)
         return got
 

@@ -38,6 +38,11 @@ class CacheCounters:
             self.hits += hit_chunks
             self.misses += missed_chunks
 
+    def count_retrieve(self, tokens: int, nbytes: int) -> None:
+        with self._lock:
+            self.retrieved_tokens += tokens
+            self.retrieved_bytes += nbytes
+
     def as_dict(self) -> dict[str, int]:
         with self._lock:
             return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}

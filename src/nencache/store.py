@@ -145,11 +145,11 @@ class Store:
     def read(self, wants: Sequence[Want]) -> list[bool]:
         """Copy the wanted chunks into their `out`: from memory, else (after any prefetch of them lands)
         fetched from the lower tiers. Which of them were served."""
+        if len(wants) == 1 and self.memory.read_into(wants[0].key, wants[0].out):  # type: ignore[arg-type]
+            return [True]  # the common single-chunk hit: nothing else to do
         keys = [want.key for want in wants]
         outs = [want.out for want in wants]
-        if len(wants) == 1:  # the common single-chunk read: no list bookkeeping
-            if self.memory.read_into(keys[0], outs[0]):  # type: ignore[arg-type]
-                return [True]
+        if len(wants) == 1:
             got = [False]
         else:
             got = self._read_memory(keys, outs)
