@@ -120,12 +120,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--against", type=Path, help="another tree's src/ (e.g. the main commit), run interleaved")
+    parser.add_argument("--against-name", default="main", help="its column's name")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure()))
         return
-    sides = {"this tree": SRC} | ({"against": args.against.resolve()} if args.against else {})
+    sides = {"this tree": SRC} | ({args.against_name: args.against.resolve()} if args.against else {})
     reps: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
     for rep in range(args.reps):
         for name, src in sides.items():
@@ -144,10 +145,11 @@ def main() -> None:
         row += [f"≤ {goal:g}" if goal else "", ("yes" if statistics.median(ours) <= goal else "no") if goal and ours
                 else ""]
         rows.append(row)
-    against = f"; `against`: {args.against}" if args.against else ""
+    against = f"; `{args.against_name}`: the source tree at {args.against}" if args.against else ""
     body = (f"{args.reps} reps, one child process per side and rep, sides interleaved{against}. Tiny layout "
             f"(2 layers, 2 KV heads, head dim 4, bf16: 16 KiB a 256-token chunk), every chunk in the CPU tier, "
-            f"one torch thread.\n\n" + table(headers, rows))
+            f"one torch thread. `handle` rows pass a `KVCache.prompt()` handle (tokens hashed once) instead of "
+            f"token ids; the others pass a token tensor, hashed by the call.\n\n" + table(headers, rows))
     write_section("hot path: per-call cost on the CPU tier", body)
     print(body)
 

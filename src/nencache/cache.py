@@ -95,6 +95,7 @@ class KVCache:
         self._store: Store = assembled.store
         self.peer: Tier | None = assembled.peer  # the peer tier with enable_p2p (docs/p2p.md)
         self.memory: MemoryTier = self._store.memory
+        self._prefault = self._store.prefault  # benchmarks join it: the pool is mapped before requests come
         # the reuse model learned before a restart lives beside the disk tier's chunks
         self._policy_dir = disk_path(self.config.disk_path) / self.namespace.hex() if self.config.disk_path else None
         self.policies.load(self._policy_dir)

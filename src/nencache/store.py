@@ -122,8 +122,8 @@ class Store:
         self.writer: WriteBehind[ChunkLease] | None = (
             WriteBehind(sink, policy, sync=sink.sync) if self.lower and policy is not None else None)
         # Map the pool's pages in the background: stores then never pay first-touch page faults.
-        self._prefault = threading.Thread(target=memory.pool.prefault, name="nencache-prefault", daemon=True)
-        self._prefault.start()
+        self.prefault = threading.Thread(target=memory.pool.prefault, name="nencache-prefault", daemon=True)
+        self.prefault.start()
 
     # --- lookups -------------------------------------------------------------------------------------
     def contains_prefix(self, keys: Sequence[bytes]) -> int:
@@ -330,7 +330,7 @@ class Store:
         for pool in (self._io, self._decoders, self._fetcher):
             if pool is not None:
                 pool.shutdown(wait=True)
-        self._prefault.join()
+        self.prefault.join()
         self.memory.close()
         for lower in self.lower:
             self.guard(lower.tier, lower.tier.close, None)
