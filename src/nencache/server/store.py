@@ -301,4 +301,3 @@ class ChunkStore:
                 data["disk_writer"] = {"pending": counts.pending, "queued": counts.submitted, "written": counts.written,
                                        "dropped": counts.dropped, "errors": counts.failed}
         return data
-
