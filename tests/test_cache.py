@@ -244,3 +244,38 @@ def test_store_from_kv_start_leaves_the_prefix_and_checks_its_arguments() -> Non
         with pytest.raises(LayoutError, match="shape"):
             cache.store(tokens, kv, kv_start=16)
         assert torch.equal(cache.retrieve(tokens), kv)  # bad calls changed nothing
+
+
+def test_a_prompt_is_hashed_once_and_serves_every_call(monkeypatch) -> None:
+    import hashlib
+
+    with make_cache() as cache:
+        ids = list(range(500, 500 + 40))  # 2 whole chunks and a partial one
+        kv = make_kv(LAYOUT, 40, seed=3)
+        hashes = []
+        real = hashlib.blake2b
+        monkeypatch.setattr(hashlib, "blake2b", lambda *args, **kwargs: hashes.append(1) or real(*args, **kwargs))
+        prompt = cache.prompt(ids)
+        assert len(hashes) == 3
+        assert cache.store(prompt, kv) == 3 and cache.lookup(prompt) == 40
+        assert torch.equal(cache.retrieve(prompt), kv) and cache.retrieve_prefix(prompt) == 40
+        assert cache.prefetch(prompt).result(5) == 0
+        cache.pin_prefix(prompt).release()
+        assert len(hashes) == 3  # no call hashed the tokens again
+        head = prompt.head(20)  # the first chunk is the prompt's; only the new partial chunk is hashed
+        assert len(hashes) == 4 and [s.key for s in head.spans] == [s.key for s in cache.prompt(ids[:20]).spans]
+        assert cache.lookup(head) == 16  # that partial chunk was never stored
+        assert prompt.head(40) is prompt and len(prompt.head(0).spans) == 0
+
+
+def test_a_prompt_keeps_its_salt_and_its_cache() -> None:
+    with make_cache() as cache, make_cache(chunk_size=32) as other:
+        ids = list(range(64))
+        cache.store(ids, make_kv(LAYOUT, 64), salt="tenant-a")
+        salted = cache.prompt(ids, salt="tenant-a")
+        assert cache.lookup(salted) == 64 and cache.lookup(cache.prompt(ids)) == 0
+        assert cache.lookup(salted, salt="tenant-a") == 64
+        with pytest.raises(LayoutError, match="carries its salt"):
+            cache.lookup(salted, salt="tenant-b")
+        with pytest.raises(LayoutError, match="another KVCache"):
+            other.lookup(salted)

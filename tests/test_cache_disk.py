@@ -94,3 +94,27 @@ def test_a_burst_the_pool_can_hold_reaches_a_slow_disk_whole_and_survives_a_rest
         assert [cache.lookup(ids) for ids in prompts] == [len(prompts[0])] * 8
         for index, ids in enumerate(prompts):
             assert torch.equal(cache.retrieve(ids), make_kv(len(ids), seed=index))
+
+
+def test_failures_and_corrupt_chunks_of_the_disk_tier_show_in_its_stats(tmp_path: Path) -> None:
+    """The store counts what it saw of a tier (a call that raised, a chunk that did not decode) in that
+    tier's entry of `stats()`: the disk tier's own `stats()` is a snapshot, so nothing lands on a copy."""
+    from nencache.codecs import RawCodec
+    from nencache.keys import chunk_keys
+
+    with make_cache(tmp_path) as cache:
+        ids = list(range(32))
+        key = chunk_keys(ids, 16, cache.namespace)[0]
+        wrong = torch.zeros((1, 2, 16, 2, 16), dtype=torch.float16)  # a valid blob of another layout
+        disk = cache.lower[0].tier
+        disk.put([(key, RawCodec().encode(wrong, key))])
+        disk.flush()
+        assert cache.retrieve_prefix(ids, out=torch.empty(LAYOUT.shape(32), dtype=LAYOUT.dtype)) == 0
+        assert cache.stats()["tiers"]["disk"]["corrupt"] == 1 and disk.contains_prefix([key]) == 0  # dropped
+        disk.close()  # every call now raises
+        assert cache.lookup(ids) == 0
+        stats = cache.stats()
+        assert stats["tiers"]["disk"]["errors"] >= 1 and stats["tier_errors"] == stats["tiers"]["disk"]["errors"]
+        snapshot = disk.stats()
+        snapshot.errors += 100
+        assert disk.stats().errors == 0  # a snapshot: changing it changes nothing

@@ -15,7 +15,7 @@ import torch
 from nencache import CacheConfig, KVCache, KVLayout
 from nencache.format import HEADER_SIZE
 from nencache.pool import MemoryPool
-from nencache.tiers.base import TierStats
+from nencache.tiers.base import Distance, TierStats
 from nencache.tiers.memory import MemoryTier, raw_page_bytes
 
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=8, dtype=torch.float16)
@@ -34,6 +34,10 @@ def byte_tier(name: str = "lower") -> MemoryTier:
 
 class FaultyTier:
     """Wraps a tier; `fail` makes every call raise, `delay` makes every put slow."""
+
+    checks_payload = False
+    publish_only = False
+    distance = Distance.LOCAL
 
     def __init__(self, inner: MemoryTier) -> None:
         self.inner, self.name, self.fail, self.delay = inner, "faulty", False, 0.0
@@ -133,7 +137,7 @@ def test_corrupt_lower_chunk_is_a_counted_miss_never_a_wrong_tensor() -> None:
         out = torch.zeros(LAYOUT.shape(48), dtype=LAYOUT.dtype)
         assert cache.retrieve_prefix(ids, out=out) == 16
         assert torch.equal(out[:, :, :16], make_kv(48)[:, :, :16])
-        assert lower.stats().corrupt == 1
+        assert cache.stats()["tiers"]["lower"]["corrupt"] == 1  # counted by the store, the one that found it
         assert keys[1] not in lower  # removed
         assert cache.lookup(ids) == 16
 
@@ -234,8 +238,9 @@ class CountingTier(FaultyTier):
 
 def test_lower_tier_reads_come_in_batches_and_stop_at_the_first_gap(monkeypatch) -> None:
     import nencache.cache
+    import nencache.store
 
-    monkeypatch.setattr(nencache.cache, "_FETCH_BATCH_BYTES", 2 * LAYOUT.nbytes(CHUNK))
+    monkeypatch.setattr(nencache.store, "FETCH_BATCH_BYTES", 2 * LAYOUT.nbytes(CHUNK))
     lower = CountingTier(byte_tier())
     with make_cache(lower, local_cpu=False) as cache:
         ids = list(range(10 * CHUNK))

@@ -69,9 +69,18 @@ def salted(namespace: bytes, salt: str | bytes | None) -> bytes:
     return _blake(namespace + b"\x01salt\x00" + raw)
 
 
+_I8 = np.dtype("<i8")
+
+
 def token_array(token_ids: TokenIds) -> np.ndarray:
     """Token ids as a 1-D little-endian int64 array; raise `LayoutError` for anything else."""
+    if type(token_ids) is np.ndarray and token_ids.dtype == _I8 and token_ids.ndim == 1 \
+            and token_ids.flags.c_contiguous:
+        return token_ids  # already what this returns (the hot path: a prompt's tokens, hashed once)
     if isinstance(token_ids, torch.Tensor):
+        if token_ids.dtype is torch.int64 and token_ids.dim() == 1 and token_ids.device.type == "cpu":
+            array = token_ids.detach().numpy()
+            return array if array.flags.c_contiguous and array.dtype == _I8 else np.ascontiguousarray(array, dtype=_I8)
         if token_ids.dim() != 1 or token_ids.is_floating_point() or token_ids.is_complex():
             raise LayoutError(f"token_ids must be a 1-D integer tensor, got {token_ids.dtype} {tuple(token_ids.shape)}")
         array = token_ids.detach().cpu().numpy()
@@ -97,15 +106,19 @@ def chunk_spans(
     if chunk_size <= 0:
         raise LayoutError(f"chunk_size must be positive, got {chunk_size}")
     tokens = token_array(token_ids)
-    data = tokens.tobytes()
+    data = memoryview(tokens).cast("B") if len(tokens) else memoryview(b"")
     n = len(tokens)
     end_full = n - n % chunk_size
     stop = n if include_partial else end_full
     spans: list[ChunkSpan] = []
     prev = namespace
-    for start in range(0, stop, chunk_size):
+    blake, whole = hashlib.blake2b, _COUNT.pack(chunk_size)
+    for start in range(0, stop, chunk_size):  # fed piece by piece: no per-chunk copy of the tokens
         end = min(start + chunk_size, stop)
-        prev = _blake(prev + _COUNT.pack(end - start) + data[start * 8 : end * 8])
+        digest = blake(prev, digest_size=KEY_BYTES)
+        digest.update(whole if end - start == chunk_size else _COUNT.pack(end - start))
+        digest.update(data[start * 8 : end * 8])
+        prev = digest.digest()
         spans.append(ChunkSpan(prev, start, end))
     return spans
 

@@ -1,4 +1,4 @@
-"""`CacheCounters`: the cache-level counters behind `KVCache.stats()`."""
+"""`CacheCounters`: the token-level counters behind `KVCache.stats()`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from dataclasses import dataclass, field, fields
 
 @dataclass(slots=True)
 class CacheCounters:
-    """Lookups and their hit rate in chunks and tokens, stores (and chunks not stored), retrieves, errors."""
+    """Lookups and their hit rate in chunks and tokens, stores (and chunks not stored), retrieves.
+
+    What the lower tiers served and how often they failed is the store's to count (`Store.counters`)."""
 
     lookups: int = 0
     lookup_tokens: int = 0
@@ -21,8 +23,6 @@ class CacheCounters:
     store_skipped_chunks: int = 0  # chunks those calls did not store (the pool was pinned by readers and writes)
     retrieved_tokens: int = 0
     retrieved_bytes: int = 0
-    lower_hits: int = 0
-    tier_errors: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **amounts: int) -> None:
@@ -37,6 +37,11 @@ class CacheCounters:
             self.hit_tokens += matched
             self.hits += hit_chunks
             self.misses += missed_chunks
+
+    def count_retrieve(self, tokens: int, nbytes: int) -> None:
+        with self._lock:
+            self.retrieved_tokens += tokens
+            self.retrieved_bytes += nbytes
 
     def as_dict(self) -> dict[str, int]:
         with self._lock:

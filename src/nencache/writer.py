@@ -11,8 +11,12 @@ then give up either the oldest pending write or the new chunk. The same policy a
 `max_pending` writes wait. Every chunk given up (`dropped`) or not taken by a tier (`failed`) is
 counted, and `flush` answers False when any was since the previous `flush`.
 
-The component knows nothing of tiers or codecs: it drains pinned items through a `write` callable.
-`KVCache` writes chunks to its lower tiers with it; the server writes received chunks to its disk.
+The policy is the only difference between the two users: the store (`nencache.store`) waits for
+the writer before it drops (`WritePolicy(write_wait_seconds, ...)`: backpressure, then a drop); the
+server never makes a PUT wait (`WritePolicy(0, ...)`: drop at once). `WriteBehind` itself knows nothing
+of tiers or codecs: it drains pinned items through a `write` callable. `TierSink` is that callable for
+chunks bound for every tier below memory; `write_each` for chunks that each name their own tier (the
+server's per-namespace disk tiers).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Generic, Protocol, TypeVar
 
-from nencache.codecs import Codec, RawCodec
+from nencache.codecs import Codec
 from nencache.errors import ConfigError
 from nencache.tiers.base import Tier
 from nencache.tiers.memory import ChunkLease
@@ -259,21 +263,18 @@ def put_counted(tier: Tier, items: Sequence[tuple[bytes, object]],
 
 @dataclass(slots=True)
 class LowerTier:
-    """A byte tier below memory and the codec its chunks are written with.
-
-    `keys_only`: the tier is told which keys were stored (`put` with empty values), nothing is encoded.
-    """
+    """A byte tier below memory and the codec its chunks are written with."""
 
     tier: Tier
     codec: Codec
-    keys_only: bool = False
 
 
 class TierSink:
-    """The `write` of `KVCache`'s write-behind: pinned chunks, encoded once per codec, into every lower tier.
+    """The `write` of the store's write-behind: pinned chunks, encoded once per codec, into every lower tier.
 
-    `after_write(key)` runs for each chunk once every tier was asked (`KVCache` without `local_cpu` then
-    lets the pool forget it).
+    A `publish_only` tier is told the keys (empty values), nothing is encoded for it. `after_write(key)`
+    runs for each chunk once every tier was asked (a store that only stages chunks then lets the pool
+    forget it).
     """
 
     def __init__(self, tiers: Sequence[LowerTier], on_error: Callable[[Tier, BaseException], None],
@@ -288,7 +289,7 @@ class TierSink:
         encoded: dict[str, list[tuple[bytes, object]]] = {}
         failed = 0
         for lower in self.tiers:
-            if lower.keys_only:
+            if lower.tier.publish_only:
                 failed += put_counted(lower.tier, [(lease.key, b"") for lease in batch], self._on_error)
                 continue
             items = encoded.get(lower.codec.name)
@@ -320,6 +321,28 @@ class TierSink:
     @staticmethod
     def _encode(codec: Codec, lease: ChunkLease) -> bytes | memoryview:
         """The chunk in `codec`'s bytes; a raw chunk goes out as its own pool page, header stamped in front."""
-        if isinstance(codec, RawCodec) and not lease.entry.is_blob:
+        if codec.zero_copy and not lease.entry.is_blob:
             return lease.blob()
         return codec.encode(lease.tensor(), lease.key)
+
+
+@dataclass(slots=True)
+class TierWrite:
+    """One chunk bound for one named tier: its key, its pinned page, and the blob (`view`) to write."""
+
+    tier: Tier
+    key: bytes
+    lease: ChunkLease
+    view: memoryview
+
+    def release(self) -> None:
+        self.lease.release()
+
+
+def write_each(batch: list[TierWrite], on_error: Callable[[Tier, BaseException], None]) -> int:
+    """Write `batch`, one `put` per tier named in it; how many chunks a tier did not take."""
+    by_tier: dict[int, list[TierWrite]] = {}
+    for item in batch:
+        by_tier.setdefault(id(item.tier), []).append(item)
+    return sum(put_counted(items[0].tier, [(item.key, item.view) for item in items], on_error)
+               for items in by_tier.values())

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from nencache import CacheConfig, KVLayout
-from nencache.codecs import RawCodec
 from nencache.errors import LayoutError
 from nencache.integrations.page_store import PageStore, page_namespace
 from nencache.integrations.sglang import TransferLog
-from nencache.tiers.base import TierStats
+from nencache.tiers.base import Distance, TierStats
 
 LAYOUT, PAGE = KVLayout(3, 2, 8, torch.bfloat16), 4
 
@@ -23,6 +22,9 @@ class DictTier:
     """A byte tier in a dict that can be made to fail (a NenCache `Tier`; nothing of SGLang's)."""
 
     name = "dict"
+    checks_payload = False
+    publish_only = False
+    distance = Distance.REMOTE
 
     def __init__(self) -> None:
         self.blobs: dict[bytes, bytes] = {}
@@ -61,10 +63,9 @@ class DictTier:
         pass
 
 
-def make_store(config: CacheConfig, lower=()) -> PageStore:
-    store = PageStore.from_config(config, LAYOUT, PAGE, page_namespace("tiny-model", LAYOUT, PAGE, shard="mha"))
-    store.lower.extend(lower)
-    return store
+def make_store(config: CacheConfig, lower=None) -> PageStore:
+    return PageStore.from_config(config, LAYOUT, PAGE, page_namespace("tiny-model", LAYOUT, PAGE, shard="mha"),
+                                 lower=lower)
 
 
 def pages(count: int) -> list[torch.Tensor]:
@@ -74,9 +75,9 @@ def pages(count: int) -> list[torch.Tensor]:
 
 def test_lower_tier_serves_and_promotes_and_failures_are_misses() -> None:
     lower = DictTier()
-    store = make_store(CacheConfig(cpu_size="1MiB"), lower=[(lower, RawCodec())])
+    store = make_store(CacheConfig(cpu_size="1MiB"), lower=[(lower, "raw")])
     sent = pages(2)
-    assert store.put(["a", "b"], sent) == [True, True] and len(lower.blobs) == 2
+    assert store.put(["a", "b"], sent) == [True, True] and store.flush(10) and len(lower.blobs) == 2
     store.memory.clear()
     out = [torch.empty(LAYOUT.shape(PAGE), dtype=torch.bfloat16) for _ in range(2)]
     assert store.get_into(["a", "b"], out) == [True, True]  # from the lower tier, promoted
@@ -94,6 +95,7 @@ def test_lower_tier_serves_and_promotes_and_failures_are_misses() -> None:
     lower.broken = True
     assert store.exists_prefix(["a"]) == 0 and store.get_into(["a"], out[:1]) == [False]
     assert store.put(["c"], sent[:1]) == [True]  # memory took it
+    assert not store.flush(10) and store.stats()["write_failed_chunks"] == 1  # the tier below did not
     assert store.counters["tier_errors"] >= 3
     with pytest.raises(LayoutError):
         store.put(["d"], [torch.zeros(2, dtype=torch.bfloat16)])

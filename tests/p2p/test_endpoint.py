@@ -66,3 +66,18 @@ def test_a_header_is_recomputed_when_a_key_is_stored_again(redis_server: RedisSe
             assert bytes(store.view(lease)) == RawCodec().encode(other, key)  # header and payload, one buffer
         finally:
             lease.release()
+
+
+def test_the_peer_tier_declares_publish_only_its_place_and_gives_snapshots(redis_server: RedisServer) -> None:
+    from nencache.tiers.base import Distance, Tier
+
+    ids = tokens(11, 2 * CHUNK)
+    with KVCache(config(redis_server.url), LAYOUT, MODEL + "-capabilities") as cache:
+        peer = cache.peer
+        assert isinstance(peer, Tier) and peer.publish_only and peer.distance is Distance.PEER
+        cache.store(ids, compute_kv(ids))
+        assert cache.flush(10)
+        snapshot = peer.stats()
+        assert snapshot.stored_chunks == 2  # keys published, no bytes sent
+        snapshot.stored_chunks += 100
+        assert peer.stats().stored_chunks == 2

@@ -12,7 +12,7 @@ from nencache.config import CacheConfig
 from nencache.errors import ConfigError, TierError
 from nencache.server.client import ServerTier
 from nencache.server.server import BackgroundServer
-from nencache.tiers.factory import build_remote_tier
+from nencache.assemble import remote_tier
 from tests.server.conftest import small_settings
 from tests.tiers.contract import TierContract, make_blob, make_key
 
@@ -112,7 +112,7 @@ def test_keys_must_be_16_bytes(tier: ServerTier) -> None:
 
 
 def test_factory_builds_a_server_tier(local_server: BackgroundServer) -> None:
-    tier = build_remote_tier(CacheConfig(remote_url=local_server.url), "ab" * 16)
+    tier = remote_tier(CacheConfig(remote_url=local_server.url), "ab" * 16)
     assert isinstance(tier, ServerTier) and tier.is_up
     tier.close()
     with pytest.raises(ConfigError):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nencache.codecs import RawCodec
-from nencache.tiers.base import Tier, TierStats
+from nencache.tiers.base import Distance, Tier, TierStats
 
 
 def make_blob(key: bytes, tokens: int = 8, seed: int = 0) -> bytes:
@@ -81,6 +81,20 @@ class TierContract:
         assert isinstance(stats, TierStats)
         assert stats.hits >= 1 and stats.misses >= 1
         assert stats.stored_chunks >= 1
+
+    def test_stats_are_a_snapshot(self, tier: Tier) -> None:
+        key = make_key(7)
+        tier.put([(key, make_blob(key))])
+        tier.flush()
+        before = tier.stats()
+        before.stored_chunks += 1000
+        before.errors += 1000
+        after = tier.stats()
+        assert after is not before and after.stored_chunks < 1000 and after.errors < 1000
+
+    def test_declares_its_capabilities(self, tier: Tier) -> None:
+        assert isinstance(tier.checks_payload, bool) and isinstance(tier.publish_only, bool)
+        assert isinstance(tier.distance, Distance)
 
     def test_many_chunks_of_varied_sizes(self, tier: Tier) -> None:
         items = [(make_key(1000 + i), make_blob(make_key(1000 + i), tokens=1 + i % 17, seed=i)) for i in range(40)]

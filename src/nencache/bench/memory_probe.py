@@ -31,7 +31,7 @@ def rss_bytes() -> int:
 def measure(codec_name: str, tokens: int) -> dict[str, object]:
     layout = SMOLLM2
     codec = get_codec(codec_name)
-    page = raw_page_bytes(layout, CHUNK) if isinstance(codec, RawCodec) else codec.max_encoded_size(layout, CHUNK)
+    page = raw_page_bytes(layout, CHUNK) if codec.zero_copy else codec.max_encoded_size(layout, CHUNK)
     pages = -(-tokens // CHUNK)
     gen = torch.Generator().manual_seed(1)
     kv = torch.randn(layout.shape(tokens), generator=gen).to(layout.dtype)

@@ -21,6 +21,9 @@ class Codec(Protocol):
     name: str
     codec_id: int
     lossy: bool
+    zero_copy: bool
+    """The payload is the tensor's own bytes, unchanged: the memory tier keeps such a chunk as a plain tensor
+    in its page and the write-behind sends the page itself out (header stamped in front), with no encode."""
 
     def encode(self, chunk: torch.Tensor, key: bytes = NO_KEY) -> bytes: ...
 

@@ -173,6 +173,7 @@ class SectionCodec:
 
     __slots__ = ()
     codec_id: ClassVar[int]
+    zero_copy: ClassVar[bool] = False
 
     def encode_sections(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int]:
         raise NotImplementedError

@@ -47,6 +47,7 @@ class _Wrapper:
     inner: Codec = dataclasses.field(default_factory=RawCodec)
     wrapper_id: ClassVar[int] = 0
     prefix: ClassVar[str] = ""
+    zero_copy: ClassVar[bool] = False
 
     @property
     def name(self) -> str:

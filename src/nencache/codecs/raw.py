@@ -32,6 +32,7 @@ class RawCodec:
     name = "raw"
     codec_id = 0
     lossy = False
+    zero_copy = True
 
     def encode(self, chunk: torch.Tensor, key: bytes = NO_KEY) -> bytes:
         if chunk.dim() != 5 or chunk.shape[1] != 2:

@@ -111,7 +111,8 @@ class CachedModel:
         """A `DynamicCache` holding the longest cached prefix of `token_ids` (at most all but the last token)."""
         tokens = token_array(token_ids)
         dynamic = self.new_dynamic_cache()
-        hit = self.cache.lookup(tokens, salt=salt)
+        prompt = self.cache.prompt(tokens, salt=salt)  # hashed once for the lookup and the load
+        hit = self.cache.lookup(prompt)
         if hit == 0:
             return dynamic, 0
         layout = self.cache.layout
@@ -119,7 +120,7 @@ class CachedModel:
         staging = self._staging_buffer((layout.num_layers, 2, layout.num_kv_heads, hit, layout.head_dim),
                                        pin=device.type == "cuda")
         # Chunks are [layers, 2, tokens, heads, dim]; the permuted view lets one copy land heads-first.
-        got = self.cache.retrieve_prefix(tokens[:hit], salt=salt, out=staging.permute(0, 1, 3, 2, 4))
+        got = self.cache.retrieve_prefix(prompt.head(hit), out=staging.permute(0, 1, 3, 2, 4))
         use = min(got, len(tokens) - 1)
         if use <= 0:
             return dynamic, 0

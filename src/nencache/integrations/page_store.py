@@ -2,30 +2,28 @@
 
 Engines that name pages themselves (SGLang's HiCache hashes each page with its prefix) cannot use
 `KVCache`'s token-keyed API. A `PageStore` keeps such pages as ordinary chunks
-`[layers, 2, page_tokens, kv_heads, head_dim]` in a memory tier and the byte tiers below it (disk,
-Redis, a NenCache server), under 16-byte keys derived from the page name and a namespace.
+`[layers, 2, page_tokens, kv_heads, head_dim]` in the one chunk store (a memory tier and the byte
+tiers below it: disk, Redis, a NenCache server), under 16-byte keys derived from the page name and a
+namespace.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from nencache.codecs import Codec, get_codec
+from nencache.assemble import build_store
 from nencache.config import CacheConfig
 from nencache.copy import copy_into
-from nencache.errors import CorruptChunkError, LayoutError, PoolExhaustedError
+from nencache.errors import PoolExhaustedError
 from nencache.layout import KVLayout
-from nencache.pool import MemoryPool
+from nencache.store import Store, Want
 from nencache.tiers.base import Tier
-from nencache.tiers.factory import build_lower_tiers
-from nencache.tiers.memory import MemoryTier, raw_page_bytes
-
-log = logging.getLogger("nencache.pages")
+from nencache.tiers.memory import MemoryTier
 
 
 def page_namespace(model_name: str, layout: KVLayout, page_tokens: int, *, shard: str = "", tenant: str = "") -> bytes:
@@ -38,130 +36,90 @@ def page_namespace(model_name: str, layout: KVLayout, page_tokens: int, *, shard
 
 
 class PageStore:
-    """Pages under SGLang's string keys, in a memory tier and the byte tiers below it.
+    """Pages under SGLang's string keys, in the one chunk store (`nencache.store`).
 
-    Writes go through to every tier (SGLang calls them from its own background thread); reads take
-    the fastest tier that holds the page, check and decode it, and promote it into memory. A tier
-    that fails counts as a miss for that call and is logged once.
+    Writes land in the memory tier and are written to the tiers below by the store's write-behind
+    (SGLang calls them from its own background thread; they never wait on disk or network); reads take
+    the fastest tier that holds the page, check and decode it, and promote it into memory. A tier that
+    fails counts as a miss for that call and is logged once. Without `keep_pages` (`local_cpu` off),
+    the memory tier only stages pages until they are written below.
     """
 
-    def __init__(self, layout: KVLayout, page_tokens: int, namespace: bytes, *, memory: MemoryTier | None,
-                 lower: Sequence[tuple[Tier, Codec]] = ()) -> None:
+    def __init__(self, layout: KVLayout, page_tokens: int, namespace: bytes, store: Store, *,
+                 keep_pages: bool = True) -> None:
         self.layout = layout
         self.page_tokens = page_tokens
         self.namespace = namespace
-        self.memory = memory
-        self.lower = list(lower)
-        self._warned: set[str] = set()
-        self.counters = {"hits": 0, "misses": 0, "stored_pages": 0, "tier_errors": 0, "corrupt": 0}
+        self.store = store
+        self._keep_pages = keep_pages
+        self._lock = threading.Lock()
+        self._counts = {"hits": 0, "misses": 0, "stored_pages": 0}
 
     @classmethod
-    def from_config(cls, config: CacheConfig, layout: KVLayout, page_tokens: int, namespace: bytes) -> "PageStore":
-        memory = None
-        if config.local_cpu:
-            pool = MemoryPool(int(config.cpu_size), raw_page_bytes(layout, page_tokens), pin_memory=config.pin_memory)
-            memory = MemoryTier(pool, layout, get_codec(config.cpu_codec))
-        pairs = build_lower_tiers(config, namespace.hex())
-        return cls(layout, page_tokens, namespace, memory=memory, lower=[(t, get_codec(c)) for t, c in pairs])
+    def from_config(cls, config: CacheConfig, layout: KVLayout, page_tokens: int, namespace: bytes, *,
+                    lower: Sequence[tuple[Tier, str]] | None = None) -> "PageStore":
+        """The tiers `config` asks for (`lower` given: those below memory instead). Pages are not shared
+        with peers (`enable_p2p` is for `KVCache`)."""
+        assembled = build_store(config.replace(enable_p2p=False), layout, namespace.hex(), page_tokens=page_tokens,
+                                lower=lower)
+        return cls(layout, page_tokens, namespace, assembled.store, keep_pages=config.local_cpu)
+
+    @property
+    def memory(self) -> MemoryTier | None:
+        """The memory tier, where pages are kept (None when it only stages them for the tiers below)."""
+        return self.store.memory if self._keep_pages else None
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Pages served and missed by `get_into`, stored by `put`; calls that failed and corrupt pages dropped."""
+        found = self.store.counters()
+        with self._lock:
+            return dict(self._counts, tier_errors=found["tier_errors"], corrupt=found["corrupt"])
 
     def key(self, name: str) -> bytes:
         return hashlib.blake2b(self.namespace + name.encode(), digest_size=16).digest()
 
     def exists_prefix(self, names: Sequence[str]) -> int:
         """How many of `names`, from the first, some tier holds."""
-        keys, found = [self.key(n) for n in names], 0
-        while found < len(keys):
-            advanced = self.memory.contains_prefix(keys[found:]) if self.memory is not None else 0
-            for tier, _ in self.lower:
-                if advanced:
-                    break
-                advanced = self._guard(tier, lambda t=tier: t.contains_prefix(keys[found:]), 0)
-            if not advanced:
-                break
-            found += advanced
-        return found
+        return self.store.contains_prefix([self.key(n) for n in names])
 
     def put(self, names: Sequence[str], chunks: Sequence[torch.Tensor]) -> list[bool]:
-        """Store pages (chunks `[layers, 2, page_tokens, heads, dim]`); True where some tier took it."""
-        done = [False] * len(names)
-        keys = [self.key(n) for n in names]
-        for index, (key, chunk) in enumerate(zip(keys, chunks)):
+        """Store pages (chunks `[layers, 2, page_tokens, heads, dim]`); True where the store took it (or
+        already held it). Tiers below memory are written in the background (see `flush`)."""
+        for chunk in chunks:
             self.layout.check(chunk, self.page_tokens)
-            if self.memory is not None:
-                try:
-                    self.memory.put_tensor(key, chunk)
-                    done[index] = True
-                except PoolExhaustedError as exc:
-                    self._warn("pool", f"page not kept in memory: {exc}")
-        for tier, codec in self.lower:
-            blobs = [(key, codec.encode(chunk.cpu(), key)) for key, chunk in zip(keys, chunks)]
-            if self._guard(tier, lambda t=tier: t.put(blobs) or True, False):
-                done = [True] * len(names)
-        self.counters["stored_pages"] += sum(done)
+        done = [False] * len(names)
+        if not self._keep_pages and not self.store.lower:
+            return done  # nowhere to keep them
+        deadline = self.store.deadline()
+        for index, (name, chunk) in enumerate(zip(names, chunks)):
+            try:
+                self.store.put(self.key(name), self.page_tokens, lambda target, c=chunk: copy_into(target, c), deadline)
+                done[index] = True
+            except PoolExhaustedError as exc:
+                self.store.warn("pool", f"page not stored: {exc}")
+        with self._lock:
+            self._counts["stored_pages"] += sum(done)
         return done
 
     def get_into(self, names: Sequence[str], outs: Sequence[torch.Tensor]) -> list[bool]:
         """Copy pages into `outs` (chunk-shaped views of any strides); False where no tier had it."""
-        keys = [self.key(n) for n in names]
-        got = [self.memory is not None and self.memory.read_into(k, o) for k, o in zip(keys, outs)]
-        for tier, codec in self.lower:
-            wanted = [i for i, ok in enumerate(got) if not ok]
-            if not wanted:
-                break
-            blobs = self._guard(tier, lambda t=tier: t.get([keys[i] for i in wanted]), None) or []
-            for i, blob in zip(wanted, blobs):
-                chunk = None if blob is None else self._decode(tier, codec, keys[i], blob)
-                if chunk is None:
-                    continue
-                copy_into(outs[i], chunk)
-                got[i] = True
-                if self.memory is not None:
-                    try:
-                        self.memory.put_tensor(keys[i], chunk)
-                    except PoolExhaustedError:
-                        pass  # served, just not promoted
-        self.counters["hits"] += sum(got)
-        self.counters["misses"] += len(got) - sum(got)
+        got = self.store.read([Want(self.key(n), self.page_tokens, o) for n, o in zip(names, outs)])
+        with self._lock:
+            self._counts["hits"] += sum(got)
+            self._counts["misses"] += len(got) - sum(got)
         return got
 
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every page put so far is written to the tiers below; False on timeout or a lost write."""
+        return self.store.flush(timeout)
+
     def clear(self) -> None:
-        if self.memory is not None:
-            self.memory.clear()
-        for tier, _ in self.lower:
-            self._guard(tier, tier.clear, None)
+        self.store.clear()
 
     def stats(self) -> dict[str, Any]:
-        tiers = {t.name: t.stats().as_dict() for t, _ in self.lower}
-        if self.memory is not None:
-            tiers["memory"] = self.memory.stats().as_dict()
-        return dict(self.counters, tiers=tiers)
+        """The counters, what the write-behind wrote, dropped and failed, and a snapshot of each tier."""
+        return self.counters | self.store.write_stats() | {"tiers": self.store.tier_stats()}
 
     def close(self) -> None:
-        for tier, _ in self.lower:
-            self._guard(tier, tier.close, None)
-        if self.memory is not None:
-            self.memory.close()
-
-    def _decode(self, tier: Tier, codec: Codec, key: bytes, blob: Any) -> torch.Tensor | None:
-        try:
-            chunk = codec.decode(blob, expected_key=key)
-            self.layout.check(chunk, self.page_tokens)
-            return chunk
-        except (CorruptChunkError, LayoutError) as exc:
-            self.counters["corrupt"] += 1
-            self._warn(f"corrupt:{tier.name}", f"{tier.name}: dropped a corrupt page ({exc})")
-            self._guard(tier, lambda: tier.delete([key]), None)
-            return None
-
-    def _guard(self, tier: Tier, call: Any, default: Any) -> Any:
-        try:
-            return call()
-        except Exception as exc:
-            self.counters["tier_errors"] += 1
-            self._warn(f"tier:{tier.name}", f"tier {tier.name} failed ({exc!r}); treating it as a miss")
-            return default
-
-    def _warn(self, topic: str, message: str) -> None:
-        if topic not in self._warned:
-            self._warned.add(topic)
-            log.warning(message)
+        self.store.close()

@@ -1,7 +1,8 @@
 """`PeerEndpoint`: a NenCache server over a `KVCache`'s own memory tier, serving its chunks to peers.
 
 The server code is the NenCache server's (`nencache.server`); only its store differs: `PeerStore`
-reads the cache's pool, read-only, and allocates no pool of its own. A raw chunk goes out as its
+answers the server's store calls from the memory tier of the cache's store (`nencache.store`),
+read-only, and allocates no pool of its own. A raw chunk goes out as its
 own pool page, the raw-codec header (payload CRC32 included) stamped in the page's header slot when
 the chunk is published (on the background writer). Only EXISTS, GET, PING, AUTH and STATS are served; PUT is refused and DELETE and
 CLEAR are ignored: peers never change this cache. Where the cache's pool is a shared region
@@ -11,7 +12,6 @@ CLEAR are ignored: peers never change this cache. Where the cache's pool is a sh
 from __future__ import annotations
 
 import ipaddress
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,37 +23,54 @@ from nencache.server.protocol import Code, ProtocolError
 from nencache.server.server import BackgroundServer
 from nencache.server.settings import ServerSettings
 from nencache.server.shared import SharedRegion, Spot
-from nencache.server.store import ChunkStore, Namespace
+from nencache.server.store import Namespace
 from nencache.tiers.memory import ChunkLease, MemoryTier
 
 
-class PeerStore(ChunkStore):
-    """The `ChunkStore` interface over another owner's `MemoryTier`, for one namespace, read-only.
-
-    `ChunkStore.__init__` is not called: it would allocate a pool; this store reads the owner's.
-    """
+class PeerStore:
+    """What the NenCache server asks of its store, answered read-only from a cache's memory tier, for one
+    namespace. It allocates nothing: the pool is the cache's."""
 
     def __init__(self, settings: ServerSettings, memory: MemoryTier, namespace: bytes,
                  region: SharedRegion | None = None) -> None:
         self.settings = settings
         self.memory = memory
         self.pool = memory.pool
-        self._bytes = memoryview(self.pool.buffer.numpy())
-        self._lock = threading.Lock()
-        self._namespaces = {namespace: Namespace(namespace, b"")}  # memory keys are the bare chunk keys
-        self.disk_root = None
+        self._space = Namespace(namespace, b"")  # memory keys are the bare chunk keys
+        self.disk_root = None  # nothing below memory is served
         self.writer = None
         self.region = region  # the pool's shared region, which local peers map read-only (None: not shared)
         self.served_chunks = 0
 
     # --- what the server asks ------------------------------------------------------------------
+    def known(self, name: bytes) -> Namespace | None:
+        return self._space if name == self._space.name else None
+
+    def needs_open(self, name: bytes) -> bool:
+        return False
+
     def open(self, name: bytes, *, create: bool) -> Namespace | None:
         if create:
             raise _read_only()
-        return self._namespaces.get(name)
+        return self.known(name)
+
+    def exists(self, space: Namespace, keys: Sequence[bytes], *, disk: bool = True) -> int:
+        return self.memory.contains_prefix(keys)
+
+    def present(self, space: Namespace, keys: Sequence[bytes]) -> list[bool]:
+        return [key in self.memory for key in keys]
+
+    def read_disk(self, space: Namespace, keys: Sequence[bytes]) -> list[Any]:
+        return [None] * len(keys)
+
+    def lease_after_read(self, space: Namespace, keys: Sequence[bytes], held: Sequence[bool]) -> list[ChunkLease | None]:
+        return self.lease(space, keys)
 
     def take_page(self, nbytes: int) -> tuple[int, memoryview]:
         raise _read_only()  # a PUT never reaches the cache's pool
+
+    def abandon(self, page: int) -> None:
+        raise _read_only()
 
     def commit(self, space: Namespace, key: bytes, page: int, nbytes: int) -> bool:
         raise _read_only()
@@ -105,7 +122,10 @@ class PeerStore(ChunkStore):
         """The memory tier belongs to its `KVCache`."""
 
     def stats(self) -> dict[str, Any]:
-        return super().stats() | {"served_chunks": self.served_chunks}
+        return {"memory": self.memory.stats().as_dict(),
+                "pool": {"capacity_bytes": self.pool.capacity_bytes, "page_bytes": self.pool.page_bytes,
+                         "pages": self.pool.num_pages, "free_pages": self.pool.free_pages},
+                "namespaces": 1, "served_chunks": self.served_chunks}
 
     # --- headers ---------------------------------------------------------------------------------
     def prepare(self, keys: Sequence[bytes]) -> None:

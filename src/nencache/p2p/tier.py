@@ -20,7 +20,7 @@ from typing import TypeVar
 from nencache.p2p.client import PeerClients
 from nencache.p2p.endpoint import PeerEndpoint
 from nencache.p2p.index import PeerIndex
-from nencache.tiers.base import TierStats
+from nencache.tiers.base import Distance, TierStats
 from nencache.tiers.resp import ReplyError
 from nencache.tiers.retry import ThrottledWarning
 
@@ -38,6 +38,9 @@ class PeerTier:
     """A byte tier over peers. See the module docstring."""
 
     name = "p2p"
+    checks_payload = False
+    publish_only = True  # `put` publishes keys; peers fetch the bytes from this cache's endpoint
+    distance = Distance.PEER
 
     def __init__(self, index: PeerIndex, endpoint: PeerEndpoint, clients: PeerClients, *, ttl: float) -> None:
         self.index, self.endpoint, self.clients = index, endpoint, clients
@@ -132,7 +135,7 @@ class PeerTier:
     def stats(self) -> TierStats:
         with self._lock, self._stats.lock:
             self._stats.chunks = len(self._published)
-        return self._stats
+        return self._stats.snapshot()
 
     def close(self) -> None:
         """Unpublish everything (best effort), stop serving and close connections."""

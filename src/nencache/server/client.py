@@ -30,7 +30,7 @@ from nencache.server.shared import MappedRegion, Spot
 from nencache.server.wire import (
     ErrorReply, Reply, WireConnection, blob_ok, describe_failure, parse_url, split_items, split_keys, token_bytes,
 )
-from nencache.tiers.base import TierStats
+from nencache.tiers.base import Distance, TierStats
 from nencache.tiers.buffers import BufferPool
 from nencache.tiers.retry import Reconnector, ThrottledWarning
 
@@ -46,6 +46,9 @@ class ServerTier:
     """A byte tier on a NenCache server, for one namespace. See the module docstring."""
 
     name = "server"
+    checks_payload = False
+    publish_only = False
+    distance = Distance.REMOTE
 
     def __init__(self, url: str, namespace: str, *, timeout: float = 0.25, auth_token: str | None = None,
                  retry_cap: float = 2.0, shared_memory: bool = True) -> None:
@@ -157,7 +160,7 @@ class ServerTier:
         """Puts are acknowledged once the server holds them: nothing to wait for."""
 
     def stats(self) -> TierStats:
-        return self._stats
+        return self._stats.snapshot()
 
     def server_stats(self) -> dict[str, object] | None:
         """The server's own counters (as on its admin /stats), or None when it is down."""

@@ -5,9 +5,11 @@ the 16-byte chunk key, so namespaces never collide. Put bodies are received stra
 pages and get replies are sent straight from them (pinned while on the wire): no extra copies.
 Where the platform has memfds the pool lives in a `SharedRegion`, which clients on the same machine
 map read-only and copy chunks out of (`locate` tells them where).
-With a disk path, each namespace has a `DiskTier` under it, written behind the replies (a PUT never
-waits for the disk; see `disk_writer`); memory misses are read from disk and promoted. Blocking disk
-calls run off the event loop (callers' job).
+With a disk path, each namespace has a `DiskTier` under it, written behind the replies by the shared
+write-behind (`nencache.writer`) under a policy that never makes a PUT wait: when every page is
+pinned by pending disk writes, `write_drop` at once gives up the oldest pending disk write (the chunk
+stays in memory; the default) or refuses the new chunk with BUSY (`newest`). Memory misses are read
+from disk and promoted. Blocking disk calls run off the event loop (callers' job).
 
 Namespaces are case-sensitive, on disk too: a lower-case hex namespace (what `KVCache` sends: its
 namespace digest) names its directory under `disk_path` itself; any other namespace lives under
@@ -18,6 +20,7 @@ namespace and a digest, never share a directory.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import threading
@@ -31,11 +34,14 @@ from typing import Any
 from nencache.errors import ConfigError, CorruptChunkError, PoolExhaustedError
 from nencache.format import HEADER_SIZE, NO_KEY, parse_header
 from nencache.pool import MemoryPool
-from nencache.server.disk_writer import DiskWrite, disk_writer
 from nencache.server.shared import SharedRegion, Spot
 from nencache.server.settings import ServerSettings
+from nencache.store import WarnOnce, leading_run
 from nencache.tiers.base import Tier, TierStats
 from nencache.tiers.memory import ChunkLease, MemoryTier
+from nencache.writer import Drop, TierWrite, WriteBehind, WritePolicy, write_each
+
+log = logging.getLogger("nencache.server")
 
 _HEX = re.compile(r"[0-9a-f]{1,128}")
 DIGESTS = "by-digest"  # not hex: never the directory of a namespace named by itself
@@ -77,7 +83,10 @@ class ChunkStore:
             if not os.access(self.disk_root, os.W_OK | os.X_OK):
                 raise ConfigError(f"disk_path {self.disk_root} is not writable by this user; choose another")
         threading.Thread(target=self.pool.prefault, name="nencache-prefault", daemon=True).start()
-        self.writer = disk_writer(settings.disk_drop) if self.disk_root else None
+        self._warn = WarnOnce(log)
+        self.writer: WriteBehind[TierWrite] | None = (
+            WriteBehind(lambda batch: write_each(batch, self._disk_failed), WritePolicy(0.0, Drop(settings.disk_drop)),
+                        name="nencache-server-disk") if self.disk_root else None)
 
     # --- namespaces --------------------------------------------------------------------------
     def known(self, name: bytes) -> Namespace | None:
@@ -131,23 +140,17 @@ class ChunkStore:
         """Length of the run of leading keys held in memory or (with `disk`) on disk (blocking when the disk
         tier is asked)."""
         composite = [space.prefix + k for k in keys]
-        found = 0
-        while found < len(keys):
-            found += self.memory.contains_prefix(composite[found:])
-            if found == len(keys) or space.disk is None or not disk:
-                break
-            more = space.disk.contains_prefix(keys[found:])
-            if not more:
-                break
-            found += more
-        return found
+        sources = [lambda start: self.memory.contains_prefix(composite[start:])]
+        if space.disk is not None and disk:
+            sources.append(lambda start, tier=space.disk: tier.contains_prefix(keys[start:]))
+        return leading_run(len(keys), sources)
 
     def present(self, space: Namespace, keys: Sequence[bytes]) -> list[bool]:
         """Which of `keys` memory holds now, nothing pinned; a memory miss is counted for each one it does not
         (before a disk read: then `lease_after_read` pins what that read promoted without counting again)."""
         held = [space.prefix + k in self.memory for k in keys]
         if missed := held.count(False):
-            self.memory.stats().add(misses=missed)
+            self.memory.count_misses(missed)
         return held
 
     def lease_after_read(self, space: Namespace, keys: Sequence[bytes], held: Sequence[bool]) -> list[ChunkLease | None]:
@@ -234,7 +237,7 @@ class ChunkStore:
             if len(space.keys) > 2 * self.pool.num_pages + 1024:
                 space.keys = {k for k in space.keys if k in self.memory}
         if lease is not None and space.disk is not None and self.writer is not None:
-            self.writer.submit(DiskWrite(space.disk, key, lease, self.view(lease)))
+            self.writer.submit(TierWrite(space.disk, key, lease, self.view(lease)))
         return True
 
     def delete(self, space: Namespace, keys: Sequence[bytes]) -> None:
@@ -277,10 +280,12 @@ class ChunkStore:
         if self.region is not None:
             self.region.close()
 
+    def _disk_failed(self, tier: Tier, exc: BaseException) -> None:
+        """A full or failing disk loses only its copy; memory still holds the chunk (counted by the writer)."""
+        self._warn("disk", f"disk tier write failed ({exc!r}); the chunks stay in memory")
+
     def stats(self) -> dict[str, Any]:
-        memory = self.memory.stats()
-        with memory.lock:
-            data: dict[str, Any] = {"memory": memory.as_dict()}
+        data: dict[str, Any] = {"memory": self.memory.stats().as_dict()}
         data["pool"] = {"capacity_bytes": self.pool.capacity_bytes, "page_bytes": self.pool.page_bytes,
                         "pages": self.pool.num_pages, "free_pages": self.pool.free_pages}
         data["namespaces"] = len(self._namespaces)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from enum import IntEnum
 from typing import Protocol, runtime_checkable
 
 
 @dataclass(slots=True)
 class TierStats:
-    """Counters of one tier. Updated under `lock` by the tier; read as a dict by `KVCache.stats()`."""
+    """Counters of one tier. Updated under `lock` by the tier that owns them, and only by it: others read a
+    `snapshot()` (what `Tier.stats()` returns), so no count lands on a copy by mistake."""
 
     hits: int = 0
     misses: int = 0
@@ -41,20 +43,39 @@ class TierStats:
             for name, amount in amounts.items():
                 setattr(self, name, getattr(self, name) + amount)
 
+    def snapshot(self) -> "TierStats":
+        """A consistent copy, taken under the lock (its own lock is a fresh one)."""
+        with self.lock:
+            return replace(self, lock=threading.Lock())
+
     def as_dict(self) -> dict[str, float | int]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lock"}
 
 
+class Distance(IntEnum):
+    """How far a tier's chunks are: the store asks nearer tiers first (ties keep the configured order)."""
+
+    LOCAL = 1  # this machine: disk
+    PEER = 2  # other caches' memory, found through the P2P index
+    REMOTE = 3  # a shared service: Redis/Valkey, a NenCache server
+
+
 @runtime_checkable
 class Tier(Protocol):
-    """A place chunks live below the memory pool.
+    """A place chunks live below the memory pool, and what it can do.
 
-    A tier whose `get` verifies each blob's payload checksum itself may say so with a class attribute
-    `checks_payload = True`; the cache then skips its own second pass over raw payloads (lossy codecs
-    still check theirs as they decode).
+    Capabilities (class attributes), read by the store instead of any type or name test:
+    - `checks_payload`: `get` verifies each blob's payload checksum itself, so the store skips its own
+      second pass over raw payloads (lossy codecs still check theirs as they decode);
+    - `publish_only`: the tier holds no bytes of this process's chunks; `put` only announces which keys
+      this process now holds (values are empty and nothing is encoded for it), as the peer tier does;
+    - `distance`: its place in the order the store asks tiers in.
     """
 
     name: str
+    checks_payload: bool
+    publish_only: bool
+    distance: Distance
 
     def contains_prefix(self, keys: Sequence[bytes]) -> int:
         """How many of `keys`, from the first, are present (stops at the first missing one)."""
@@ -80,6 +101,8 @@ class Tier(Protocol):
         """Return once everything `put` so far is durable (a no-op where puts are synchronous)."""
         ...
 
-    def stats(self) -> TierStats: ...
+    def stats(self) -> TierStats:
+        """A snapshot of the tier's counters (`TierStats.snapshot`): changing it changes nothing."""
+        ...
 
     def close(self) -> None: ...

@@ -22,14 +22,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
 from nencache.errors import ClosedError, ConfigError
 from nencache.policy.base import EvictionPolicy
 from nencache.policy.index import PolicyIndex
-from nencache.tiers.base import TierStats
+from nencache.tiers.base import Distance, TierStats
 from nencache.tiers.disk_faults import FULL_ERRNOS, DiskFaults
 from nencache.tiers.disk_index import CHECKPOINT, SUFFIX, LruIndex, chunk_name, save_checkpoint, scan
 from nencache.tiers.disk_io import (
@@ -59,6 +58,8 @@ class DiskTier:
 
     name = "disk"
     checks_payload = True  # `get` returns only blobs whose payload checksum it has verified
+    publish_only = False
+    distance = Distance.LOCAL
 
     def __init__(self, path: str | Path, namespace: str, capacity_bytes: int, *, io_threads: int = 4,
                  use_direct_io: bool | None = None, read_buffer_bytes: int = 64 << 20,
@@ -191,7 +192,7 @@ class DiskTier:
             chunks, used = len(self._index), self._index.bytes_used
         with self._stats.lock:
             self._stats.chunks, self._stats.bytes_used = chunks, used
-            return replace(self._stats, lock=threading.Lock())
+        return self._stats.snapshot()
 
     def close(self) -> None:
         if self._closed:

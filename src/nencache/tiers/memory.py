@@ -29,7 +29,7 @@ from nencache.layout import KVLayout
 from nencache.policy.base import EvictionPolicy
 from nencache.policy.index import PolicyIndex
 from nencache.pool import MemoryPool
-from nencache.tiers.base import TierStats
+from nencache.tiers.base import Distance, TierStats
 
 
 def raw_page_bytes(layout: KVLayout, num_tokens: int) -> int:
@@ -46,6 +46,7 @@ class Entry:
     num_tokens: int
     is_blob: bool
     stamped: bool = False  # a raw chunk's header is in its page's header slot
+    view: torch.Tensor | None = None  # a raw chunk's tensor over its page, made once at store time for reads
 
 
 class ChunkLease:
@@ -74,13 +75,16 @@ class MemoryTier:
     """The CPU tier: a key -> page index over a `MemoryPool`; `policy` orders evictions (default LRU)."""
 
     name = "memory"
+    checks_payload = False
+    publish_only = False
+    distance = Distance.LOCAL  # as a byte tier below another store (tests, the server's pool)
 
     def __init__(self, pool: MemoryPool, layout: KVLayout | None = None, codec: Codec | None = None,
                  policy: EvictionPolicy | None = None) -> None:
         self.pool = pool
         self.layout = layout
         self.codec: Codec = codec or RawCodec()
-        self._raw = isinstance(self.codec, RawCodec)
+        self._raw = self.codec.zero_copy
         self._index: PolicyIndex[Entry] = PolicyIndex(policy)
         self._lock = threading.Lock()
         self._stats = TierStats(capacity_bytes=pool.capacity_bytes)
@@ -132,22 +136,67 @@ class MemoryTier:
             page = self._take_page(nbytes)
             as_numpy(self.pool.page(page))[:nbytes] = np.frombuffer(blob, dtype=np.uint8)
         entry = Entry(page, nbytes, num_tokens, is_blob=not self._raw)
+        if self._raw:
+            entry.view = self._as_tensor(entry, key)
         return ChunkLease(self, key, entry) if self._insert(key, entry, started, pin=True) else None
 
     def read_into(self, key: bytes, out: torch.Tensor) -> bool:
-        """Copy a held chunk into `out` (a `[layers, 2, tokens, heads, dim]` view); False on a miss."""
-        lease = self.lease(key)
-        if lease is None:
-            return False
-        try:
-            started = time.perf_counter()
-            copy_into(out, lease.tensor())
+        """Copy a held chunk into `out` (a `[layers, 2, tokens, heads, dim]` view); False on a miss.
+
+        The hot path of a retrieve: the page is pinned under the index lock and copied outside it."""
+        with self._lock:
+            entry = self._index.get(key)
+            if entry is not None:
+                self._index.move_to_end(key)
+                self.pool.acquire(entry.page)
+        if entry is None:
             with self._stats.lock:
-                self._stats.read_bytes += lease.entry.nbytes
-                self._stats.read_seconds += time.perf_counter() - started
+                self._stats.misses += 1
+            return False
+        started = time.perf_counter()
+        try:
+            copy_into(out, entry.view if entry.view is not None else self._as_tensor(entry, key))
         finally:
-            lease.release()
+            self.pool.release(entry.page)
+        with self._stats.lock:
+            self._stats.hits += 1
+            self._stats.read_bytes += entry.nbytes
+            self._stats.read_seconds += time.perf_counter() - started
         return True
+
+    def read_many(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> int:
+        """Copy the leading run of held `keys` into `outs` (the first miss ends it); how many were copied.
+
+        One lock round for the index and the pins, the copies outside any lock, one for the counters."""
+        entries: list[Entry] = []
+        with self._lock:
+            get, touch, acquire = self._index.get, self._index.move_to_end, self.pool.acquire
+            for key in keys:
+                entry = get(key)
+                if entry is None:
+                    break
+                touch(key)
+                acquire(entry.page)
+                entries.append(entry)
+        started = time.perf_counter()
+        read = 0
+        try:
+            for key, entry, out in zip(keys, entries, outs):
+                copy_into(out, entry.view if entry.view is not None else self._as_tensor(entry, key))
+                read += entry.nbytes
+        finally:
+            for entry in entries:
+                self.pool.release(entry.page)
+        with self._stats.lock:
+            self._stats.hits += len(entries)
+            self._stats.misses += len(entries) < len(keys)
+            self._stats.read_bytes += read
+            self._stats.read_seconds += time.perf_counter() - started
+        return len(entries)
+
+    def count_misses(self, count: int) -> None:
+        """Count reads this tier could not serve that a caller decided on by itself (`key in tier`)."""
+        self._stats.add(misses=count)
 
     def lease(self, key: bytes, *, count: bool = True) -> ChunkLease | None:
         """Pin a held chunk or return None; `count` says whether this is a read (hit/miss counted)."""
@@ -234,7 +283,7 @@ class MemoryTier:
     def stats(self) -> TierStats:
         with self._stats.lock:
             self._stats.chunks = len(self._index)
-        return self._stats
+        return self._stats.snapshot()
 
     def close(self) -> None:
         self.clear()

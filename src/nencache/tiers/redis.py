@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 from nencache.errors import ClosedError, ConfigError, CorruptChunkError, TierError
 from nencache.format import HEADER_SIZE, parse_header, split_blob
-from nencache.tiers.base import TierStats
+from nencache.tiers.base import Distance, TierStats
 from nencache.tiers.retry import FIRST_RETRY, Reconnector, ThrottledWarning
 from nencache.tiers.redis_client import Plan, RedisClient, key_slot
 from nencache.tiers.redis_parts import Assembly, part_count, part_key, split_parts
@@ -40,6 +40,8 @@ class RedisTier:
 
     name = "redis"
     checks_payload = True  # `get` returns only blobs whose payload checksum it has verified
+    publish_only = False
+    distance = Distance.REMOTE
 
     def __init__(self, url: str, namespace: str, *, timeout: float = 0.25, ttl: float | None = None,
                  key_prefix: str = "nencache", retry_cap: float = 2.0, segment_bytes: int = SEGMENT_BYTES) -> None:
@@ -234,7 +236,7 @@ class RedisTier:
         """Puts are synchronous: nothing to wait for."""
 
     def stats(self) -> TierStats:
-        return self._stats
+        return self._stats.snapshot()
 
     def close(self) -> None:
         self._closed.set()

@@ -108,6 +108,7 @@ def test_a_corrupt_page_ends_the_prefetch_early_and_nothing_fails(sglang, parall
         hashes = sglang.utils.get_storage_hash_str(tokens, None, page_size=PAGE)
         _, sent = backup(ctl, tokens, hashes)
         store = ctl.storage_backend.backends["kv"].store
+        assert store.flush(10)  # pages reach the disk behind the backup's acknowledgement
         victim = next(Path(tmp_path).rglob(store.key(hashes[2]).hex() + "*"))
         victim.write_bytes(victim.read_bytes()[:-5] + b"\x00" * 5)
 

@@ -112,6 +112,7 @@ def test_disk_serves_after_memory_is_lost_and_a_corrupt_page_is_a_miss(sglang, m
     sent = random_pages(host, [0, 4])
     assert storage.batch_set_v1(["d0", "d1"], host_indices([0, 4])) == [True, True]
     store = storage.backends["kv"].store
+    assert store.flush(10)  # pages reach the disk behind the set's acknowledgement
     store.memory.clear()
     assert storage.batch_get_v1(["d0"], host_indices([8])) == [True]  # from disk, promoted
     assert torch.equal(page_bits(host, 8), bits(sent[0])) and store.memory.contains_prefix([store.key("d0")]) == 1
@@ -134,6 +135,7 @@ def test_redis_round_trip_then_redis_killed_is_a_miss(sglang, make_pool, tmp_pat
         storage = create_storage(sglang, host, storage_config(sglang, extra))
         sent = random_pages(host, [0, 4])
         assert storage.batch_set_v1(["r0", "r1"], host_indices([0, 4])) == [True, True]
+        assert storage.backends["kv"].store.flush(10)  # in Redis behind the set's acknowledgement
         other_host = make_pool("mha", "page_head")
         other = create_storage(sglang, other_host, storage_config(sglang, extra))
         assert other.batch_get_v1(["r0", "r1"], host_indices([8, 12])) == [True, True]
@@ -146,6 +148,7 @@ def test_redis_round_trip_then_redis_killed_is_a_miss(sglang, make_pool, tmp_pat
         assert storage.batch_get_v1(["r0"], host_indices([8])) == [False]
         storage.batch_set_v1(["r2"], host_indices([0]))  # the Redis tier drops writes while it is down
         storage.batch_set(["r3"], [host.get_data_page(0)])
+        assert not storage.backends["kv"].store.flush(10)  # written behind, and lost: counted
         assert storage.get("r0") is None and storage.batch_exists(["r2"]) == 0 and not storage.exists("r3")
         redis = storage.nencache_stats()["kv"]["tiers"]["redis"]
         assert redis["dropped"] >= 2 and redis["errors"] >= 1

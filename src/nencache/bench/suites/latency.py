@@ -54,7 +54,7 @@ def _timed(call: Callable[[], object]) -> float:
 def run(ctx: BenchContext) -> SuiteResult:
     from nencache.tiers.disk import DiskTier
     from nencache.tiers.disk_index import chunk_name
-    from nencache.tiers.factory import build_remote_tier
+    from nencache.assemble import remote_tier
 
     result = SuiteResult("latency", "Single small-chunk access latency per tier")
     samples: dict[str, list[float]] = {}
@@ -95,7 +95,7 @@ def run(ctx: BenchContext) -> SuiteResult:
         if service is None:
             result.notes.append(f"{label}: not measured (no such service here)")
             continue
-        tier = build_remote_tier(ctx.config.replace(remote_url=service.url, remote_timeout=5.0,
+        tier = remote_tier(ctx.config.replace(remote_url=service.url, remote_timeout=5.0,
                                                     remote_shared_memory=shared), f"nencache-bench-latency-{label[:6]}")
         closers.append(tier.close)
         tier.put(blobs)

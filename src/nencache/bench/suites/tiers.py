@@ -127,10 +127,10 @@ def _disk(ctx: BenchContext, rows: _Rows, notes: list[str]) -> None:
 
 
 def _network_tier(ctx: BenchContext, url: str, *, shared_memory: bool = True) -> Tier:
-    from nencache.tiers.factory import build_remote_tier
+    from nencache.assemble import remote_tier
 
     config = ctx.config.replace(remote_url=url, remote_timeout=30.0, remote_shared_memory=shared_memory)
-    return build_remote_tier(config, "nencache-bench-tiers")
+    return remote_tier(config, "nencache-bench-tiers")
 
 
 def _redis(ctx: BenchContext, rows: _Rows, notes: list[str]) -> None:

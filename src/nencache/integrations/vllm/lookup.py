@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from multiprocessing.connection import Client, Connection, Listener
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -47,11 +47,13 @@ MAX_REQUEST_BYTES = 64 << 20  # 8M tokens
 
 
 class PinSource(Protocol):
-    """What a book needs from a cache: `KVCache.pin_prefix`, `note_request` and `invalidate`."""
+    """What a book needs from a cache: `KVCache.prompt`, `pin_prefix`, `note_request` and `invalidate`."""
 
-    def pin_prefix(self, token_ids: TokenIds, *, salt: str | bytes | None = None) -> PinnedPrefix: ...
+    def prompt(self, token_ids: TokenIds, *, salt: str | bytes | None = None) -> Any: ...
 
-    def note_request(self, token_ids: TokenIds, *, salt: str | bytes | None = None) -> None: ...
+    def pin_prefix(self, token_ids: Any, *, salt: str | bytes | None = None) -> PinnedPrefix: ...
+
+    def note_request(self, token_ids: Any, *, salt: str | bytes | None = None) -> None: ...
 
     def invalidate(self) -> None: ...
 
@@ -75,9 +77,10 @@ class PinBook:
             self._noted[req_id] = None
             if len(self._noted) > _NOTED_REQUESTS:
                 self._noted.popitem(last=False)
+        prompt = self.cache.prompt(token_ids, salt=salt)  # hashed once for both calls
         if first:
-            self.cache.note_request(token_ids, salt=salt)
-        pinned = self.cache.pin_prefix(token_ids, salt=salt)
+            self.cache.note_request(prompt)
+        pinned = self.cache.pin_prefix(prompt)
         now = time.monotonic()
         with self._lock:
             old = self._pins.pop(req_id, None)

@@ -226,8 +226,9 @@ class ConnectorWorker:
         chunk = self.cache.chunk_size
         started = time.perf_counter()
         known = min(work.save.cached_tokens, total) // chunk * chunk
+        prompt = self.cache.prompt(tokens, salt=work.salt)  # hashed once for the check and every piece
         if known:  # chunks evicted since the scheduler's lookup are stored again from the engine's blocks
-            known = self.cache.lookup(tokens[:known], salt=work.salt, record=False) // chunk * chunk
+            known = self.cache.lookup(prompt.head(known), record=False) // chunk * chunk
         stored = 0
         piece = _SAVE_PIECE_CHUNKS * chunk
         for begin in range(known, total, piece):  # a bounded staging buffer, whatever the prompt's length
@@ -235,7 +236,7 @@ class ConnectorWorker:
             staging = self._staging_for(end - begin)
             slots = slot_mapping(work.block_ids, self.block_size, begin, end, device=self.paged.device)
             self.paged.gather(slots, out=staging)
-            stored += self.cache.store(tokens[:end], staging, salt=work.salt, kv_start=begin)
+            stored += self.cache.store(prompt.head(end), staging, kv_start=begin)
         with self._lock:
             self._counters.stored_tokens += total - known if stored else 0
             self._counters.save_seconds.append(time.perf_counter() - started)

@@ -1,0 +1,433 @@
+"""`Store`: the one chunk store. The memory tier, the ordered byte tiers below it, the write-behind, the guard.
+
+Everything that keeps chunks under 16-byte keys sits on it: `KVCache` (keys from token prefixes), the
+SGLang page store (keys from the engine's page names), a peer endpoint (serving the memory tier).
+
+- Reads: the leading run of keys is looked up in memory, then in each lower tier in `Distance` order.
+  Chunks only a lower tier holds are fetched (in batches, the next batch read ahead while this one is
+  decoded), checked, decoded and promoted into memory.
+- Writes: a chunk lands in a pool page (pinned), and the write-behind (`nencache.writer`) encodes it
+  and writes it to every lower tier; its `WritePolicy` decides what happens when pending writes pin
+  the whole pool.
+- Guard: a lower tier that raises, or serves a corrupt chunk, is counted (per tier, here and only
+  here), logged once, and treated as a miss. The caller recomputes: slower, never wrong.
+
+The store knows no URL scheme, no config file and no concrete tier (`nencache.assemble` builds it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+import torch
+
+from nencache.codecs import RawCodec, decode_any
+from nencache.copy import copy_into
+from nencache.errors import CorruptChunkError, PoolExhaustedError
+from nencache.format import parse_header
+from nencache.layout import KVLayout
+from nencache.tiers.base import Tier
+from nencache.tiers.memory import ChunkLease, MemoryTier
+from nencache.writer import LowerTier, TierSink, WriteBehind, WritePolicy
+
+log = logging.getLogger("nencache")
+T = TypeVar("T")
+_RAW = RawCodec()
+FETCH_BATCH_BYTES = 32 << 20  # chunks read from a lower tier per batch (their buffers are reused batch to batch)
+Fill = Callable[[torch.Tensor], object]
+
+
+def leading_run(total: int, sources: Sequence[Callable[[int], int]]) -> int:
+    """How many of `total` leading items some source holds. Each source, fastest first, answers how many
+    items it holds in a row from a given position; after any advance the fastest is asked again."""
+    found = 0
+    while found < total:
+        for holds_from in sources:
+            advanced = holds_from(found)
+            if advanced:
+                found += advanced
+                break
+        else:
+            break
+    return found
+
+
+class WarnOnce:
+    """Logs each topic's first message only: a failing tier is reported once, not once per call."""
+
+    def __init__(self, logger: logging.Logger = log) -> None:
+        self._log = logger
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, topic: str, message: str) -> None:
+        with self._lock:
+            if topic in self._seen:
+                return
+            self._seen.add(topic)
+        self._log.warning(message)
+
+
+@dataclass(slots=True)
+class StoreCounters:
+    """What the store saw of its lower tiers: chunks they served, calls that failed, corrupt chunks."""
+
+    lower_hits: int = 0
+    tier_errors: int = 0
+    corrupt: int = 0
+
+
+@dataclass(slots=True)
+class Want:
+    """One chunk a read asks for: its key, its token count, and where to copy it (None: promote only)."""
+
+    key: bytes
+    num_tokens: int
+    out: torch.Tensor | None = None
+
+
+class Store:
+    """Chunks under 16-byte keys in a memory tier and the byte tiers below it. Thread-safe.
+
+    `lower` is asked in `Distance` order (stable: equal distances keep the given order). `policy`
+    None: no write-behind (chunks stay in memory only). `keep_in_memory=False`: the pool only stages
+    chunks until the write-behind has written them below, and fetched chunks are not promoted unless a
+    prefetch asked for them.
+    """
+
+    def __init__(self, memory: MemoryTier, lower: Sequence[LowerTier] = (), *, layout: KVLayout,
+                 policy: WritePolicy | None = None, keep_in_memory: bool = True, io_threads: int = 8,
+                 warn: WarnOnce | None = None) -> None:
+        self.memory = memory
+        self.layout = layout
+        self.lower = sorted(lower, key=lambda one: one.tier.distance)
+        self.keep_in_memory = keep_in_memory
+        self.io_threads = io_threads
+        self.warn = warn or WarnOnce()
+        self._lock = threading.Lock()
+        self._counts = StoreCounters()
+        self._per_tier: dict[str, StoreCounters] = {one.tier.name: StoreCounters() for one in self.lower}
+        self._inflight: dict[bytes, Future[Any]] = {}
+        self._io: ThreadPoolExecutor | None = None
+        self._decoders: ThreadPoolExecutor | None = None  # apart from _io: prefetch tasks wait on decodes
+        self._fetcher: ThreadPoolExecutor | None = None  # reads the next batch of a fetch ahead
+        self._closed = False
+        sink = TierSink(self.lower, self.tier_failed, after_write=None if keep_in_memory else self._forget_staged)
+        self.writer: WriteBehind[ChunkLease] | None = (
+            WriteBehind(sink, policy, sync=sink.sync) if self.lower and policy is not None else None)
+        # Map the pool's pages in the background: stores then never pay first-touch page faults.
+        self.prefault = threading.Thread(target=memory.pool.prefault, name="nencache-prefault", daemon=True)
+        self.prefault.start()
+
+    # --- lookups -------------------------------------------------------------------------------------
+    def contains_prefix(self, keys: Sequence[bytes]) -> int:
+        """How many leading `keys` some tier holds (memory first, then each lower tier in order)."""
+        held = self.memory.contains_prefix(keys)
+        if held == len(keys) or not self.lower:
+            return held
+        sources = [lambda start: self.memory.contains_prefix(keys[start:])]
+        sources += [lambda start, t=one.tier: self.guard(t, lambda: t.contains_prefix(keys[start:]), 0)
+                    for one in self.lower]
+        return held + leading_run(len(keys) - held, [lambda start, s=s: s(start + held) for s in sources])
+
+    def holds(self, key: bytes) -> bool:
+        """Whether some tier holds `key`."""
+        return key in self.memory or any(self.guard(one.tier, lambda t=one.tier: t.contains_prefix([key]), 0)
+                                         for one in self.lower)
+
+    # --- reads ---------------------------------------------------------------------------------------
+    def read(self, wants: Sequence[Want]) -> list[bool]:
+        """Copy the wanted chunks into their `out`: from memory, else (after any prefetch of them lands)
+        fetched from the lower tiers. Which of them were served."""
+        if len(wants) == 1 and self.memory.read_into(wants[0].key, wants[0].out):  # type: ignore[arg-type]
+            return [True]  # the common single-chunk hit: nothing else to do
+        keys = [want.key for want in wants]
+        outs = [want.out for want in wants]
+        if len(wants) == 1:
+            got = [False]
+        else:
+            got = self._read_memory(keys, outs)
+            if all(got):
+                return got
+        missing = [i for i, ok in enumerate(got) if not ok]
+        if self._inflight:
+            self._wait_inflight([keys[i] for i in missing])
+            for i in missing:
+                got[i] = self.memory.read_into(keys[i], outs[i])  # type: ignore[arg-type]
+            missing = [i for i in missing if not got[i]]
+        if missing and self.lower:
+            fetched = self.fetch([wants[i] for i in missing])
+            for i in missing:
+                got[i] = keys[i] in fetched
+        return got
+
+    def _read_memory(self, keys: list[bytes], outs: list[torch.Tensor | None]) -> list[bool]:
+        read = self.memory.read_many(keys, outs)  # type: ignore[arg-type]
+        if read == len(keys):
+            return [True] * read
+        rest = [self.memory.read_into(k, o) for k, o in zip(keys[read:], outs[read:])]  # type: ignore[arg-type]
+        return [True] * read + rest
+
+    def fetch(self, wants: Sequence[Want]) -> set[bytes]:
+        """Fetch `wants` from the lower tiers, check, decode, copy into their `out` and promote into memory.
+
+        In batches of about `FETCH_BATCH_BYTES`, the first tier's read of the next batch running while
+        this one is decoded: read buffers are reused instead of faulted in fresh, and reads overlap
+        decoding. A chunk no tier has ends the run: nothing after its batch is fetched.
+        """
+        fetched: set[bytes] = set()
+        if not self.lower or not wants:
+            return fetched
+        per_batch = max(1, FETCH_BATCH_BYTES // max(1, self.layout.nbytes(max(w.num_tokens for w in wants))))
+        batches = [list(wants[i : i + per_batch]) for i in range(0, len(wants), per_batch)]
+        ahead: Future[Any] | None = self._read_ahead(batches[0])
+        for index, batch in enumerate(batches):
+            for order, lower in enumerate(self.lower):
+                wanted = [want for want in batch if want.key not in fetched]
+                if not wanted:
+                    break
+                if order == 0:
+                    assert ahead is not None
+                    blobs = ahead.result()
+                    ahead = self._read_ahead(batches[index + 1]) if index + 1 < len(batches) else None
+                else:
+                    blobs = self.guard(lower.tier, lambda t=lower.tier, w=wanted: t.get([x.key for x in w]), None)
+                hits = [(want, blob) for want, blob in zip(wanted, blobs or ()) if blob is not None]
+                landed = self._each(lambda hit, l=lower: self._land(l, *hit), hits)
+                served = [want.key for (want, _), ok in zip(hits, landed) if ok]
+                fetched.update(served)
+                if served:
+                    self._count(lower.tier, lower_hits=len(served))
+            if any(want.key not in fetched for want in batch):
+                break  # the run ends in this batch (a read ahead, if any, finishes unused)
+        return fetched
+
+    def prefetch(self, wants: Sequence[Want]) -> Future[int]:
+        """Start promoting what memory lacks of `wants` from the lower tiers; `read` waits for it.
+
+        The future resolves to the number of chunks promoted."""
+        todo = [Want(want.key, want.num_tokens) for want in wants if want.key not in self.memory]
+        if not todo or not self.lower:
+            done: Future[int] = Future()
+            done.set_result(0)
+            return done
+        future = self._executor().submit(self.promote, todo)
+        with self._lock:
+            for want in todo:
+                self._inflight.setdefault(want.key, future)
+        future.add_done_callback(lambda _: self._clear_inflight(todo, future))
+        return future
+
+    def promote(self, wants: Sequence[Want]) -> int:
+        """Bring `wants` into memory from the lower tiers now; how many were."""
+        return len(self.fetch([Want(w.key, w.num_tokens) for w in wants if w.key not in self.memory]))
+
+    def pin(self, wants: Sequence[Want]) -> list[ChunkLease]:
+        """Pin the leading run of `wants` in memory (promoting what only lower tiers hold first)."""
+        missing = [want for want in wants if want.key not in self.memory]
+        if missing:
+            self._wait_inflight([want.key for want in missing])
+            missing = [want for want in missing if want.key not in self.memory]
+            if missing:
+                self.fetch([Want(w.key, w.num_tokens) for w in missing])
+        leases: list[ChunkLease] = []
+        for want in wants:
+            lease = self.memory.lease(want.key)
+            if lease is None:  # not held anywhere, or evicted again before it could be pinned
+                break
+            leases.append(lease)
+        return leases
+
+    # --- writes --------------------------------------------------------------------------------------
+    def deadline(self) -> float:
+        """The end of a backpressure wait starting now (one per caller's operation, shared by its chunks)."""
+        return self.writer.deadline() if self.writer is not None else 0.0
+
+    def put(self, key: bytes, num_tokens: int, fill: Fill, deadline: float) -> bool:
+        """Copy one chunk into the pool (`fill` writes it) and queue it for the lower tiers. False if it
+        was already held.
+
+        A pool whose every page is pinned (pending writes, readers) gets room from the write-behind's
+        policy: backpressure until `deadline`, then a dropped write. `PoolExhaustedError` when the policy
+        gives up the new chunk or nothing can be freed.
+        """
+        writer = self.writer
+        while True:
+            progress = writer.progress if writer is not None else 0
+            try:
+                lease = self.memory.store_filled(key, num_tokens, fill)
+                break
+            except PoolExhaustedError:
+                if writer is None or not writer.make_room(deadline, progress):
+                    raise
+        if lease is None:
+            return False
+        if writer is not None:
+            writer.submit(lease, deadline)
+        else:
+            lease.release()
+        return True
+
+    def delete(self, keys: Sequence[bytes]) -> None:
+        """Forget `keys` in every tier (queued writes land first: they must not bring a key back)."""
+        if self.writer is not None:
+            self.writer.drain()
+        self.memory.delete(keys)
+        for lower in self.lower:
+            self.guard(lower.tier, lambda t=lower.tier: t.delete(keys), None)
+
+    def clear(self) -> None:
+        """Forget everything in every tier."""
+        if self.writer is not None:
+            self.writer.drain()
+        self.memory.clear()
+        for lower in self.lower:
+            self.guard(lower.tier, lower.tier.clear, None)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued chunk is written below and durable; False on timeout or a lost write."""
+        return True if self.writer is None else self.writer.flush(timeout)
+
+    # --- state ---------------------------------------------------------------------------------------
+    def write_stats(self) -> dict[str, int]:
+        """Chunks through the write-behind: pending, written, dropped by its policy, not taken by a tier
+        (nothing without a write-behind)."""
+        if self.writer is None:
+            return {}
+        counts = self.writer.counts()
+        return {"write_pending": counts.pending, "written_chunks": counts.written, "write_dropped": counts.dropped,
+                "write_failed_chunks": counts.failed}
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return {f.name: getattr(self._counts, f.name) for f in fields(StoreCounters)}
+
+    def tier_stats(self) -> dict[str, dict[str, Any]]:
+        """A snapshot per tier: its own counters, with the failures and corrupt chunks the store saw of it."""
+        data: dict[str, dict[str, Any]] = {"memory": self.memory.stats().as_dict()}
+        for lower in self.lower:
+            one = lower.tier.stats().as_dict()
+            with self._lock:
+                seen = self._per_tier[lower.tier.name]
+                one["errors"] += seen.tier_errors
+                one["corrupt"] += seen.corrupt
+            data[lower.tier.name] = one
+        return data
+
+    def close(self) -> None:
+        """Flush pending writes, stop background work, release the pool, close the lower tiers."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.writer is not None:
+            self.writer.close()
+        for pool in (self._io, self._decoders, self._fetcher):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self.prefault.join()
+        self.memory.close()
+        for lower in self.lower:
+            self.guard(lower.tier, lower.tier.close, None)
+
+    # --- the guard -----------------------------------------------------------------------------------
+    def guard(self, tier: Tier, call: Callable[[], T], default: T) -> T:
+        """Run a lower-tier call; any failure is counted, logged once per tier, and returns `default`."""
+        try:
+            return call()
+        except Exception as exc:
+            self.tier_failed(tier, exc)
+            return default
+
+    def tier_failed(self, tier: Tier, exc: BaseException) -> None:
+        self._count(tier, tier_errors=1)
+        self.warn(f"tier:{tier.name}", f"tier {tier.name} failed ({exc!r}); treating it as a miss")
+
+    def _count(self, tier: Tier, **amounts: int) -> None:
+        with self._lock:
+            per_tier = self._per_tier.setdefault(tier.name, StoreCounters())
+            for name, amount in amounts.items():
+                setattr(self._counts, name, getattr(self._counts, name) + amount)
+                setattr(per_tier, name, getattr(per_tier, name) + amount)
+
+    # --- internals -----------------------------------------------------------------------------------
+    def _read_ahead(self, batch: list[Want]) -> Future[Any]:
+        """Start the first lower tier's read of `batch` on a fetch thread."""
+        with self._lock:
+            if self._fetcher is None:
+                self._fetcher = ThreadPoolExecutor(max_workers=self.io_threads, thread_name_prefix="nencache-fetch")
+        tier = self.lower[0].tier
+        return self._fetcher.submit(self.guard, tier, lambda: tier.get([w.key for w in batch]), None)
+
+    def _land(self, lower: LowerTier, want: Want, blob: Any) -> bool:
+        """Decode one fetched chunk, copy it into its `out` and promote it; False if it was corrupt."""
+        chunk = self._decode(lower, want, blob)
+        if chunk is None:
+            return False
+        if want.out is not None:
+            copy_into(want.out, chunk)
+        if want.out is None or self.keep_in_memory:  # without keep_in_memory, only prefetches stage in the pool
+            try:
+                self.memory.put_tensor(want.key, chunk)
+            except PoolExhaustedError:
+                pass  # served, just not promoted
+        return True
+
+    def _decode(self, lower: LowerTier, want: Want, blob: Any) -> torch.Tensor | None:
+        try:
+            header = parse_header(blob)
+            if header.codec_id == _RAW.codec_id and header.wrapper_id == 0:
+                # Copied into the pool and `out` right away: no need for a private copy first.
+                chunk = _RAW.view(blob, want.key, verify=not lower.tier.checks_payload)
+            elif header.codec_id == lower.codec.codec_id:
+                chunk = lower.codec.decode(blob, expected_key=want.key)
+            else:  # written by an instance with another codec: the header says which
+                chunk = decode_any(blob, expected_key=want.key)
+            if tuple(chunk.shape) != self.layout.shape(want.num_tokens) or chunk.dtype != self.layout.dtype:
+                raise CorruptChunkError(f"chunk holds {tuple(chunk.shape)} {chunk.dtype}, not this layout")
+            return chunk
+        except CorruptChunkError as exc:
+            self._count(lower.tier, corrupt=1)
+            self.warn(f"corrupt:{lower.tier.name}", f"{lower.tier.name}: dropped a corrupt chunk ({exc})")
+            self.guard(lower.tier, lambda: lower.tier.delete([want.key]), None)
+            return None
+
+    def _each(self, fn: Callable[[Any], bool], items: list[Any]) -> list[bool]:
+        """`fn` over `items`, on the decode threads when there are several (decoders and copies release the GIL)."""
+        if len(items) < 2:
+            return [fn(item) for item in items]
+        with self._lock:
+            if self._decoders is None:
+                self._decoders = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                                    thread_name_prefix="nencache-decode")
+        return list(self._decoders.map(fn, items))
+
+    def _wait_inflight(self, keys: list[bytes]) -> None:
+        with self._lock:
+            futures = {id(f): f for k in keys if (f := self._inflight.get(k)) is not None}
+        for future in futures.values():
+            try:
+                future.result()
+            except Exception:  # a failed prefetch is just a miss
+                pass
+
+    def _clear_inflight(self, wants: list[Want], future: Future[Any]) -> None:
+        with self._lock:
+            for want in wants:
+                if self._inflight.get(want.key) is future:
+                    del self._inflight[want.key]
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._io is None:
+                self._io = ThreadPoolExecutor(max_workers=self.io_threads, thread_name_prefix="nencache-io")
+            return self._io
+
+    def _forget_staged(self, key: bytes) -> None:
+        """Without `keep_in_memory`, the pool only stages chunks until they are written below."""
+        self.memory.delete([key])
