@@ -15,7 +15,7 @@ import logging
 import torch
 
 from nencache import KVCache, KVLayout
-from nencache.config import load_config
+from nencache.config_loader import load_config
 
 
 def main() -> None:

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from nencache.codecs import RawCodec, decode_any, get_codec
-from nencache.config import CacheConfig, load_config
+from nencache.config import CacheConfig
+from nencache.config_loader import load_config
 from nencache.copy import copy_into
 from nencache.format import parse_header
 from nencache.errors import ChunkMissingError, ClosedError, CorruptChunkError, LayoutError, PoolExhaustedError
@@ -63,15 +64,15 @@ class KVCache:
         self.chunk_size = self.config.chunk_size
         self.namespace = namespace_digest(model_id, layout, self.chunk_size, fingerprint=fingerprint, extra=extra,
                                           tenant=self.config.tenant)
-        cpu_codec = get_codec(self.config.cpu_codec)
+        cpu_codec = get_codec(self.config.tiers.cpu.codec)
         page_bytes = (raw_page_bytes(layout, self.chunk_size) if isinstance(cpu_codec, RawCodec)
                       else cpu_codec.max_encoded_size(layout, self.chunk_size))
-        if self.config.enable_p2p and self.config.p2p_shared_memory:  # local peers map it read-only (docs/p2p.md)
+        if self.config.p2p.enabled and self.config.p2p.shared_memory:  # local peers map it read-only (docs/p2p.md)
             from nencache.p2p import peer_pool
 
-            pool = peer_pool(int(self.config.cpu_size), page_bytes, pin_memory=self.config.pin_memory)
+            pool = peer_pool(int(self.config.tiers.cpu.size), page_bytes, pin_memory=self.config.tiers.cpu.pin_memory)
         else:
-            pool = MemoryPool(int(self.config.cpu_size), page_bytes, pin_memory=self.config.pin_memory)
+            pool = MemoryPool(int(self.config.tiers.cpu.size), page_bytes, pin_memory=self.config.tiers.cpu.pin_memory)
         self.policies = CachePolicies(self.config.eviction, self.config.prefetch, self.chunk_size)
         self.memory = MemoryTier(pool, layout, cpu_codec, policy=self.policies.tier_policy())
         # Map the pool's pages in the background: stores then never pay first-touch page faults.
@@ -80,11 +81,11 @@ class KVCache:
         pairs = (lower_tiers if lower_tiers is not None
                  else build_lower_tiers(self.config, self.namespace.hex(), eviction=self.policies.tier_policy))
         # the reuse model learned before a restart lives beside the disk tier's chunks
-        self._policy_dir = disk_path(self.config.disk_path) / self.namespace.hex() if self.config.disk_path else None
+        self._policy_dir = disk_path(self.config.tiers.disk.path) / self.namespace.hex() if self.config.tiers.disk.path else None
         self.policies.load(self._policy_dir)
         # --- P2P hook (docs/p2p.md): peers fetch from this memory tier; evictions unpublish ---------
         self.peer: Tier | None = None
-        if self.config.enable_p2p:
+        if self.config.p2p.enabled:
             from nencache.p2p import build_peer_tier, with_peer_tier
 
             peer = build_peer_tier(self.config, self.namespace.hex(), self.memory, layout)
@@ -94,10 +95,10 @@ class KVCache:
         self.lower = [LowerTier(tier, get_codec(codec), keys_only=tier is self.peer) for tier, codec in pairs]
         # Queued writes pin their pages: the pool is the queue. When every page holds a pending write,
         # the policy (backpressure for write_wait_seconds, then drop per write_drop) frees one.
-        policy = WritePolicy(self.config.write_wait_seconds, Drop(self.config.write_drop),
-                             self.config.write_queue_chunks)
+        policy = WritePolicy(self.config.write.wait_seconds, Drop(self.config.write.drop),
+                             self.config.write.queue_chunks)
         sink = TierSink(self.lower, self._tier_failed,
-                        after_write=None if self.config.local_cpu else self._forget_staged)
+                        after_write=None if self.config.tiers.cpu.enabled else self._forget_staged)
         self._writer: WriteBehind[ChunkLease] | None = (WriteBehind(sink, policy, sync=sink.sync)
                                                         if self.lower else None)
         self._counters = CacheCounters()
@@ -112,11 +113,11 @@ class KVCache:
         self._closed = False
         self.latency = CallLatency()  # load and save latency histograms (nencache.metrics)
         self._metrics: Any = None
-        if self.config.metrics_port is not None:  # Prometheus metrics on their own port (docs/monitoring.md)
+        if self.config.metrics.port is not None:  # Prometheus metrics on their own port (docs/monitoring.md)
             from nencache.metrics import serve_metrics
 
             try:
-                self._metrics = serve_metrics(self, self.config.metrics_host, self.config.metrics_port)
+                self._metrics = serve_metrics(self, self.config.metrics.host, self.config.metrics.port)
             except BaseException:
                 self.close()
                 raise
@@ -506,7 +507,7 @@ class KVCache:
         """Start the first lower tier's read of `batch` on a fetch thread."""
         with self._lock:
             if self._fetcher is None:
-                self._fetcher = ThreadPoolExecutor(max_workers=self.config.io_threads, thread_name_prefix="nencache-fetch")
+                self._fetcher = ThreadPoolExecutor(max_workers=self.config.tiers.io_threads, thread_name_prefix="nencache-fetch")
         tier = self.lower[0].tier
         return self._fetcher.submit(self._guard, tier, lambda: tier.get([s.key for s in batch]), None)
 
@@ -517,7 +518,7 @@ class KVCache:
             return False
         if out is not None:
             copy_into(out[:, :, span.start : span.end], chunk)
-        if out is None or self.config.local_cpu:  # without local_cpu, only prefetches stage in the pool
+        if out is None or self.config.tiers.cpu.enabled:  # without local_cpu, only prefetches stage in the pool
             try:
                 self.memory.put_tensor(span.key, chunk)
             except PoolExhaustedError:
@@ -581,7 +582,7 @@ class KVCache:
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._io is None:
-                self._io = ThreadPoolExecutor(max_workers=self.config.io_threads, thread_name_prefix="nencache-io")
+                self._io = ThreadPoolExecutor(max_workers=self.config.tiers.io_threads, thread_name_prefix="nencache-io")
             return self._io
 
     def _forget_staged(self, key: bytes) -> None:

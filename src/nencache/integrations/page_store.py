@@ -58,9 +58,9 @@ class PageStore:
     @classmethod
     def from_config(cls, config: CacheConfig, layout: KVLayout, page_tokens: int, namespace: bytes) -> "PageStore":
         memory = None
-        if config.local_cpu:
-            pool = MemoryPool(int(config.cpu_size), raw_page_bytes(layout, page_tokens), pin_memory=config.pin_memory)
-            memory = MemoryTier(pool, layout, get_codec(config.cpu_codec))
+        if config.tiers.cpu.enabled:
+            pool = MemoryPool(int(config.tiers.cpu.size), raw_page_bytes(layout, page_tokens), pin_memory=config.tiers.cpu.pin_memory)
+            memory = MemoryTier(pool, layout, get_codec(config.tiers.cpu.codec))
         pairs = build_lower_tiers(config, namespace.hex())
         return cls(layout, page_tokens, namespace, memory=memory, lower=[(t, get_codec(c)) for t, c in pairs])
 

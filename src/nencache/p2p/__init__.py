@@ -27,21 +27,21 @@ __all__ = ["PeerClients", "PeerEndpoint", "PeerIndex", "PeerStore", "PeerTier", 
 
 def build_peer_tier(config: CacheConfig, namespace: str, memory: MemoryTier, layout: KVLayout) -> PeerTier:
     """The peer tier of a `KVCache` with `enable_p2p`: its endpoint serves `memory` from now on."""
-    if not config.p2p_index_url:
+    if not config.p2p.index_url:
         raise ConfigError("enable_p2p needs p2p_index_url, the Redis URL (e.g. redis://127.0.0.1:6379) of the index "
                           "where peers publish the chunks they hold")
-    if not config.local_cpu:
+    if not config.tiers.cpu.enabled:
         raise ConfigError("enable_p2p serves chunks from the CPU pool, so it needs local_cpu: true")
-    index = PeerIndex(config.p2p_index_url, namespace, ttl=config.p2p_ttl, timeout=config.remote_timeout,
-                      key_prefix=config.remote_key_prefix)
-    clients = PeerClients(namespace.encode("ascii"), timeout=config.remote_timeout, auth_token=config.auth_token,
-                          shared_memory=config.p2p_shared_memory)
-    endpoint = PeerEndpoint(memory, namespace, host=config.p2p_host, port=config.p2p_port,
+    index = PeerIndex(config.p2p.index_url, namespace, ttl=config.p2p.ttl, timeout=config.tiers.remote.timeout,
+                      key_prefix=config.tiers.remote.key_prefix)
+    clients = PeerClients(namespace.encode("ascii"), timeout=config.tiers.remote.timeout, auth_token=config.auth_token,
+                          shared_memory=config.p2p.shared_memory)
+    endpoint = PeerEndpoint(memory, namespace, host=config.p2p.host, port=config.p2p.port,
                             auth_token=config.auth_token,
                             max_chunk_bytes=HEADER_SIZE + layout.nbytes(config.chunk_size),
-                            region=region_of(memory.pool) if config.p2p_shared_memory else None)
+                            region=region_of(memory.pool) if config.p2p.shared_memory else None)
     try:
-        return PeerTier(index, endpoint, clients, ttl=config.p2p_ttl)
+        return PeerTier(index, endpoint, clients, ttl=config.p2p.ttl)
     except BaseException:
         endpoint.close()
         raise

@@ -20,31 +20,31 @@ def build_lower_tiers(config: CacheConfig, namespace: str, *,
     """(tier, codec name) pairs, fastest first: the disk tier, then the remote tier. `eviction` makes the
     disk tier's eviction policy (default LRU)."""
     tiers: list[tuple[Tier, str]] = []
-    if config.disk_path:
+    if config.tiers.disk.path:
         from nencache.tiers.disk import DiskTier
 
-        tiers.append((DiskTier(config.disk_path, namespace, int(config.disk_size), io_threads=config.io_threads,
+        tiers.append((DiskTier(config.tiers.disk.path, namespace, int(config.tiers.disk.size), io_threads=config.tiers.io_threads,
                                eviction=eviction() if eviction is not None else None),
-                      config.disk_codec))
-    if config.remote_url:
-        tiers.append((build_remote_tier(config, namespace), config.remote_codec))
+                      config.tiers.disk.codec))
+    if config.tiers.remote.url:
+        tiers.append((build_remote_tier(config, namespace), config.tiers.remote.codec))
     return tiers
 
 
 def build_remote_tier(config: CacheConfig, namespace: str) -> Tier:
     """The remote tier named by `remote_url`."""
-    url = str(config.remote_url)
+    url = str(config.tiers.remote.url)
     scheme = urlsplit(url).scheme.lower()
     if scheme in REDIS_SCHEMES:
         from nencache.tiers.redis import RedisTier
 
-        return RedisTier(url, namespace, timeout=config.remote_timeout, ttl=config.remote_ttl,
-                         key_prefix=config.remote_key_prefix)
+        return RedisTier(url, namespace, timeout=config.tiers.remote.timeout, ttl=config.tiers.remote.ttl,
+                         key_prefix=config.tiers.remote.key_prefix)
     if scheme in SERVER_SCHEMES:
         from nencache.server.client import ServerTier
 
-        return ServerTier(url, namespace, timeout=config.remote_timeout, auth_token=config.auth_token,
-                          shared_memory=config.remote_shared_memory)
+        return ServerTier(url, namespace, timeout=config.tiers.remote.timeout, auth_token=config.auth_token,
+                          shared_memory=config.tiers.remote.shared_memory)
     raise ConfigError(
         f"remote_url {url!r}: unsupported scheme {scheme!r}; use nencache://, nencaches://, redis://, rediss://, "
         "unix://, valkey:// or redis-cluster://"
