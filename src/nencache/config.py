@@ -222,10 +222,9 @@ class CacheConfig:
                 start = f.default
             sub = {path[1:]: v for path, v in changes.items() if path[0] == name}
             if name in _SECTIONS:
-                if not isinstance(start, _SECTIONS[name]):
-                    raise ConfigError(f"{name}: expected a {_SECTIONS[name].__name__}, got {type(start).__name__}")
+                _check_type(name, start, _kinds(CacheConfig)[name])
                 start = _with_changes(start, sub)
-            object.__setattr__(self, name, start)
+            setattr(self, name, start)
         _check_fields(self)
         if self.chunk_size <= 0:
             raise ConfigError(f"chunk_size must be a positive number of tokens, got {self.chunk_size}")
@@ -302,14 +301,14 @@ def _check_fields(obj: Any) -> None:
     """Parse the size fields of `obj` and check every field against its annotation (errors name flat keys)."""
     cls = type(obj)
     for f in fields(cls):
+        if cls is CacheConfig and f.name in _SECTIONS:
+            continue  # checked by their own __post_init__
         kind = _kinds(cls)[f.name]
-        if f.name in _SECTIONS and cls is CacheConfig:
-            continue
         key = _flat_key(cls, f)
         value = getattr(obj, f.name)
         if kind.size and value is not None:
             value = parse_size(value, key=key)
-            object.__setattr__(obj, f.name, value)
+            setattr(obj, f.name, value)
         _check_type(key, value, kind)
 
 
