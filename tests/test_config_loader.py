@@ -62,6 +62,9 @@ def test_unknown_nested_key_lists_its_section(tmp_path) -> None:
     path.write_text("tiers:\n  disk:\n    paht: /kv\n")
     with pytest.raises(ConfigError, match=r"'tiers\.disk\.paht'.*section 'tiers\.disk' has codec, path, size"):
         load_config(path, env={})
+    path.write_text("server: 6000\n")
+    with pytest.raises(ConfigError, match="'server' .* is a section"):
+        load_config(path, env={})
 
 
 def test_unknown_key_names_the_closest(tmp_path) -> None:

@@ -109,7 +109,10 @@ def _flatten(data: Mapping[Any, Any], origin: str, path: tuple[str, ...] = ()) -
     pairs: list[tuple[str, Any]] = []
     for raw, value in data.items():
         inner = (*path, str(raw))
-        if inner in _SECTIONS and isinstance(value, Mapping):
+        if inner in _SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{'.'.join(inner)!r} in {origin} is a section: give it a mapping of its keys, "
+                                  f"got {type(value).__name__} {value!r}")
             pairs += _flatten(value, origin, inner)
         elif not path:
             pairs.append((str(raw), value))
