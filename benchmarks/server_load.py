@@ -304,7 +304,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=45.0)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--client-timeout", type=float, default=CacheConfig().remote_timeout,
+    parser.add_argument("--client-timeout", type=float, default=CacheConfig().tiers.remote.timeout,
                         help="seconds a load client's call may take (default: remote_timeout's default)")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--attack-seconds", type=float, default=5.0)

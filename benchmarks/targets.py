@@ -21,7 +21,7 @@ from _results import command_line, write_section  # noqa: E402
 
 from nencache.bench.command import BenchArgs, run_bench  # noqa: E402
 from nencache.bench.markdown import report_markdown  # noqa: E402
-from nencache.config import load_config  # noqa: E402
+from nencache.config_loader import load_config  # noqa: E402
 
 SECTION = "NenCache's targets"
 

@@ -15,7 +15,7 @@ import logging
 import torch
 
 from nencache import KVCache, KVLayout
-from nencache.config import load_config
+from nencache.config_loader import load_config
 
 
 def main() -> None:
@@ -25,8 +25,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     loaded = load_config(args.config)  # LMCache's keys and LMCACHE_* variables are understood as they are
     config = loaded.config
+    values = config.as_dict()  # by flat key, the names the file and the variables use
     for key, source in sorted(loaded.sources.items()):
-        print(f"{key:<20} {getattr(config, key)!s:<36} {source}")
+        print(f"{key:<20} {values[key]!s:<36} {source}")
     layout = KVLayout(num_layers=4, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16)
     tokens = list(range(1000, 1000 + 3 * config.chunk_size + 10))
     with KVCache(config, layout, model_id="examples-lmcache-config") as cache:

@@ -23,7 +23,7 @@ def test_a_new_remote_scheme_is_one_registry_line(monkeypatch) -> None:
     made: list[tuple[str, str]] = []
 
     def object_store(config: CacheConfig, namespace: str) -> DictTier:
-        made.append((str(config.remote_url), namespace))
+        made.append((str(config.tiers.remote.url), namespace))
         return DictTier("s3", Distance.REMOTE)
 
     monkeypatch.setitem(assemble.REMOTE_SCHEMES, "s3", object_store)

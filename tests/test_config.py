@@ -1,12 +1,14 @@
-"""Config: defaults, YAML, NENCACHE_* and LMCACHE_* env, aliases, sizes, clear errors."""
+"""The config schema: sections, flat keys, types from the annotations, sizes, clear errors."""
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 
 import pytest
 
-from nencache.config import CacheConfig, load_config, parse_size
+from nencache.config import (
+    FLAT_KEYS, CacheConfig, CpuTierConfig, DiskTierConfig, ServerConfig, TiersConfig, coerce_text, parse_size,
+)
 from nencache.errors import ConfigError
 
 
@@ -29,79 +31,77 @@ def test_bad_sizes_raise(bad) -> None:
 
 def test_defaults() -> None:
     config = CacheConfig()
-    assert config.chunk_size == 256 and config.save_unfull_chunk and config.cpu_size == 2 * 2**30
-
-
-def test_yaml_env_and_overrides_in_order(tmp_path) -> None:
-    path = tmp_path / "c.yaml"
-    path.write_text("chunk_size: 64\ncpu_size: 1GiB\nremote_url: redis://localhost:6379\n")
-    env = {"NENCACHE_CONFIG_FILE": str(path), "NENCACHE_CPU_SIZE": "256MiB", "LMCACHE_CHUNK_SIZE": "32"}
-    loaded = load_config(env=env, overrides={"tenant": "t1"})
-    assert loaded.config.chunk_size == 32 and loaded.config.cpu_size == 256 * 2**20
-    assert loaded.config.remote_url == "redis://localhost:6379" and loaded.config.tenant == "t1"
-    assert loaded.sources["chunk_size"] == "env LMCACHE_CHUNK_SIZE"
-    assert loaded.sources["remote_url"].startswith("file ")
-    assert "tenant" in loaded.sources and "disk_codec" not in loaded.sources
-
-
-def test_nencache_env_beats_lmcache_env() -> None:
-    loaded = load_config(env={"LMCACHE_CHUNK_SIZE": "32", "NENCACHE_CHUNK_SIZE": "128"})
-    assert loaded.config.chunk_size == 128
-
-
-def test_lmcache_yaml_aliases(tmp_path) -> None:
-    path = tmp_path / "lmcache.yaml"
-    path.write_text("chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 5.0\nlocal_disk: 'file:///var/cache/kv'\n"
-                    "max_local_disk_size: 20\nremote_url: null\nremote_serde: naive\nsave_unfull_chunk: false\n")
-    config = load_config(env={"LMCACHE_CONFIG_FILE": str(path)}).config
-    assert config.cpu_size == 5 * 10**9 and config.disk_path == "/var/cache/kv" and config.disk_size == 20 * 10**9
-    assert config.remote_codec == "raw" and config.save_unfull_chunk is False
-
-
-def test_lmcache_env_aliases() -> None:
-    config = load_config(env={"LMCACHE_MAX_LOCAL_CPU_SIZE": "1.5", "LMCACHE_LOCAL_DISK": "file:///tmp/kv",
-                              "LMCACHE_SAVE_UNFULL_CHUNK": "False", "LMCACHE_TRACK_USAGE": "false"}).config
-    assert config.cpu_size == int(1.5 * 10**9) and config.disk_path == "/tmp/kv" and not config.save_unfull_chunk
-
-
-def test_unknown_key_names_the_closest(tmp_path) -> None:
-    path = tmp_path / "c.yaml"
-    path.write_text("chunk_sise: 64\n")
-    with pytest.raises(ConfigError, match="chunk_sise.*did you mean 'chunk_size'"):
-        load_config(path, env={})
-    with pytest.raises(ConfigError, match="max_local_cpu_size"):
-        load_config(env={"LMCACHE_MAX_LOCAL_CPU_SIZ": "3"})
-
-
-@pytest.mark.parametrize(("key", "value"), [("chunk_size", "abc"), ("local_cpu", "maybe"), ("remote_timeout", "x")])
-def test_bad_env_values_name_the_key(key, value) -> None:
-    with pytest.raises(ConfigError, match=key):
-        load_config(env={f"NENCACHE_{key.upper()}": value})
+    assert config.chunk_size == 256 and config.save_unfull_chunk and config.tiers.cpu.size == 2 * 2**30
+    assert config.server.max_request_bytes == 64 * 2**20 and config.tiers.disk.path is None
 
 
 @pytest.mark.parametrize("kwargs", [{"chunk_size": 0}, {"chunk_size": "3"}, {"local_cpu": "yes"}, {"cpu_size": "x"},
-                                    {"remote_timeout": -1.0}])
+                                    {"remote_timeout": -1.0}, {"io_threads": 0}, {"write_drop": "random"},
+                                    {"server_port": 1.5}, {"eviction": "belady"}, {"tiers": 3}])
 def test_bad_constructor_values(kwargs) -> None:
     with pytest.raises(ConfigError):
         CacheConfig(**kwargs)
 
 
-def test_ignored_lmcache_key_warns_once(caplog, tmp_path) -> None:
-    path = tmp_path / "c.yaml"
-    path.write_text("use_layerwise: true\nchunk_size: 128\n")
-    with caplog.at_level(logging.WARNING, logger="nencache.config"):
-        config = load_config(path, env={}).config
-    assert config.chunk_size == 128
-    assert sum("use_layerwise" in r.message for r in caplog.records) == 1
+def test_flat_keywords_land_in_their_sections() -> None:
+    config = CacheConfig(cpu_size="1MiB", local_cpu=False, disk_path="file:///var/kv", remote_url="redis://h",
+                         io_threads=3, write_drop="newest", enable_p2p=True, metrics_port=0, server_port=6000)
+    assert (config.tiers.cpu.size, config.tiers.cpu.enabled, config.tiers.disk.path) == (2**20, False, "/var/kv")
+    assert (config.tiers.remote.url, config.tiers.io_threads, config.write.drop) == ("redis://h", 3, "newest")
+    assert (config.p2p.enabled, config.metrics.port, config.server.port) == (True, 0, 6000)
 
 
-def test_bad_yaml_is_a_config_error(tmp_path) -> None:
-    path = tmp_path / "c.yaml"
-    path.write_text("chunk_size: [1,\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(path, env={})
-    path.write_text("- a\n- b\n")
-    with pytest.raises(ConfigError, match="mapping"):
-        load_config(path, env={})
-    with pytest.raises(ConfigError, match="cannot read"):
-        load_config(tmp_path / "missing.yaml", env={})
+def test_sections_and_flat_keys_together() -> None:
+    config = CacheConfig(server=ServerConfig(port=6000, host="0.0.0.0"), server_port=6001,
+                         tiers=TiersConfig(disk=DiskTierConfig(path="/a")), disk_size="1GiB")
+    assert (config.server.host, config.server.port) == ("0.0.0.0", 6001)
+    assert (config.tiers.disk.path, config.tiers.disk.size) == ("/a", 2**30)
+
+
+def test_replace_takes_flat_keys_and_keeps_the_rest() -> None:
+    config = CacheConfig(cpu_size="1MiB", server_port=6000)
+    changed = config.replace(local_cpu=False)
+    assert (changed.tiers.cpu.enabled, changed.tiers.cpu.size, changed.server.port) == (False, 2**20, 6000)
+    assert dataclasses.replace(config, cpu_codec="int8").tiers.cpu.codec == "int8"
+    assert config.tiers.cpu.enabled, "replace copies; the original is unchanged"
+
+
+def test_as_dict_is_flat_and_round_trips() -> None:
+    config = CacheConfig(remote_url="nencache://h:5870", p2p_ttl=2.0, server_tls_cert="/c.pem")
+    flat = config.as_dict()
+    assert list(flat) == list(FLAT_KEYS)
+    assert flat["remote_url"] == "nencache://h:5870" and flat["p2p_ttl"] == 2.0
+    assert CacheConfig(**flat) == config
+
+
+def test_flat_keys_are_prefix_and_field_unless_declared() -> None:
+    assert FLAT_KEYS["cpu_size"] == ("tiers", "cpu", "size")
+    assert FLAT_KEYS["local_cpu"] == ("tiers", "cpu", "enabled")
+    assert FLAT_KEYS["enable_p2p"] == ("p2p", "enabled")
+    assert FLAT_KEYS["io_threads"] == ("tiers", "io_threads")
+    assert FLAT_KEYS["server_max_keys"] == ("server", "max_keys")
+    assert len(set(FLAT_KEYS.values())) == len(FLAT_KEYS) == 47
+
+
+def test_errors_name_the_flat_key() -> None:
+    with pytest.raises(ConfigError, match="^cpu_size: cannot read"):
+        CpuTierConfig(size="lots")
+    with pytest.raises(ConfigError, match="^server_max_keys: expected int, got str"):
+        CacheConfig(server_max_keys="10")
+    with pytest.raises(ConfigError, match="unknown config key 'chunk_sise'; did you mean 'chunk_size'"):
+        CacheConfig(chunk_sise=3)
+
+
+def test_types_come_from_the_annotations() -> None:
+    assert coerce_text("server_admin_port", "null") is None
+    assert coerce_text("server_admin_port", "5871") == 5871
+    assert coerce_text("remote_timeout", "2") == 2.0
+    assert coerce_text("pin_memory", "off") is False
+    assert coerce_text("cpu_size", "4GiB") == "4GiB", "sizes are parsed by the section, which names the key"
+    assert coerce_text("disk_path", "/kv") == "/kv"
+    with pytest.raises(ConfigError, match="p2p_port: expected an integer"):
+        coerce_text("p2p_port", "eighty")
+
+
+def test_auth_token_stays_out_of_repr() -> None:
+    assert "s3cret" not in repr(CacheConfig(auth_token="s3cret"))

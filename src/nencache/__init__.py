@@ -1,7 +1,8 @@
 """NenCache: a multi-tier KV cache for LLM inference. Text the model has read is never prefilled twice."""
 
 from nencache.cache import KVCache
-from nencache.config import CacheConfig, load_config
+from nencache.config import CacheConfig
+from nencache.config_loader import load_config
 from nencache.errors import (
     ChunkMissingError,
     ClosedError,

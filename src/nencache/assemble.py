@@ -29,22 +29,22 @@ Eviction = Callable[[], EvictionPolicy] | None
 def _disk(config: CacheConfig, namespace: str, eviction: Eviction) -> Tier:
     from nencache.tiers.disk import DiskTier
 
-    return DiskTier(str(config.disk_path), namespace, int(config.disk_size), io_threads=config.io_threads,
+    return DiskTier(str(config.tiers.disk.path), namespace, int(config.tiers.disk.size), io_threads=config.tiers.io_threads,
                     eviction=eviction() if eviction is not None else None)
 
 
 def _redis(config: CacheConfig, namespace: str) -> Tier:
     from nencache.tiers.redis import RedisTier
 
-    return RedisTier(str(config.remote_url), namespace, timeout=config.remote_timeout, ttl=config.remote_ttl,
-                     key_prefix=config.remote_key_prefix)
+    return RedisTier(str(config.tiers.remote.url), namespace, timeout=config.tiers.remote.timeout, ttl=config.tiers.remote.ttl,
+                     key_prefix=config.tiers.remote.key_prefix)
 
 
 def _server(config: CacheConfig, namespace: str) -> Tier:
     from nencache.server.client import ServerTier
 
-    return ServerTier(str(config.remote_url), namespace, timeout=config.remote_timeout, auth_token=config.auth_token,
-                      shared_memory=config.remote_shared_memory)
+    return ServerTier(str(config.tiers.remote.url), namespace, timeout=config.tiers.remote.timeout, auth_token=config.auth_token,
+                      shared_memory=config.tiers.remote.shared_memory)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,14 +71,14 @@ def lower_tiers(config: CacheConfig, namespace: str, *, eviction: Eviction = Non
     tier's eviction policy (default LRU)."""
     tiers = [(entry.build(config, namespace, eviction), entry.codec(config)) for entry in LOCAL_TIERS
              if entry.wanted(config)]
-    if config.remote_url:
-        tiers.append((remote_tier(config, namespace), config.remote_codec))
+    if config.tiers.remote.url:
+        tiers.append((remote_tier(config, namespace), config.tiers.remote.codec))
     return tiers
 
 
 def remote_tier(config: CacheConfig, namespace: str) -> Tier:
     """The remote tier named by `remote_url`."""
-    url = str(config.remote_url)
+    url = str(config.tiers.remote.url)
     scheme = urlsplit(url).scheme.lower()
     build = REMOTE_SCHEMES.get(scheme)
     if build is None:
@@ -90,15 +90,15 @@ def remote_tier(config: CacheConfig, namespace: str) -> Tier:
 def memory_tier(config: CacheConfig, layout: KVLayout, page_tokens: int, *, eviction: Eviction = None) -> MemoryTier:
     """The CPU tier: a static pool of pages that hold one chunk each (in a shared region when local peers
     map it: `p2p_shared_memory`)."""
-    codec = get_codec(config.cpu_codec)
+    codec = get_codec(config.tiers.cpu.codec)
     page_bytes = (raw_page_bytes(layout, page_tokens) if codec.zero_copy
                   else codec.max_encoded_size(layout, page_tokens))
-    if config.enable_p2p and config.p2p_shared_memory:  # local peers map it read-only (docs/p2p.md)
+    if config.p2p.enabled and config.p2p.shared_memory:  # local peers map it read-only (docs/p2p.md)
         from nencache.p2p.shared import peer_pool
 
-        pool = peer_pool(int(config.cpu_size), page_bytes, pin_memory=config.pin_memory)
+        pool = peer_pool(int(config.tiers.cpu.size), page_bytes, pin_memory=config.tiers.cpu.pin_memory)
     else:
-        pool = MemoryPool(int(config.cpu_size), page_bytes, pin_memory=config.pin_memory)
+        pool = MemoryPool(int(config.tiers.cpu.size), page_bytes, pin_memory=config.tiers.cpu.pin_memory)
     return MemoryTier(pool, layout, codec, policy=eviction() if eviction is not None else None)
 
 
@@ -111,21 +111,21 @@ def peer_tier(config: CacheConfig, namespace: str, memory: MemoryTier, layout: K
     from nencache.p2p.shared import region_of
     from nencache.p2p.tier import PeerTier
 
-    if not config.p2p_index_url:
+    if not config.p2p.index_url:
         raise ConfigError("enable_p2p needs p2p_index_url, the Redis URL (e.g. redis://127.0.0.1:6379) of the index "
                           "where peers publish the chunks they hold")
-    if not config.local_cpu:
+    if not config.tiers.cpu.enabled:
         raise ConfigError("enable_p2p serves chunks from the CPU pool, so it needs local_cpu: true")
-    index = PeerIndex(config.p2p_index_url, namespace, ttl=config.p2p_ttl, timeout=config.remote_timeout,
-                      key_prefix=config.remote_key_prefix)
-    clients = PeerClients(namespace.encode("ascii"), timeout=config.remote_timeout, auth_token=config.auth_token,
-                          shared_memory=config.p2p_shared_memory)
-    endpoint = PeerEndpoint(memory, namespace, host=config.p2p_host, port=config.p2p_port,
+    index = PeerIndex(config.p2p.index_url, namespace, ttl=config.p2p.ttl, timeout=config.tiers.remote.timeout,
+                      key_prefix=config.tiers.remote.key_prefix)
+    clients = PeerClients(namespace.encode("ascii"), timeout=config.tiers.remote.timeout, auth_token=config.auth_token,
+                          shared_memory=config.p2p.shared_memory)
+    endpoint = PeerEndpoint(memory, namespace, host=config.p2p.host, port=config.p2p.port,
                             auth_token=config.auth_token,
                             max_chunk_bytes=HEADER_SIZE + layout.nbytes(config.chunk_size),
-                            region=region_of(memory.pool) if config.p2p_shared_memory else None)
+                            region=region_of(memory.pool) if config.p2p.shared_memory else None)
     try:
-        peer = PeerTier(index, endpoint, clients, ttl=config.p2p_ttl)
+        peer = PeerTier(index, endpoint, clients, ttl=config.p2p.ttl)
     except BaseException:
         endpoint.close()
         raise
@@ -143,7 +143,7 @@ class Assembled:
 
 def write_policy(config: CacheConfig) -> WritePolicy:
     """Backpressure for `write_wait_seconds`, then a drop per `write_drop`; at most `write_queue_chunks` queued."""
-    return WritePolicy(config.write_wait_seconds, Drop(config.write_drop), config.write_queue_chunks)
+    return WritePolicy(config.write.wait_seconds, Drop(config.write.drop), config.write.queue_chunks)
 
 
 def build_store(config: CacheConfig, layout: KVLayout, namespace: str, *, page_tokens: int | None = None,
@@ -156,7 +156,7 @@ def build_store(config: CacheConfig, layout: KVLayout, namespace: str, *, page_t
     peer: Tier | None = None
     try:
         pairs = list(lower) if lower is not None else lower_tiers(config, namespace, eviction=eviction)
-        if config.enable_p2p:
+        if config.p2p.enabled:
             peer = peer_tier(config, namespace, memory, layout)
             pairs.append((peer, "raw"))
     except BaseException:
@@ -165,6 +165,6 @@ def build_store(config: CacheConfig, layout: KVLayout, namespace: str, *, page_t
         memory.close()
         raise
     store = Store(memory, [LowerTier(tier, get_codec(codec)) for tier, codec in pairs], layout=layout,
-                  policy=write_policy(config), keep_in_memory=config.local_cpu, io_threads=config.io_threads,
+                  policy=write_policy(config), keep_in_memory=config.tiers.cpu.enabled, io_threads=config.tiers.io_threads,
                   warn=warn)
     return Assembled(store, peer)

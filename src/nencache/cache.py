@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from nencache.assemble import build_store
-from nencache.config import CacheConfig, load_config
+from nencache.config import CacheConfig
+from nencache.config_loader import load_config
 from nencache.copy import copy_into
 from nencache.errors import ChunkMissingError, ClosedError, LayoutError, PoolExhaustedError
 from nencache.keys import ChunkSpan, TokenIds, chunk_spans, namespace_digest, partial_key, salted, token_array
@@ -97,7 +98,7 @@ class KVCache:
         self.memory: MemoryTier = self._store.memory
         self._prefault = self._store.prefault  # benchmarks join it: the pool is mapped before requests come
         # the reuse model learned before a restart lives beside the disk tier's chunks
-        self._policy_dir = disk_path(self.config.disk_path) / self.namespace.hex() if self.config.disk_path else None
+        self._policy_dir = disk_path(self.config.tiers.disk.path) / self.namespace.hex() if self.config.tiers.disk.path else None
         self.policies.load(self._policy_dir)
         self._counters = CacheCounters()
         self._skipped_at_flush = 0
@@ -106,11 +107,11 @@ class KVCache:
         self._closed = False
         self.latency = CallLatency()  # load and save latency histograms (nencache.metrics)
         self._metrics: Any = None
-        if self.config.metrics_port is not None:  # Prometheus metrics on their own port (docs/monitoring.md)
+        if self.config.metrics.port is not None:  # Prometheus metrics on their own port (docs/monitoring.md)
             from nencache.metrics import serve_metrics
 
             try:
-                self._metrics = serve_metrics(self, self.config.metrics_host, self.config.metrics_port)
+                self._metrics = serve_metrics(self, self.config.metrics.host, self.config.metrics.port)
             except BaseException:
                 self.close()
                 raise

@@ -8,7 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from nencache.config import CacheConfig, load_config
+from nencache.config import CacheConfig
+from nencache.config_loader import load_config
 from nencache.errors import NenCacheError
 
 

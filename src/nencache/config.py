@@ -1,255 +1,376 @@
-"""`CacheConfig`: the one typed configuration, and how it is loaded.
+"""`CacheConfig`: the one typed configuration, in sections, and its flat key names.
 
-Precedence, lowest first: defaults < YAML file (`--config`, `NENCACHE_CONFIG_FILE` or
-`LMCACHE_CONFIG_FILE`) < environment (`NENCACHE_<KEY>`, `LMCACHE_<KEY>`) < explicit overrides.
-LMCache's key names work everywhere as aliases (see `ALIASES`).
+The config is nested: `config.tiers.cpu.size`, `config.tiers.remote.url`, `config.server.port`, ...
+Each section is a slots dataclass whose field types are read from its annotations; a size field
+(`Bytes`) also takes '4GiB'-style strings and holds bytes. Every leaf also has one flat key, the name
+YAML files, `NENCACHE_*` variables, overrides and `CacheConfig(...)` keyword arguments use: the
+section's prefix and the field's name (`cpu_size`, `remote_url`, `server_port`), or the name a field
+declares (`local_cpu`, `enable_p2p`). `FLAT_KEYS` maps each flat key to its attribute path.
+
+This module holds the schema only; `nencache.config_loader` reads files and the environment (with
+LMCache's names, from `nencache.compat`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
-import os
-from collections.abc import Mapping
+import functools
+import types
+import typing
 from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Annotated, Any, ClassVar
 
 from nencache.errors import ConfigError
-from nencache.lmcache_compat import ALIASES, LMCACHE_PROCESS_ENV, ignored_message, is_lmcache_only, unquote
 from nencache.sizes import parse_size
-
-log = logging.getLogger("nencache.config")
 
 EVICTION_POLICIES = ("lru", "leaf-lru", "s3fifo", "learned")  # what `eviction` accepts (nencache.policy builds them)
 PREFETCH_POLICIES = ("off", "learned")
 
-__all__ = ["CacheConfig", "LoadedConfig", "is_config_key", "load_config", "parse_size"]
+
+class _SizeMarker:
+    """Marks an `int` field that also takes sizes like '4GiB' (`Bytes`)."""
+
+
+Bytes = Annotated[int, _SizeMarker]
+
+__all__ = [
+    "Bytes", "CacheConfig", "CpuTierConfig", "DiskTierConfig", "FLAT_KEYS", "MetricsConfig", "P2PConfig",
+    "RemoteTierConfig", "ServerConfig", "TiersConfig", "WriteConfig", "coerce_text", "parse_size",
+]
+
+
+def _flat(name: str) -> dict[str, str]:
+    """Field metadata: the field's flat key, where it is not `<prefix>_<field>`."""
+    return {"flat": name}
 
 
 @dataclass(slots=True)
-class CacheConfig:
-    """Everything that tunes a `KVCache`. Sizes accept '4GiB'-style strings and are stored as bytes."""
+class CpuTierConfig:
+    """The memory tier: the preallocated CPU pool."""
 
-    chunk_size: int = 256
-    local_cpu: bool = True
-    cpu_size: int | str = "2GiB"
-    save_unfull_chunk: bool = True
-    pin_memory: bool | None = None  # None: pin when CUDA is available
-    cpu_codec: str = "raw"
-    disk_path: str | None = None
-    disk_size: int | str = "16GiB"
-    disk_codec: str = "raw"
-    remote_url: str | None = None
-    remote_codec: str = "raw"
-    remote_timeout: float = 0.25
-    remote_ttl: int | None = None
-    remote_key_prefix: str = "nencache"
-    remote_shared_memory: bool = True  # a nencache:// server on this machine: copy chunks from its mapped pool
-    write_queue_chunks: int | None = None  # most writes waiting for the tiers below; None: the pool bounds them
-    write_wait_seconds: float = 1.0  # a store waits this long for the write-behind when the pool is full of writes
-    write_drop: str = "oldest"  # then gives up the oldest pending write ("oldest") or the new chunk ("newest")
-    io_threads: int = 8  # reads in flight per lower tier (a virtual or NVMe disk serves deeper queues faster)
-    eviction: str = "lru"  # the order tiers evict in: lru | leaf-lru | s3fifo | learned (docs/policies.md)
-    prefetch: str = "off"  # off | learned: promote a conversation's chunks ahead of its predicted next turn
-    tenant: str = ""
-    auth_token: str | None = None
-    enable_p2p: bool = False
-    p2p_index_url: str | None = None
-    p2p_host: str = "127.0.0.1"
-    p2p_port: int = 0
-    p2p_ttl: float = 30.0  # seconds an index entry lives unless its holder refreshes it
-    p2p_shared_memory: bool = True  # peers on this machine copy chunks out of each other's pool (Linux memfd)
-    metrics_port: int | None = None  # serve this cache's Prometheus metrics on this port (0: any free port)
-    metrics_host: str = "127.0.0.1"  # the address metrics_port binds
-    server_host: str = "127.0.0.1"
-    server_port: int = 5870
-    server_admin_port: int | None = 5871  # None: no admin HTTP endpoint
-    server_max_chunk_bytes: int | str = 8 * 2**20 + 64  # one chunk blob, header included; the pool page size
-    server_max_request_bytes: int | str = "64MiB"  # the body of one frame
-    server_max_keys: int = 1024  # keys in one frame
-    server_max_connections: int = 1024
-    server_max_client_connections: int = 256  # open connections from one client address
-    server_max_namespaces: int = 64
-    server_io_timeout: float = 30.0  # a frame must arrive whole, and a reply be read, within this
-    server_idle_timeout: float = 300.0  # a connection with no frame for this long is closed
-    server_auth_timeout: float = 5.0  # a connection must authenticate within this (PING does not extend it)
-    server_disk_read_wait: float = 0.1  # a request waits this long for the server's disk, then answers from memory
-    server_tls_cert: str | None = None
-    server_tls_key: str | None = None
-    server_shared_memory: bool = True  # let clients on this machine map the pool read-only (Linux memfd)
+    flat_prefix: ClassVar[str] = "cpu"
+    enabled: bool = field(default=True, metadata=_flat("local_cpu"))
+    size: Bytes = 2 * 2**30
+    pin_memory: bool | None = field(default=None, metadata=_flat("pin_memory"))  # None: pin when CUDA is available
+    codec: str = "raw"
 
     def __post_init__(self) -> None:
-        for key in _SIZE_KEYS:
-            setattr(self, key, parse_size(getattr(self, key), key=key))
-        if self.disk_path is not None:
-            self.disk_path = str(self.disk_path).removeprefix("file://") or None
-        for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), _TYPES[f.name])
+        _check_fields(self)
+
+
+@dataclass(slots=True)
+class DiskTierConfig:
+    """The local disk tier (off while `path` is None)."""
+
+    flat_prefix: ClassVar[str] = "disk"
+    path: str | None = None
+    size: Bytes = 16 * 2**30
+    codec: str = "raw"
+
+    def __post_init__(self) -> None:
+        if self.path is not None:
+            self.path = str(self.path).removeprefix("file://") or None
+        _check_fields(self)
+
+
+@dataclass(slots=True)
+class RemoteTierConfig:
+    """The remote tier: Redis/Valkey or a NenCache server (off while `url` is None)."""
+
+    flat_prefix: ClassVar[str] = "remote"
+    url: str | None = None
+    codec: str = "raw"
+    timeout: float = 0.25
+    ttl: int | None = None
+    key_prefix: str = "nencache"
+    shared_memory: bool = True  # a nencache:// server on this machine: copy chunks from its mapped pool
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.timeout <= 0:
+            raise ConfigError(f"remote_timeout must be positive seconds, got {self.timeout}")
+
+
+@dataclass(slots=True)
+class TiersConfig:
+    """The tiers below the engine, fastest first; the assembly module builds them in that order."""
+
+    flat_prefix: ClassVar[str] = ""
+    cpu: CpuTierConfig = field(default_factory=CpuTierConfig)
+    disk: DiskTierConfig = field(default_factory=DiskTierConfig)
+    remote: RemoteTierConfig = field(default_factory=RemoteTierConfig)
+    io_threads: int = 8  # reads in flight per lower tier (a virtual or NVMe disk serves deeper queues faster)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.io_threads <= 0:
+            raise ConfigError(f"io_threads must be a positive number of threads, got {self.io_threads}")
+
+
+@dataclass(slots=True)
+class WriteConfig:
+    """The write-behind that copies stored chunks to the tiers below memory."""
+
+    flat_prefix: ClassVar[str] = "write"
+    queue_chunks: int | None = None  # most writes waiting for the tiers below; None: the pool bounds them
+    wait_seconds: float = 1.0  # a store waits this long for the write-behind when the pool is full of writes
+    drop: str = "oldest"  # then gives up the oldest pending write ("oldest") or the new chunk ("newest")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.queue_chunks is not None and self.queue_chunks <= 0:
+            raise ConfigError(f"write_queue_chunks must be positive (or null: the pool bounds them), "
+                              f"got {self.queue_chunks}")
+        if not self.wait_seconds >= 0:
+            raise ConfigError(f"write_wait_seconds must be 0 or more seconds, got {self.wait_seconds}")
+        if self.drop not in ("oldest", "newest"):
+            raise ConfigError(f"write_drop must be 'oldest' or 'newest', got {self.drop!r}")
+
+
+@dataclass(slots=True)
+class P2PConfig:
+    """Sharing chunks with peer caches (docs/p2p.md)."""
+
+    flat_prefix: ClassVar[str] = "p2p"
+    enabled: bool = field(default=False, metadata=_flat("enable_p2p"))
+    index_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    ttl: float = 30.0  # seconds an index entry lives unless its holder refreshes it
+    shared_memory: bool = True  # peers on this machine copy chunks out of each other's pool (Linux memfd)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass(slots=True)
+class MetricsConfig:
+    """This cache's own Prometheus endpoint (docs/monitoring.md)."""
+
+    flat_prefix: ClassVar[str] = "metrics"
+    port: int | None = None  # serve this cache's Prometheus metrics on this port (0: any free port)
+    host: str = "127.0.0.1"  # the address `port` binds
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """`nencache serve`: addresses, limits and timeouts."""
+
+    flat_prefix: ClassVar[str] = "server"
+    host: str = "127.0.0.1"
+    port: int = 5870
+    admin_port: int | None = 5871  # None: no admin HTTP endpoint
+    max_chunk_bytes: Bytes = 8 * 2**20 + 64  # one chunk blob, header included; the pool page size
+    max_request_bytes: Bytes = 64 * 2**20  # the body of one frame
+    max_keys: int = 1024  # keys in one frame
+    max_connections: int = 1024
+    max_client_connections: int = 256  # open connections from one client address
+    max_namespaces: int = 64
+    io_timeout: float = 30.0  # a frame must arrive whole, and a reply be read, within this
+    idle_timeout: float = 300.0  # a connection with no frame for this long is closed
+    auth_timeout: float = 5.0  # a connection must authenticate within this (PING does not extend it)
+    disk_read_wait: float = 0.1  # a request waits this long for the server's disk, then answers from memory
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    shared_memory: bool = True  # let clients on this machine map the pool read-only (Linux memfd)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass(slots=True, init=False)
+class CacheConfig:
+    """Everything that tunes a `KVCache`, in sections.
+
+    Keyword arguments are flat keys (`CacheConfig(chunk_size=64, cpu_size="1GiB", remote_url=...)`),
+    whole sections (`CacheConfig(server=ServerConfig(port=6000))`), or both: flat keys then change the
+    given section. `replace` takes the same arguments.
+    """
+
+    flat_prefix: ClassVar[str] = ""
+    chunk_size: int = 256
+    save_unfull_chunk: bool = True
+    tenant: str = ""
+    auth_token: str | None = field(default=None, repr=False)
+    eviction: str = "lru"  # the order tiers evict in: lru | leaf-lru | s3fifo | learned (docs/policies.md)
+    prefetch: str = "off"  # off | learned: promote a conversation's chunks ahead of its predicted next turn
+    tiers: TiersConfig = field(default_factory=TiersConfig)
+    write: WriteConfig = field(default_factory=WriteConfig)
+    p2p: P2PConfig = field(default_factory=P2PConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def __init__(self, **values: Any) -> None:
+        own = {f.name: f for f in fields(CacheConfig)}
+        changes: dict[tuple[str, ...], Any] = {}
+        for key, value in values.items():
+            if key in own:
+                continue
+            if key not in FLAT_KEYS:
+                raise ConfigError(f"unknown config key {key!r}{suggest(key, FLAT_KEYS)}")
+            changes[FLAT_KEYS[key]] = value
+        for name, f in own.items():
+            if name in values:
+                start = values[name]
+            elif f.default_factory is not dataclasses.MISSING:
+                start = f.default_factory()
+            else:
+                start = f.default
+            sub = {path[1:]: v for path, v in changes.items() if path[0] == name}
+            if name in _SECTIONS:
+                _check_type(name, start, _kinds(CacheConfig)[name])
+                start = _with_changes(start, sub)
+            setattr(self, name, start)
+        _check_fields(self)
         if self.chunk_size <= 0:
             raise ConfigError(f"chunk_size must be a positive number of tokens, got {self.chunk_size}")
-        if self.remote_timeout <= 0:
-            raise ConfigError(f"remote_timeout must be positive seconds, got {self.remote_timeout}")
-        if (self.write_queue_chunks is not None and self.write_queue_chunks <= 0) or self.io_threads <= 0:
-            raise ConfigError("write_queue_chunks (or null: the pool) and io_threads must be positive")
-        if not self.write_wait_seconds >= 0:
-            raise ConfigError(f"write_wait_seconds must be 0 or more seconds, got {self.write_wait_seconds}")
-        if self.write_drop not in ("oldest", "newest"):
-            raise ConfigError(f"write_drop must be 'oldest' or 'newest', got {self.write_drop!r}")
         if self.eviction not in EVICTION_POLICIES:
             raise ConfigError(f"eviction must be one of {', '.join(EVICTION_POLICIES)}; got {self.eviction!r}")
         if self.prefetch not in PREFETCH_POLICIES:
             raise ConfigError(f"prefetch must be one of {', '.join(PREFETCH_POLICIES)}; got {self.prefetch!r}")
 
-    def replace(self, **changes: Any) -> "CacheConfig":
+    def replace(self, **changes: Any) -> CacheConfig:
+        """A copy with flat keys or whole sections changed."""
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Every flat key and its value, in declaration order (`CacheConfig(**config.as_dict())` copies it)."""
+        out: dict[str, Any] = {}
+        for key, path in FLAT_KEYS.items():
+            value: Any = self
+            for name in path:
+                value = getattr(value, name)
+            out[key] = value
+        return out
 
 
-_TYPES: dict[str, Any] = {
-    "chunk_size": int, "local_cpu": bool, "cpu_size": int, "save_unfull_chunk": bool,
-    "pin_memory": (bool, type(None)), "cpu_codec": str, "disk_path": (str, type(None)), "disk_size": int,
-    "disk_codec": str, "remote_url": (str, type(None)), "remote_codec": str, "remote_timeout": float,
-    "remote_ttl": (int, type(None)), "remote_key_prefix": str, "remote_shared_memory": bool,
-    "write_queue_chunks": (int, type(None)), "write_wait_seconds": float, "write_drop": str, "io_threads": int,
-    "tenant": str, "auth_token": (str, type(None)), "enable_p2p": bool, "p2p_index_url": (str, type(None)),
-    "p2p_host": str, "p2p_port": int, "p2p_ttl": float, "p2p_shared_memory": bool, "metrics_port": (int, type(None)),
-    "metrics_host": str,
-    "server_host": str, "server_port": int, "server_admin_port": (int, type(None)), "server_max_chunk_bytes": int,
-    "server_max_request_bytes": int, "server_max_keys": int, "server_max_connections": int,
-    "server_max_client_connections": int, "server_idle_timeout": float, "server_auth_timeout": float,
-    "server_disk_read_wait": float,
-    "server_max_namespaces": int, "server_io_timeout": float, "server_tls_cert": (str, type(None)),
-    "server_tls_key": (str, type(None)), "server_shared_memory": bool, "eviction": str, "prefetch": str,
-}
-_SIZE_KEYS = ("cpu_size", "disk_size", "server_max_chunk_bytes", "server_max_request_bytes")
+_SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(CacheConfig)  # type: ignore[misc]
+                              if f.default_factory is not dataclasses.MISSING}
 
 
-def _check_type(name: str, value: Any, expected: Any) -> None:
-    kinds = expected if isinstance(expected, tuple) else (expected,)
-    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+def _with_changes(section: Any, changes: dict[tuple[str, ...], Any]) -> Any:
+    """`section` with the leaves at these paths (relative to it) replaced, each sub-section rebuilt once."""
+    if not changes:
+        return section
+    direct = {path[0]: value for path, value in changes.items() if len(path) == 1}
+    for name in {path[0] for path in changes if len(path) > 1}:
+        inner = {path[1:]: value for path, value in changes.items() if len(path) > 1 and path[0] == name}
+        direct[name] = _with_changes(direct.get(name, getattr(section, name)), inner)
+    return dataclasses.replace(section, **direct)
+
+
+# --- types, read from the annotations ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """What a field accepts: its types, whether None is allowed, and whether it is a size."""
+
+    types: tuple[type, ...]
+    size: bool = False
+
+    def describe(self) -> str:
+        return " or ".join("null" if t is type(None) else t.__name__ for t in self.types)
+
+
+@functools.cache
+def _kinds(cls: type) -> dict[str, _Kind]:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {f.name: _kind_of(hints[f.name]) for f in fields(cls)}
+
+
+def _kind_of(hint: Any) -> _Kind:
+    size = typing.get_origin(hint) is Annotated and _SizeMarker in typing.get_args(hint)[1:]
+    if typing.get_origin(hint) is Annotated:
+        hint = typing.get_args(hint)[0]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return _Kind(tuple(typing.get_args(hint)), size)
+    return _Kind((hint,), size)
+
+
+def _flat_key(cls: type, f: dataclasses.Field[Any]) -> str:
+    prefix: str = getattr(cls, "flat_prefix")
+    return f.metadata.get("flat") or (f"{prefix}_{f.name}" if prefix else f.name)
+
+
+def _check_fields(obj: Any) -> None:
+    """Parse the size fields of `obj` and check every field against its annotation (errors name flat keys)."""
+    cls = type(obj)
+    for f in fields(cls):
+        if cls is CacheConfig and f.name in _SECTIONS:
+            continue  # checked by their own __post_init__
+        kind = _kinds(cls)[f.name]
+        key = _flat_key(cls, f)
+        value = getattr(obj, f.name)
+        if kind.size and value is not None:
+            value = parse_size(value, key=key)
+            setattr(obj, f.name, value)
+        _check_type(key, value, kind)
+
+
+def _check_type(key: str, value: Any, kind: _Kind) -> None:
+    if float in kind.types and isinstance(value, int) and not isinstance(value, bool):
         return
-    if bool not in kinds and isinstance(value, bool):
-        raise ConfigError(f"{name}: expected {_kind_names(kinds)}, got a boolean {value!r}")
-    if not isinstance(value, kinds):
-        raise ConfigError(f"{name}: expected {_kind_names(kinds)}, got {type(value).__name__} {value!r}")
+    if bool not in kind.types and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {kind.describe()}, got a boolean {value!r}")
+    if not isinstance(value, kind.types):
+        raise ConfigError(f"{key}: expected {kind.describe()}, got {type(value).__name__} {value!r}")
 
 
-def _kind_names(kinds: tuple[type, ...]) -> str:
-    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+def _flat_keys(cls: type, path: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for f in fields(cls):
+        if dataclasses.is_dataclass(f.default_factory):
+            out |= _flat_keys(f.default_factory, (*path, f.name))  # type: ignore[arg-type]
+        else:
+            out[_flat_key(cls, f)] = (*path, f.name)
+    return out
 
 
-def _closest(key: str) -> str:
-    candidates = list(_TYPES) + list(ALIASES)
-    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(sorted(_TYPES))}"
+FLAT_KEYS: dict[str, tuple[str, ...]] = _flat_keys(CacheConfig)
+"""Every flat key -> its attribute path in `CacheConfig` (`"cpu_size"` -> `("tiers", "cpu", "size")`)."""
 
 
-def _coerce_env(name: str, text: str) -> Any:
-    """Env strings to typed values, guided by the key's declared type."""
-    kinds = _TYPES[name] if isinstance(_TYPES[name], tuple) else (_TYPES[name],)
+def _leaf_kind(key: str) -> _Kind:
+    *parents, name = FLAT_KEYS[key]
+    cls: type = CacheConfig
+    for parent in parents:
+        cls = {f.name: f.default_factory for f in fields(cls)}[parent]  # type: ignore[assignment]
+    return _kinds(cls)[name]
+
+
+def coerce_text(key: str, text: str) -> Any:
+    """An environment string as the typed value the flat key `key` declares."""
+    kind = _leaf_kind(key)
     lowered = text.strip().lower()
-    if type(None) in kinds and lowered in ("", "none", "null"):
+    if type(None) in kind.types and lowered in ("", "none", "null"):
         return None
-    if bool in kinds:
+    if bool in kind.types:
         if lowered in ("1", "true", "yes", "on"):
             return True
         if lowered in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"{name}: expected true/false, got {text!r}")
-    if int in kinds and name not in _SIZE_KEYS:
+        raise ConfigError(f"{key}: expected true/false, got {text!r}")
+    if kind.size:
+        return text
+    if int in kind.types:
         try:
             return int(text)
         except ValueError:
-            raise ConfigError(f"{name}: expected an integer, got {text!r}") from None
-    if float in kinds:
+            raise ConfigError(f"{key}: expected an integer, got {text!r}") from None
+    if float in kind.types:
         try:
             return float(text)
         except ValueError:
-            raise ConfigError(f"{name}: expected a number, got {text!r}") from None
+            raise ConfigError(f"{key}: expected a number, got {text!r}") from None
     return text
 
 
-@dataclass(slots=True)
-class LoadedConfig:
-    """A config and, for every key that is not a default, where its value came from."""
-
-    config: CacheConfig
-    sources: dict[str, str] = field(default_factory=dict)
-
-
-def _apply(values: dict[str, Any], sources: dict[str, str], key: str, value: Any, origin: str,
-           from_env: bool, warned: set[str] | None = None) -> None:
-    if key in ALIASES:
-        target, convert = ALIASES[key]
-        targets, converted = ((target,), (convert(value),)) if isinstance(target, str) else (target, convert(value))
-        for name, item in zip(targets, converted):
-            values[name] = item
-            sources[name] = origin if name == key else f"{origin} (LMCache key {key})"
-    elif key in _TYPES:
-        values[key] = _coerce_env(key, value) if from_env and isinstance(value, str) else value
-        sources[key] = origin
-    elif is_lmcache_only(key):
-        if warned is None or key not in warned:
-            log.warning(ignored_message(key, value, origin))
-        if warned is not None:
-            warned.add(key)
-    else:
-        raise ConfigError(f"unknown config key {key!r} in {origin}{_closest(key)}")
-
-
-def is_config_key(key: str, *, lmcache: bool = False) -> bool:
-    """Whether `key` is a `CacheConfig` field or, with `lmcache`, any key of LMCache's config that
-    `load_config` takes (an alias of a NenCache key, or an LMCache-only key it accepts with a warning)."""
-    return key in _TYPES or (lmcache and (key in ALIASES or is_lmcache_only(key)))
-
-
-def load_config(
-    path: str | os.PathLike[str] | None = None,
-    *,
-    env: Mapping[str, str] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> LoadedConfig:
-    """Build the effective config from defaults, a YAML file, the environment and explicit overrides."""
-    env = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    warned: set[str] = set()
-    file = path or env.get("NENCACHE_CONFIG_FILE") or env.get("LMCACHE_CONFIG_FILE")
-    if file:
-        for key, value in _read_yaml(Path(file)).items():
-            _apply(values, sources, str(key), value, f"file {file}", from_env=False, warned=warned)
-    for prefix in ("LMCACHE_", "NENCACHE_"):  # NENCACHE_ wins over LMCACHE_
-        for name, text in sorted(env.items()):
-            if not name.startswith(prefix) or name in ("NENCACHE_CONFIG_FILE", "LMCACHE_CONFIG_FILE"):
-                continue
-            key = name.removeprefix(prefix).lower()
-            if prefix == "LMCACHE_" and key in LMCACHE_PROCESS_ENV:
-                continue  # LMCache's own telemetry and banner, not cache settings
-            text = unquote(text) if prefix == "LMCACHE_" else text
-            _apply(values, sources, key, text, f"env {name}", from_env=True, warned=warned)
-    for key, value in (overrides or {}).items():
-        _apply(values, sources, key, value, "argument", from_env=False, warned=warned)
-    try:
-        return LoadedConfig(CacheConfig(**values), sources)
-    except TypeError as exc:  # pragma: no cover - every key was validated above
-        raise ConfigError(str(exc)) from None
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must be a mapping of keys to values, got {type(data).__name__}")
-    return data
+def suggest(key: str, candidates: typing.Iterable[str]) -> str:
+    """'; did you mean ...?' for the closest candidate, else the list of flat keys."""
+    match = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(sorted(FLAT_KEYS))}"

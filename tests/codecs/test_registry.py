@@ -1,11 +1,11 @@
-"""Codec names, LMCache serde names and ids."""
+"""Codec names and ids."""
 
 from __future__ import annotations
 
 import pytest
 
 from nencache.codecs import (
-    Fp8Codec, Int4Codec, Int8Codec, Lz4Codec, RawCodec, VQCodec, ZstdCodec, codec_for_serde, codec_names, get_codec,
+    Fp8Codec, Int4Codec, Int8Codec, Lz4Codec, RawCodec, VQCodec, ZstdCodec, codec_names, get_codec,
 )
 from nencache.codecs.base import Codec
 from nencache.errors import ConfigError
@@ -47,12 +47,3 @@ def test_options() -> None:
 def test_unknown_names(name: str) -> None:
     with pytest.raises(ConfigError, match="available"):
         get_codec(name)
-
-
-def test_serde() -> None:
-    assert isinstance(codec_for_serde("naive"), RawCodec)
-    assert isinstance(codec_for_serde("kivi"), Int4Codec)
-    cachegen = codec_for_serde("cachegen")
-    assert cachegen.lossy and cachegen.name == "zstd+int4"
-    with pytest.raises(ConfigError, match="remote_serde"):
-        codec_for_serde("torch")

@@ -4,6 +4,7 @@ Tests against SGLang's own classes are in tests/integrations/sglang/."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from nencache import CacheConfig, KVLayout
 from nencache.errors import LayoutError
 from nencache.integrations.page_store import PageStore, page_namespace
-from nencache.integrations.sglang import TransferLog
+from nencache.integrations.sglang.metrics import TransferLog
 from nencache.tiers.base import Distance, TierStats
 
 LAYOUT, PAGE = KVLayout(3, 2, 8, torch.bfloat16), 4
@@ -122,12 +123,10 @@ def test_transfer_log_drains_what_it_recorded() -> None:
     assert log.drain() == ([], [], [], [])
 
 
-def test_the_sglang_class_says_what_is_missing(monkeypatch) -> None:
-    import nencache.integrations.sglang as module
-
+def test_the_sglang_module_says_what_is_missing(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "sglang.srt.mem_cache.hicache_storage", None)  # as if SGLang were absent
-    monkeypatch.delitem(sys.modules, "nencache.integrations.sglang_backend", raising=False)
-    with pytest.raises(ImportError, match="needs SGLang"):
-        module.NenCacheHiCacheStorage
-    with pytest.raises(AttributeError):
-        module.NoSuchThing
+    monkeypatch.delitem(sys.modules, "nencache.integrations.sglang.storage", raising=False)
+    with pytest.raises(ImportError, match="nencache.integrations.sglang.storage needs SGLang"):
+        importlib.import_module("nencache.integrations.sglang.storage")
+    for engine_free in ("pages", "backend", "metrics", "settings"):  # the rest of the package imports without it
+        importlib.import_module(f"nencache.integrations.sglang.{engine_free}")

@@ -81,7 +81,7 @@ def run_bench(args: BenchArgs, config: CacheConfig, out: TextIO | None = None) -
     target = Path(args.out)
     target.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now()
-    services = Services(config.remote_url, config.p2p_index_url)
+    services = Services(config.tiers.remote.url, config.p2p.index_url)
     with Progress() as progress, tempfile.TemporaryDirectory(prefix="nencache-bench-") as scratch:
         cores = os.cpu_count() or 1
         load_before = wait_until_idle(args.wait_idle, progress, cores) if args.wait_idle else load_average()
@@ -97,7 +97,7 @@ def run_bench(args: BenchArgs, config: CacheConfig, out: TextIO | None = None) -
         finally:
             services.close()
         load_after = load_average()
-    machine = describe(Path(config.disk_path).expanduser() if config.disk_path else None)
+    machine = describe(Path(config.tiers.disk.path).expanduser() if config.tiers.disk.path else None)
     busy = [load for load in (load_before, load_after) if load is not None and load > BUSY_LOAD_PER_CORE * cores]
     if busy:
         ctx.notes.append(f"the machine was busy while measuring (1-minute load {max(busy):.1f} on {cores} cores): "

@@ -64,8 +64,8 @@ class BenchContext:
     def disk_dir(self) -> tuple[Path, str]:
         """A scratch directory on the disk of the user's disk tier (its `disk_path`), else /var/tmp; and a
         line saying which."""
-        if self.config.disk_path:
-            base, origin = Path(self.config.disk_path).expanduser(), "the config's disk_path"
+        if self.config.tiers.disk.path:
+            base, origin = Path(self.config.tiers.disk.path).expanduser(), "the config's disk_path"
         else:
             base = DEFAULT_DISK_DIR if DEFAULT_DISK_DIR.is_dir() else Path(tempfile.gettempdir())
             origin = "no disk_path in the config"

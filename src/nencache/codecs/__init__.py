@@ -2,11 +2,8 @@
 
 Names: `raw`, `int8`, `fp8`, `int4`, `vq`, and lossless wrappers over any of them: `zstd+int4`,
 `lz4+int8`, ... (`zstd` and `lz4` alone wrap raw). Ids (stable, in the chunk header): raw 0, int8 1,
-fp8 2, int4 3, vq 4; wrappers zstd 1, lz4 2. See docs/format.md.
-
-Unfinished: the lossy decoders are vectorised torch, about 1.5 GB/s of stored bytes for int8 on two
-cores (less for the others). That keeps up with a local disk, not with a Redis or NenCache server on
-the same machine; a fused native kernel would be needed for that.
+fp8 2, int4 3, vq 4; wrappers zstd 1, lz4 2. See docs/format.md; how fast the lossy decoders are is
+under "Limits" in the README.
 """
 
 from __future__ import annotations
@@ -25,13 +22,9 @@ from nencache.codecs.vq import VQCodec
 from nencache.codecs.vq_codebook import CodebookStore
 from nencache.errors import ConfigError, CorruptChunkError
 from nencache.format import parse_header
-from nencache.lmcache_compat import SERDE_CODECS
 
 _CODECS: dict[str, type] = {"raw": RawCodec, "int8": Int8Codec, "fp8": Fp8Codec, "int4": Int4Codec, "vq": VQCodec}
 _BY_ID: dict[int, type] = {cls.codec_id: cls for cls in _CODECS.values()}
-# LMCache `remote_serde` values: naive = the tensor bytes; kivi = KIVI 4-bit; cachegen = its best
-# lossy ratio at small loss, which here is 4-bit + zstd (4.1x, +0.5% perplexity on SmolLM2-135M).
-SERDE: dict[str, str] = SERDE_CODECS
 
 
 def codec_names() -> list[str]:
@@ -59,14 +52,6 @@ def get_codec(name: str, *, level: int | None = None, **options: Any) -> Codec:
         raise ConfigError(f"bad options for codec {name!r}: {exc}") from None
 
 
-def codec_for_serde(serde: str) -> Codec:
-    """The codec standing in for an LMCache `remote_serde` value (`naive`, `kivi`, `cachegen`)."""
-    key = str(serde).strip().lower()
-    if key not in SERDE:
-        raise ConfigError(f"unknown remote_serde {serde!r}; NenCache maps {', '.join(sorted(SERDE))}")
-    return get_codec(SERDE[key])
-
-
 _DEFAULTS: dict[tuple[int, int], Codec] = {}
 
 
@@ -86,6 +71,6 @@ def decode_any(blob: bytes | bytearray | memoryview, expected_key: bytes | None 
 
 
 __all__ = [
-    "Codec", "CodebookStore", "Fp8Codec", "Int4Codec", "Int8Codec", "Lz4Codec", "RawCodec", "SERDE", "VQCodec",
-    "ZstdCodec", "codec_for_serde", "codec_names", "decode_any", "get_codec",
+    "Codec", "CodebookStore", "Fp8Codec", "Int4Codec", "Int8Codec", "Lz4Codec", "RawCodec", "VQCodec", "ZstdCodec",
+    "codec_names", "decode_any", "get_codec",
 ]

@@ -1,14 +1,12 @@
 """`Int8Codec`: 8-bit affine quantization, keys per channel, values per token (about 1.93x vs bf16).
 
 Keys carry outlier channels, so each key channel gets its own grid over the chunk's tokens; values
-vary per token, so each token and head gets its own grid over its head_dim values. On SmolLM2-135M
-this has a third of the key error of a per-token grid (0.0035 vs 0.011 relative) at the same size.
+vary per token, so each token and head gets its own grid over its head_dim values.
 
 The grid parameters are stored as fp16 when fp16 holds every one of them at least as finely as bf16
-(codec parameter 1), else as bf16 (codec parameter 0). fp16 keeps three more mantissa
-bits, so the grid is not widened by up to ~1% to cover a bf16-rounded minimum and step: on
-SmolLM2-135M (32 windows of benchmarks/codecs.py) this lowers the KL divergence from the exact-prefix
-next-token distribution from 1.92e-3 to 1.90e-3 (bf16 chunked-prefill noise floor: 1.81e-3).
+(codec parameter 1), else as bf16 (codec parameter 0): fp16's three extra mantissa bits keep the grid
+from widening to cover a bf16-rounded minimum and step. The measurements behind both choices are in
+benchmarks/RESULTS.md ("codecs: lab notes on int8").
 
 Payload (little-endian, in order; P = fp16 if the codec parameter is 1, bf16 if it is 0)::
 

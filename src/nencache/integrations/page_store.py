@@ -62,7 +62,7 @@ class PageStore:
         with peers (`enable_p2p` is for `KVCache`)."""
         assembled = build_store(config.replace(enable_p2p=False), layout, namespace.hex(), page_tokens=page_tokens,
                                 lower=lower)
-        return cls(layout, page_tokens, namespace, assembled.store, keep_pages=config.local_cpu)
+        return cls(layout, page_tokens, namespace, assembled.store, keep_pages=config.tiers.cpu.enabled)
 
     @property
     def memory(self) -> MemoryTier | None:

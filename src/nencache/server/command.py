@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from nencache.config import LoadedConfig
+from nencache.config_loader import LoadedConfig
 
 
 def serve_command(loaded: LoadedConfig, *, config_file: str | None, host: str | None, port: int | None,
@@ -26,6 +26,6 @@ def stats_command(loaded: LoadedConfig, *, url: str | None, as_json: bool) -> in
     """Print a running server's admin /stats as a table (or JSON)."""
     from nencache.server.admin import fetch_stats, format_stats
 
-    data = fetch_stats(url or f"http://127.0.0.1:{loaded.config.server_admin_port or 5871}")
+    data = fetch_stats(url or f"http://127.0.0.1:{loaded.config.server.admin_port or 5871}")
     print(json.dumps(data, indent=2) if as_json else format_stats(data))
     return 0

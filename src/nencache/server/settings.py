@@ -9,7 +9,8 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from nencache.config import CacheConfig, LoadedConfig, parse_size
+from nencache.config import CacheConfig, parse_size
+from nencache.config_loader import LoadedConfig
 from nencache.errors import ConfigError
 from nencache.server.protocol import Limits
 
@@ -90,30 +91,30 @@ class ServerSettings:
     def from_config(cls, config: CacheConfig, *, host: str | None = None, port: int | None = None,
                     admin_port: int | None = None) -> ServerSettings:
         """Settings from `config`; `host`/`port`/`admin_port` given here win (a negative admin_port: no admin)."""
-        admin = config.server_admin_port if admin_port is None else admin_port
+        admin = config.server.admin_port if admin_port is None else admin_port
         return cls(
-            host=host or config.server_host,
-            port=config.server_port if port is None else port,
+            host=host or config.server.host,
+            port=config.server.port if port is None else port,
             admin_port=None if admin is None or admin < 0 else admin,
             auth_token=config.auth_token or None,
-            pool_bytes=int(config.cpu_size),
-            max_chunk_bytes=int(config.server_max_chunk_bytes),
-            max_request_bytes=int(config.server_max_request_bytes),
-            max_keys=config.server_max_keys,
-            max_connections=config.server_max_connections,
-            max_client_connections=config.server_max_client_connections,
-            max_namespaces=config.server_max_namespaces,
-            io_timeout=config.server_io_timeout,
-            idle_timeout=config.server_idle_timeout,
-            auth_timeout=config.server_auth_timeout,
-            tls_cert=config.server_tls_cert,
-            tls_key=config.server_tls_key,
-            disk_path=config.disk_path,
-            disk_bytes=int(config.disk_size),
-            io_threads=config.io_threads,
-            disk_drop=config.write_drop,
-            disk_read_wait=config.server_disk_read_wait,
-            shared_memory=config.server_shared_memory,
+            pool_bytes=int(config.tiers.cpu.size),
+            max_chunk_bytes=int(config.server.max_chunk_bytes),
+            max_request_bytes=int(config.server.max_request_bytes),
+            max_keys=config.server.max_keys,
+            max_connections=config.server.max_connections,
+            max_client_connections=config.server.max_client_connections,
+            max_namespaces=config.server.max_namespaces,
+            io_timeout=config.server.io_timeout,
+            idle_timeout=config.server.idle_timeout,
+            auth_timeout=config.server.auth_timeout,
+            tls_cert=config.server.tls_cert,
+            tls_key=config.server.tls_key,
+            disk_path=config.tiers.disk.path,
+            disk_bytes=int(config.tiers.disk.size),
+            io_threads=config.tiers.io_threads,
+            disk_drop=config.write.drop,
+            disk_read_wait=config.server.disk_read_wait,
+            shared_memory=config.server.shared_memory,
         )
 
     def tls_context(self) -> ssl.SSLContext | None:
@@ -144,8 +145,8 @@ def embedded_defaults(loaded: LoadedConfig) -> tuple[CacheConfig, str]:
         if "disk_size" not in sources:
             changes["disk_size"] = parse_size(EMBEDDED_DISK)
     config = config.replace(**changes)
-    disk = f"disk tier at {config.disk_path} ({_gib(int(config.disk_size))})" if config.disk_path else "no disk tier"
-    line = (f"no config file given: running the embedded defaults ({_gib(int(config.cpu_size))} memory pool, "
+    disk = f"disk tier at {config.tiers.disk.path} ({_gib(int(config.tiers.disk.size))})" if config.tiers.disk.path else "no disk tier"
+    line = (f"no config file given: running the embedded defaults ({_gib(int(config.tiers.cpu.size))} memory pool, "
             f"{disk}); pass --config FILE to choose")
     return config, line
 

@@ -161,7 +161,7 @@ def storage_config(sglang: SimpleNamespace, extra: dict[str, Any] | None = None,
 
 
 # The extra config of docs/migrating-from-lmcache.md and the README.
-DYNAMIC = {"backend_name": "nencache", "module_path": "nencache.integrations.sglang",
+DYNAMIC = {"backend_name": "nencache", "module_path": "nencache.integrations.sglang.storage",
            "class_name": "NenCacheHiCacheStorage", "interface_v1": 1}
 
 

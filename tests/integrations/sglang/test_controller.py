@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nencache.integrations.sglang import HostPageLayout
+from nencache.integrations.sglang.pages import HostPageLayout
 
 from .conftest import DYNAMIC, PAGE, build_host_pool, random_pages
 

@@ -12,7 +12,8 @@ import torch
 from nencache import CacheConfig
 from nencache.errors import LayoutError
 from nencache.integrations.page_store import PageStore, page_namespace
-from nencache.integrations.sglang import HiCacheBackend, HostPageLayout
+from nencache.integrations.sglang.backend import HiCacheBackend
+from nencache.integrations.sglang.pages import HostPageLayout
 
 from .conftest import PAGE, host_indices, random_pages
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nencache.integrations.sglang import HostPageLayout
+from nencache.integrations.sglang.pages import HostPageLayout
 from tests.redis_util import start_server
 
 from .conftest import PAGE, create_storage, host_indices, random_pages, storage_config
@@ -217,8 +217,8 @@ def test_extra_config_takes_nencache_keys_and_names_what_it_ignores(sglang, make
     extra = {"cpu_size": "2MiB", "lmcache.local_disk": str(tmp_path), "nencache.tenant": "t1", "colour": "blue"}
     with caplog.at_level(logging.WARNING, logger="nencache.sglang"):
         storage = create_storage(sglang, host, storage_config(sglang, extra))
-    assert int(storage.config.cpu_size) == 2 * 2**20 and storage.config.tenant == "t1"
-    assert storage.config.disk_path == str(tmp_path)
+    assert int(storage.config.tiers.cpu.size) == 2 * 2**20 and storage.config.tenant == "t1"
+    assert storage.config.tiers.disk.path == str(tmp_path)
     assert "'colour' is not a NenCache setting" in caplog.text and "cpu_size" not in caplog.text
     storage.close()
     with pytest.raises(Exception, match="cpu_sise"):

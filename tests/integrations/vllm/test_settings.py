@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from nencache.config import load_config
+from nencache.config_loader import load_config
 from nencache.errors import ConfigError
 from nencache.integrations.vllm.settings import ConnectorOptions, connector_settings, model_identity, request_salt
 
@@ -22,7 +22,7 @@ def test_nencache_keys_work_with_and_without_prefix_and_lmcache_keys_with_theirs
                          "max_local_cpu_size": 1.5}
     assert options == ConnectorOptions(async_load=True, lookup_wait_ms=5.0, save_decode=False)
     config = load_config(env={}, overrides=overrides).config
-    assert config.disk_path == "/tmp/kv" and config.chunk_size == 64 and config.cpu_size == int(1.5 * 1e9)
+    assert config.tiers.disk.path == "/tmp/kv" and config.chunk_size == 64 and config.tiers.cpu.size == int(1.5 * 1e9)
 
 
 def test_entries_that_are_not_ours_are_named_in_one_warning(caplog) -> None:

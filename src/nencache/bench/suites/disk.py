@@ -89,7 +89,7 @@ def _rep(cache: KVCache, tokens: int, gen: torch.Generator, directory: Path, pau
     retrieve_s = time.perf_counter() - started
     if got != tokens:
         raise RuntimeError(f"read back {got} of {tokens} tokens from disk")
-    if cache.config.disk_codec == "raw" and not torch.equal(out.view(torch.int16), kv.view(torch.int16)):
+    if cache.config.tiers.disk.codec == "raw" and not torch.equal(out.view(torch.int16), kv.view(torch.int16)):
         raise RuntimeError("raw KV read back from disk differs")
     cache.invalidate(ids)
     return store_s, retrieve_s
@@ -111,7 +111,7 @@ def run(ctx: BenchContext) -> SuiteResult:
             directory = work / codec.replace("+", "-")
             config = CacheConfig(chunk_size=CHUNK, local_cpu=False, cpu_size=int(2.2 * nbytes) + SMOLLM2.nbytes(CHUNK),
                                  disk_path=str(directory), disk_size=8 * nbytes, disk_codec=codec,
-                                 io_threads=ctx.config.io_threads, pin_memory=ctx.config.pin_memory)
+                                 io_threads=ctx.config.tiers.io_threads, pin_memory=ctx.config.tiers.cpu.pin_memory)
             caches[codec] = KVCache(config, SMOLLM2, "nencache-bench-disk")
             caches[codec]._prefault.join()  # the pool is mapped at start-up, long before requests come
         if ctx.compare_lmcache and ctx.lmcache_python is not None:

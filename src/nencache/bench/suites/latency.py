@@ -64,7 +64,7 @@ def run(ctx: BenchContext) -> SuiteResult:
     ids, kv = token_ids(TOKENS, gen), random_kv(SMALL, TOKENS, gen)
     out = torch.empty_like(kv)
     ctx.progress.step("setting up the tiers")
-    cache = KVCache(CacheConfig(chunk_size=TOKENS, cpu_size=64 * SMALL.nbytes(TOKENS), pin_memory=ctx.config.pin_memory),
+    cache = KVCache(CacheConfig(chunk_size=TOKENS, cpu_size=64 * SMALL.nbytes(TOKENS), pin_memory=ctx.config.tiers.cpu.pin_memory),
                     SMALL, "nencache-bench-latency")
     closers.append(cache.close)
     cache.store(ids, kv)
@@ -77,7 +77,7 @@ def run(ctx: BenchContext) -> SuiteResult:
     kind = disk_kind(work)
     disk_target, disk_label = DISK_TARGETS_US.get(kind, OTHER_DISK_US)
     blobs = chunk_blobs(SMALL, TOKENS, 1)
-    disk = DiskTier(work, "0a", 1 << 24, io_threads=ctx.config.io_threads)
+    disk = DiskTier(work, "0a", 1 << 24, io_threads=ctx.config.tiers.io_threads)
     closers.append(disk.close)
     disk.put(blobs)
     disk.flush()

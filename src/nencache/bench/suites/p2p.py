@@ -104,7 +104,7 @@ def _us(values: list[float], q: float) -> float:
 
 def run(ctx: BenchContext) -> SuiteResult:
     result = SuiteResult("p2p", "P2P fetch latency, same machine and across machines")
-    index = ctx.config.p2p_index_url or (service.url if (service := ctx.services.redis()) else None)
+    index = ctx.config.p2p.index_url or (service.url if (service := ctx.services.redis()) else None)
     if index is None:
         result.skipped = "no p2p_index_url in the config and no redis-server installed to hold the index"
         return result

@@ -58,7 +58,7 @@ def _cpu(ctx: BenchContext, rows: _Rows) -> None:
     kv, ids = random_kv(layout, tokens, gen), token_ids(tokens, gen)
     out, target = torch.empty_like(kv), torch.empty_like(kv)
     config = CacheConfig(chunk_size=CHUNK, cpu_size=int(nbytes * 1.05) + layout.nbytes(CHUNK),
-                         pin_memory=ctx.config.pin_memory)
+                         pin_memory=ctx.config.tiers.cpu.pin_memory)
     with KVCache(config, layout, "nencache-bench-tiers") as cache:
         cache.store(ids, kv)  # every page touched once: the pool is static, as a long-running one is
         cache.retrieve(ids, out=out)
@@ -88,7 +88,7 @@ def _disk(ctx: BenchContext, rows: _Rows, notes: list[str]) -> None:
         pause = 0.0 if ctx.quick else 0.5  # virtual disks serve bursts faster: each side starts from idle
         cold = True
         for rep in range(ctx.scale.reps):
-            tier = DiskTier(work, f"{rep:04x}", 4 * total, io_threads=ctx.config.io_threads)
+            tier = DiskTier(work, f"{rep:04x}", 4 * total, io_threads=ctx.config.tiers.io_threads)
             ddfile = work / "dd.bin"
             try:
                 def write() -> None:

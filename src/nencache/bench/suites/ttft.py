@@ -98,10 +98,10 @@ def run(ctx: BenchContext) -> SuiteResult:
     try:
         layout = KVLayout.from_model_config(model.config, dtype=model.dtype)
         size = int(layout.nbytes(max(contexts) + QUESTION + 256) * 1.2)
-        in_memory = CachedModel.wrap(model, CacheConfig(chunk_size=256, cpu_size=size, pin_memory=ctx.config.pin_memory),
+        in_memory = CachedModel.wrap(model, CacheConfig(chunk_size=256, cpu_size=size, pin_memory=ctx.config.tiers.cpu.pin_memory),
                                      model_id=loaded.name)
         from_disk = CachedModel.wrap(model, CacheConfig(chunk_size=256, cpu_size=size, disk_path=str(work),
-                                                        disk_size=4 * size, pin_memory=ctx.config.pin_memory),
+                                                        disk_size=4 * size, pin_memory=ctx.config.tiers.cpu.pin_memory),
                                      model_id=loaded.name)
         try:
             for context in contexts:

@@ -22,7 +22,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from nencache.cache import KVCache
-from nencache.config import load_config
+from nencache.config_loader import load_config
 from nencache.errors import NenCacheError
 from nencache.integrations.vllm.declared import ServedGroup, paged_kv, served_group
 from nencache.integrations.vllm.events import NenCacheKVEvents, cleared_event, stored_events

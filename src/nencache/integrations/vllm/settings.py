@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from nencache.config import is_config_key
+from nencache.config_loader import is_config_key
 from nencache.errors import ConfigError
 
 log = logging.getLogger("nencache.vllm")

@@ -1,5 +1,5 @@
-"""The SGLang-facing class: `NenCacheHiCacheStorage`, a `HiCacheStorage`. Imports SGLang; load it
-through `nencache.integrations.sglang`, which explains what is missing when SGLang is not installed.
+"""The SGLang-facing class: `NenCacheHiCacheStorage`, a `HiCacheStorage`. The one module of the package
+that imports SGLang; SGLang's backend factory loads it by its module path (see the package docstring).
 
 SGLang creates dynamic backends as `cls(storage_config, kwargs)`, then registers the host pool that
 holds the KV (`register_mem_pool_host`), hybrid models' other host pools by name
@@ -12,7 +12,6 @@ in the lower tiers only, or not at all: its pages are then misses and SGLang rec
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -20,43 +19,35 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from sglang.srt.mem_cache.hicache_storage import (
-    HiCacheStorage,
-    HiCacheStorageConfig,
-    PoolHitPolicy,
-    PoolName,
-    PoolTransfer,
-    PoolTransferResult,
-)
-from sglang.srt.observability.metrics_collector import StorageMetrics
 
-from nencache.config import is_config_key, load_config
+try:
+    from sglang.srt.mem_cache.hicache_storage import (
+        HiCacheStorage,
+        HiCacheStorageConfig,
+        PoolHitPolicy,
+        PoolName,
+        PoolTransfer,
+        PoolTransferResult,
+    )
+    from sglang.srt.observability.metrics_collector import StorageMetrics
+except ImportError as exc:
+    raise ImportError(
+        f"{__name__} needs SGLang, which could not be imported ({exc}). Install SGLang "
+        "(`pip install 'nencache[sglang]'`); the rest of nencache.integrations.sglang works without it."
+    ) from exc
+
+from nencache.config_loader import load_config
 from nencache.errors import ClosedError, LayoutError
 from nencache.integrations.page_store import PageStore, page_namespace
-from nencache.integrations.sglang import HiCacheBackend, HostPageLayout, TransferLog
+from nencache.integrations.sglang.backend import HiCacheBackend
+from nencache.integrations.sglang.metrics import TransferLog
+from nencache.integrations.sglang.pages import HostPageLayout
+from nencache.integrations.sglang.settings import config_overrides
 from nencache.tiers.memory import raw_page_bytes
 
 log = logging.getLogger("nencache.sglang")
 
-_FACTORY_KEYS = ("backend_name", "module_path", "class_name", "interface_v1")
 _ANCHOR = str(PoolName.KV)
-
-
-def config_overrides(extra: dict[str, Any]) -> dict[str, Any]:
-    """NenCache settings in `--hicache-storage-backend-extra-config`: `nencache.<key>` / `lmcache.<key>`,
-    or a NenCache key as it is. Other entries are logged, one line each, and ignored."""
-    overrides: dict[str, Any] = {}
-    for key, value in extra.items():
-        if key in _FACTORY_KEYS:
-            continue
-        prefixed = key.startswith(("nencache.", "lmcache."))
-        name = key.split(".", 1)[1] if prefixed else key
-        if prefixed or is_config_key(name):
-            overrides[name] = value
-        else:
-            log.warning("--hicache-storage-backend-extra-config entry %r is not a NenCache setting; it is ignored "
-                        "(NenCache settings are its config keys, optionally prefixed nencache. or lmcache.)", key)
-    return overrides
 
 
 class NenCacheHiCacheStorage(HiCacheStorage):
@@ -219,7 +210,7 @@ class NenCacheHiCacheStorage(HiCacheStorage):
                                 "misses, so SGLang recomputes what needs them", name, type(pool).__name__, exc)
         total = sum(page.page_bytes for page in fresh.values())
         for name, page in fresh.items():
-            share = int(self.config.cpu_size) * page.page_bytes // total if memory else 0
+            share = int(self.config.tiers.cpu.size) * page.page_bytes // total if memory else 0
             self.backends[name] = self._make_backend(name, pools[name], page, share)
         for name, earlier in same.items():
             self.backends[name] = self.backends[earlier]
@@ -234,10 +225,10 @@ class NenCacheHiCacheStorage(HiCacheStorage):
         namespace = page_namespace(str(cfg.model_name or ""), page.layout, page.page_tokens, shard="/".join(shard),
                                    tenant=self.config.tenant)
         config = self.config
-        if config.local_cpu and cpu_bytes < raw_page_bytes(page.layout, page.page_tokens):
-            config = dataclasses.replace(config, local_cpu=False)
-        elif config.local_cpu:
-            config = dataclasses.replace(config, cpu_size=cpu_bytes)
+        if config.tiers.cpu.enabled and cpu_bytes < raw_page_bytes(page.layout, page.page_tokens):
+            config = config.replace(local_cpu=False)
+        elif config.tiers.cpu.enabled:
+            config = config.replace(cpu_size=cpu_bytes)
         store = PageStore.from_config(config, page.layout, page.page_tokens, namespace)
         log.info("NenCache HiCache storage: %s pool, layout %s (%s), %s pages of %d tokens, memory tier %s", name,
                  page.layout.describe(), page.page_format, page.kind, page.page_tokens,

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from nencache.config import _TYPES, load_config
-from nencache.lmcache_compat import ALIASES, LMCACHE_IGNORED, is_lmcache_only
+from nencache.compat.keys import ALIASES, LMCACHE_IGNORED, is_lmcache_only
+from nencache.config import FLAT_KEYS
+from nencache.config_loader import load_config
 from nencache.errors import ConfigError
 
 GB = 10**9
@@ -48,7 +49,7 @@ def test_lmcache_yaml_file(name, settings, tmp_path, caplog) -> None:
     path.write_text(as_yaml(settings))
     with caplog.at_level(logging.WARNING, logger="nencache.config"):
         loaded = load_config(env={"LMCACHE_CONFIG_FILE": str(path)})
-    assert {k: getattr(loaded.config, k) for k in EXPECTED[name]} == EXPECTED[name]
+    assert {k: loaded.config.as_dict()[k] for k in EXPECTED[name]} == EXPECTED[name]
     assert not caplog.records, "every key of these setups has a NenCache equivalent"
     assert loaded.sources["cpu_size"] == f"file {path} (LMCache key max_local_cpu_size)"
 
@@ -57,7 +58,7 @@ def test_lmcache_yaml_file(name, settings, tmp_path, caplog) -> None:
 def test_lmcache_environment(name, settings, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="nencache.config"):
         loaded = load_config(env=as_env(settings) | {"LMCACHE_TRACK_USAGE": "false"})
-    assert {k: getattr(loaded.config, k) for k in EXPECTED[name]} == EXPECTED[name]
+    assert {k: loaded.config.as_dict()[k] for k in EXPECTED[name]} == EXPECTED[name]
     assert not caplog.records
     assert loaded.sources["chunk_size"] == "env LMCACHE_CHUNK_SIZE"
 
@@ -67,7 +68,7 @@ def test_env_overrides_file_and_quotes_are_stripped(tmp_path) -> None:
     path.write_text(as_yaml(CPU_REDIS))
     config = load_config(env={"LMCACHE_CONFIG_FILE": str(path), "LMCACHE_CHUNK_SIZE": "64",
                               "LMCACHE_REMOTE_URL": '"rediss://cache.internal:6380/2"'}).config
-    assert config.chunk_size == 64 and config.remote_url == "rediss://cache.internal:6380/2"
+    assert config.chunk_size == 64 and config.tiers.remote.url == "rediss://cache.internal:6380/2"
 
 
 def test_p2p_and_controller_settings(tmp_path, caplog) -> None:
@@ -81,7 +82,7 @@ def test_p2p_and_controller_settings(tmp_path, caplog) -> None:
         "extra_config:\n  lookup_backoff_time: 0.001\n")
     with caplog.at_level(logging.WARNING, logger="nencache.config"):
         config = load_config(path, env={"LMCACHE_P2P_LOOKUP_PORTS": "8201"}).config
-    assert (config.enable_p2p, config.p2p_host, config.p2p_port, config.p2p_index_url) == (
+    assert (config.p2p.enabled, config.p2p.host, config.p2p.port, config.p2p.index_url) == (
         True, "localhost", 8200, "localhost:8300")
     warned = [r.getMessage() for r in caplog.records]
     for key in ("enable_async_loading", "p2p_lookup_ports", "transfer_channel", "enable_controller",
@@ -94,7 +95,7 @@ def test_p2p_and_controller_settings(tmp_path, caplog) -> None:
 def test_older_lmcache_p2p_names() -> None:
     config = load_config(env={"LMCACHE_ENABLE_P2P": "True", "LMCACHE_LOOKUP_URL": "localhost:8100",
                               "LMCACHE_DISTRIBUTED_URL": "10.0.0.7:8200", "LMCACHE_P2P_INIT_PORTS": "8200,8201"}).config
-    assert (config.p2p_index_url, config.p2p_host, config.p2p_port) == ("localhost:8100", "10.0.0.7", 8200)
+    assert (config.p2p.index_url, config.p2p.host, config.p2p.port) == ("localhost:8100", "10.0.0.7", 8200)
     with pytest.raises(ConfigError, match="host:port"):
         load_config(env={"LMCACHE_DISTRIBUTED_URL": "nowhere"})
 
@@ -111,7 +112,7 @@ def test_older_lmcache_p2p_names() -> None:
     ("nencache://cache:5870", "nencache://cache:5870"),
 ])
 def test_remote_url_schemes_map(url, effective) -> None:
-    assert load_config(env={"LMCACHE_REMOTE_URL": url}).config.remote_url == effective
+    assert load_config(env={"LMCACHE_REMOTE_URL": url}).config.tiers.remote.url == effective
 
 
 @pytest.mark.parametrize("url", ["redis-sentinel://s1:26379,s2:26379/mymaster", "infinistore://127.0.0.1:12345",
@@ -126,12 +127,12 @@ def test_serde_and_disk_values(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="nencache.config"):
         config = load_config(env={"LMCACHE_REMOTE_SERDE": "cachegen", "LMCACHE_LOCAL_DISK": "/mnt/a/,/mnt/b/",
                                   "LMCACHE_BLOCKING_TIMEOUT_SECS": "2"}).config
-    assert config.remote_codec == "zstd+int4" and config.disk_path == "/mnt/a/" and config.remote_timeout == 2.0
+    assert config.tiers.remote.codec == "zstd+int4" and config.tiers.disk.path == "/mnt/a/" and config.tiers.remote.timeout == 2.0
     assert any("one" in r.getMessage() and "/mnt/a/" in r.getMessage() for r in caplog.records)
-    assert load_config(env={"LMCACHE_REMOTE_SERDE": "kivi"}).config.remote_codec == "int4"
+    assert load_config(env={"LMCACHE_REMOTE_SERDE": "kivi"}).config.tiers.remote.codec == "int4"
 
 
-LMCACHE_CONFIG = Path(__file__).resolve().parents[1] / ".venv-lmcache/lib/python3.11/site-packages/lmcache/v1/config.py"
+LMCACHE_CONFIG = Path(__file__).resolve().parents[2] / ".venv-lmcache/lib/python3.11/site-packages/lmcache/v1/config.py"
 
 
 def lmcache_keys() -> list[str]:
@@ -149,11 +150,11 @@ def lmcache_keys() -> list[str]:
 def test_every_lmcache_key_is_mapped_or_warned() -> None:
     keys = lmcache_keys()
     assert len(keys) > 50
-    unhandled = [k for k in keys if k not in ALIASES and k not in _TYPES and not is_lmcache_only(k)]
+    unhandled = [k for k in keys if k not in ALIASES and k not in FLAT_KEYS and not is_lmcache_only(k)]
     assert unhandled == []
 
 
 def test_tables_do_not_overlap() -> None:
     assert not set(ALIASES) & LMCACHE_IGNORED
-    assert not set(_TYPES) & LMCACHE_IGNORED
-    assert not any(is_lmcache_only(key) for key in _TYPES), "a NenCache key must never be ignored"
+    assert not set(FLAT_KEYS) & LMCACHE_IGNORED
+    assert not any(is_lmcache_only(key) for key in FLAT_KEYS), "a NenCache key must never be ignored"

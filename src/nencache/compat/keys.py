@@ -1,4 +1,4 @@
-"""LMCache compatibility: its config keys, remote URL schemes and serde names, as NenCache's.
+"""LMCache's config keys as NenCache's flat keys.
 
 Keys of lmcache/v1/config.py (LMCache 0.5.x) and older releases' names. Keys with the same name and
 meaning in both need no alias; keys with no NenCache equivalent are accepted with one warning each.
@@ -9,49 +9,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from nencache.compat import serde, urls
 from nencache.errors import ConfigError
 from nencache.sizes import parse_size
 
 log = logging.getLogger("nencache.config")
-
-# LMCache's remote_url schemes NenCache serves, and what they become. `lm://` is LMCache's own cache server: the
-# NenCache server takes its place (`nencache serve`); `resp://` speaks the Redis protocol; `blackhole://`
-# stores nothing, which is no remote tier at all.
-LMCACHE_REMOTE_SCHEMES: dict[str, str | None] = {
-    "redis": "redis", "rediss": "rediss", "unix": "unix", "redis-cluster": "redis-cluster",
-    "valkey": "valkey", "resp": "redis", "lm": "nencache", "blackhole": None,
-}
-# LMCache remote backends without a NenCache equivalent: a config naming one is an error, not a silent miss.
-LMCACHE_UNSUPPORTED_SCHEMES = (
-    "redis-sentinel", "infinistore", "mooncakestore", "fs", "s3", "audit", "external", "mock", "azure", "gcs",
-    "eic", "hf3fs", "sagemaker-hyperpod", "plugin", "bigtable", "couchbase", "shmfile", "benchmark", "hfbucket",
-)
-NENCACHE_REMOTE_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis-cluster", "nencache", "nencaches")
-
-
-def _lmcache_remote_url(value: Any) -> str | None:
-    """LMCache's `remote_url` as NenCache's: supported schemes mapped, the others a `ConfigError`."""
-    if value in (None, "", "None", "null"):
-        return None
-    url = str(value)
-    scheme, sep, rest = url.partition("://")
-    scheme = scheme.lower()
-    supported = ", ".join(f"{s}://" for s in NENCACHE_REMOTE_SCHEMES)
-    if not sep:
-        raise ConfigError(f"remote_url {url!r} has no scheme; use one of {supported}")
-    if scheme in LMCACHE_UNSUPPORTED_SCHEMES:
-        raise ConfigError(f"remote_url {url!r}: LMCache's {scheme}:// backend has no NenCache equivalent; "
-                          f"supported schemes are {supported} (and LMCache's lm://, resp://, blackhole://)")
-    if scheme not in LMCACHE_REMOTE_SCHEMES:
-        return url  # a NenCache scheme; the tier factory checks it
-    target = LMCACHE_REMOTE_SCHEMES[scheme]
-    if target is None:
-        log.warning("remote_url %r: blackhole:// discards every chunk; NenCache runs without a remote tier", url)
-        return None
-    if scheme == "lm":
-        log.warning("remote_url %r: LMCache's server protocol is served by the NenCache server; run "
-                    "`nencache serve` at that address (remote_url becomes nencache://%s)", url, rest)
-    return f"{target}://{rest}"
 
 
 def _lmcache_local_disk(value: Any) -> str | None:
@@ -98,27 +60,14 @@ def _host_port(value: Any, key: str) -> tuple[str, int]:
     return host, int(port)
 
 
-# LMCache `remote_serde` -> NenCache codec: naive = the tensor bytes; kivi = KIVI-style 4-bit; cachegen = the best
-# lossy ratio at small loss, 4-bit + zstd (see benchmarks/RESULTS.md, "codecs").
-SERDE_CODECS: dict[str, str] = {"naive": "raw", "kivi": "int4", "cachegen": "zstd+int4"}
-
-
-def _serde_to_codec(serde: str) -> str:
-    """LMCache's `remote_serde` -> NenCache's `remote_codec`."""
-    key = serde.strip().lower()
-    if key not in SERDE_CODECS:
-        raise ConfigError(f"remote_serde: unknown value {serde!r}; LMCache's values are naive, kivi, cachegen")
-    return SERDE_CODECS[key]
-
-
 # LMCache key -> (NenCache key, or several, and the value converter). Sizes in LMCache are GB floats. Keys with
 # the same name and meaning in both (chunk_size, local_cpu, save_unfull_chunk, enable_p2p, p2p_host) need no alias.
 ALIASES: dict[str, tuple[str | tuple[str, ...], Any]] = {
     "max_local_cpu_size": ("cpu_size", lambda v: parse_size(v, key="max_local_cpu_size", gb_floats=True)),
     "local_disk": ("disk_path", _lmcache_local_disk),
     "max_local_disk_size": ("disk_size", lambda v: parse_size(v, key="max_local_disk_size", gb_floats=True)),
-    "remote_url": ("remote_url", _lmcache_remote_url),
-    "remote_serde": ("remote_codec", lambda v: _serde_to_codec(str(v))),
+    "remote_url": ("remote_url", urls.remote_url),
+    "remote_serde": ("remote_codec", serde.codec_name),
     "blocking_timeout_secs": ("remote_timeout", lambda v: _seconds(v, "blocking_timeout_secs")),
     "p2p_init_ports": ("p2p_port", lambda v: _first_port(v, "p2p_init_ports")),
     "lookup_url": ("p2p_index_url", lambda v: None if v in (None, "") else str(v)),
@@ -159,20 +108,15 @@ LMCACHE_IGNORED_PREFIXES = (
     "lmcache_worker_", "remote_fill_", "hidden_state", "ec_", "resp_", "controller_", "coordinator_", "plugin_",
     "runtime_plugin_", "request_telemetry_", "aerospike_", "musa_",
 )
-# LMCACHE_* variables about LMCache's own process (usage telemetry, banner): nothing to configure here.
-LMCACHE_PROCESS_ENV = {"track_usage", "usage_context", "usage_track_interval", "usage_track_url", "disable_banner"}
 
 
 def is_lmcache_only(key: str) -> bool:
+    """Whether `key` is an LMCache key without a NenCache equivalent (accepted with a warning)."""
     return key in LMCACHE_IGNORED or key.startswith(LMCACHE_IGNORED_PREFIXES)
 
 
 def ignored_message(key: str, value: Any, origin: str) -> str:
+    """The one warning for an ignored LMCache key."""
     detail = f" (it holds {', '.join(map(str, value))})" if key == "extra_config" and isinstance(value, dict) else ""
     return f"LMCache setting {key!r} (from {origin}) has no NenCache equivalent and is ignored{detail}"
 
-
-def unquote(text: str) -> str:
-    """LMCache strips one pair of matching quotes around environment values."""
-    text = text.strip()
-    return text[1:-1] if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" else text

@@ -1,32 +1,15 @@
-"""SGLang integration: NenCache as a HiCache storage backend (SGLang's L3, below GPU and host memory).
-
-Launch SGLang with::
-
-    python -m sglang.launch_server --model-path MODEL --page-size 64 --enable-hierarchical-cache \\
-        --hicache-storage-backend dynamic \\
-        --hicache-storage-backend-extra-config '{"backend_name":"nencache","module_path":"nencache.integrations.sglang",
-                                               "class_name":"NenCacheHiCacheStorage","interface_v1":1}'
-
-HiCache names each page of `page_size` tokens by a hash of its prefix and moves pages between its
-host pool and the storage backend by those names. `HiCacheBackend` implements HiCache's storage
-calls over one host pool and a `PageStore`, which keeps the pages in NenCache's tiers as ordinary
-chunks whatever the host pool's memory layout (`HostPageLayout` converts, reading the geometry the
-pool declares). SGLang itself is imported only by `NenCacheHiCacheStorage` (in `sglang_backend`),
-loaded on first use of that name.
-"""
+"""SGLang host-pool pages as NenCache chunks: `HostPageLayout` reads the geometry a host pool declares and
+converts its pages to and from `[layers, 2, tokens, heads, dim]` chunks (the same bytes, reordered)."""
 
 from __future__ import annotations
 
-import importlib
-import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from nencache.errors import LayoutError
-from nencache.integrations.page_store import PageStore
 from nencache.layout import KVLayout
 
 # (page shape from (layers, tokens, heads, dim), permutation of that shape to [layers, 2, tokens, heads, dim]).
@@ -48,18 +31,6 @@ _MLA_PAGES: dict[str, _PageShape] = {
     "page_first_direct": (lambda l, t, h, d: (l, t, h, 2, d), (0, 3, 1, 2, 4)),
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name != "NenCacheHiCacheStorage":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    try:
-        backend = importlib.import_module("nencache.integrations.sglang_backend")
-    except ImportError as exc:
-        raise ImportError(
-            f"nencache.integrations.sglang.{name} needs SGLang, which could not be imported ({exc}). Install "
-            "SGLang (`pip install 'nencache[sglang]'`); HiCacheBackend, HostPageLayout and PageStore work without it."
-        ) from exc
-    return backend.NenCacheHiCacheStorage
 
 
 class HostPool(Protocol):
@@ -158,89 +129,3 @@ class HostPageLayout:
 
     def _shape(self) -> _PageShape:
         return (_MLA_PAGES if self.latent else _MHA_PAGES)[self.kind]
-
-
-class HiCacheBackend:
-    """HiCache's storage calls (`batch_exists`, `batch_get_v1`, `batch_set_v1`, and the older per-key
-    ones) over one host pool and a `PageStore`. Keys are SGLang's page hashes; `host_indices` are token
-    slots of the host pool, `page_size` per key."""
-
-    def __init__(self, store: PageStore, pool: HostPool, page_layout: HostPageLayout) -> None:
-        if page_layout.page_tokens != store.page_tokens or page_layout.layout != store.layout:
-            raise LayoutError("the host pool's page geometry differs from the page store's")
-        self.store = store
-        self.pool = pool
-        self.page = page_layout
-
-    def batch_exists(self, keys: Sequence[str]) -> int:
-        """How many keys, from the first, are stored."""
-        return self.store.exists_prefix(list(keys))
-
-    def batch_get_v1(self, keys: Sequence[str], host_indices: torch.Tensor) -> list[bool]:
-        """Copy pages into the host pool at `host_indices` (page `i` starts at `host_indices[i * page_size]`)."""
-        starts = self._starts(keys, host_indices)
-        staging = [self._empty() for _ in keys]
-        found = self.store.get_into(list(keys), staging)
-        for start, chunk, ok in zip(starts, staging, found):
-            if ok:
-                self.pool.set_from_flat_data_page(start, self.page.from_chunk(chunk))
-        return found
-
-    def batch_set_v1(self, keys: Sequence[str], host_indices: torch.Tensor) -> list[bool]:
-        """Store the host pool's pages at `host_indices` under `keys`."""
-        starts = self._starts(keys, host_indices)
-        chunks = [self.page.to_chunk(self.pool.get_data_page(start, flat=False)) for start in starts]
-        return self.store.put(list(keys), chunks)
-
-    def get(self, key: str, target: torch.Tensor | None = None) -> torch.Tensor | None:
-        """One page as a flat host page (into `target` when given), None when not stored."""
-        chunk = self._empty()
-        if not self.store.get_into([key], [chunk])[0]:
-            return None
-        flat = self.page.from_chunk(chunk)
-        if target is None:
-            return flat
-        target.view(-1).copy_(flat)
-        return target
-
-    def set(self, key: str, value: torch.Tensor) -> bool:
-        """Store one flat host page."""
-        return self.store.put([key], [self.page.to_chunk(value)])[0]
-
-    def _starts(self, keys: Sequence[str], host_indices: torch.Tensor) -> list[int]:
-        size = self.page.page_tokens
-        indices = torch.as_tensor(host_indices).reshape(-1)
-        if indices.numel() < len(keys) * size:
-            raise LayoutError(f"{len(keys)} pages need {len(keys) * size} host indices, got {indices.numel()}")
-        return [int(i) for i in indices[: len(keys) * size : size]]
-
-    def _empty(self) -> torch.Tensor:
-        return torch.empty(self.store.layout.shape(self.page.page_tokens), dtype=self.store.layout.dtype)
-
-
-@dataclass(slots=True)
-class TransferLog:
-    """Pages and bandwidth (GB/s) of each storage read (prefetch) and write (backup) until `drain`.
-
-    SGLang's `--enable-storage-metrics` drains it through `get_stats` into its Prometheus histograms;
-    calls from SGLang's prefetch and backup threads record concurrently.
-    """
-
-    prefetch_pages: list[int] = field(default_factory=list)
-    backup_pages: list[int] = field(default_factory=list)
-    prefetch_gbps: list[float] = field(default_factory=list)
-    backup_gbps: list[float] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def record(self, backup: bool, pages: int, nbytes: int, seconds: float) -> None:
-        rate = nbytes / max(seconds, 1e-9) / 1e9
-        with self._lock:
-            (self.backup_pages if backup else self.prefetch_pages).append(pages)
-            (self.backup_gbps if backup else self.prefetch_gbps).append(rate)
-
-    def drain(self) -> tuple[list[int], list[int], list[float], list[float]]:
-        """(prefetch pages, backup pages, prefetch GB/s, backup GB/s) since the last drain."""
-        with self._lock:
-            out = (self.prefetch_pages, self.backup_pages, self.prefetch_gbps, self.backup_gbps)
-            self.prefetch_pages, self.backup_pages, self.prefetch_gbps, self.backup_gbps = [], [], [], []
-        return out
