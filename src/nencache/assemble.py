@@ -57,7 +57,7 @@ class LocalTier:
 
 
 LOCAL_TIERS: tuple[LocalTier, ...] = (
-    LocalTier(lambda c: c.disk_path, _disk, lambda c: c.disk_codec),
+    LocalTier(lambda c: c.tiers.disk.path, _disk, lambda c: c.tiers.disk.codec),
 )
 REMOTE_SCHEMES: dict[str, Callable[[CacheConfig, str], Tier]] = {
     **dict.fromkeys(("redis", "rediss", "unix", "valkey", "valkeys", "redis-cluster", "rediss-cluster",
