@@ -13,7 +13,7 @@ from nencache.errors import ConfigError
 from nencache.format import HEADER_SIZE
 from nencache.keys import chunk_keys
 from nencache.p2p import PeerIndex
-from nencache.server.client import ServerTier
+from nencache.tiers.remote import ServerTier
 from nencache.server.server import BackgroundServer
 from nencache.server.settings import ServerSettings
 from tests.p2p.util import CHUNK, LAYOUT, MODEL, compute_kv, config, tokens

@@ -10,7 +10,7 @@ import pytest
 
 from nencache.config import CacheConfig
 from nencache.errors import ConfigError, TierError
-from nencache.server.client import ServerTier
+from nencache.tiers.remote import ServerTier
 from nencache.server.server import BackgroundServer
 from nencache.tiers.factory import build_remote_tier
 from tests.server.conftest import small_settings

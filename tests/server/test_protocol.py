@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from nencache.errors import ConfigError
-from nencache.server.client import ServerTier
-from nencache.server.protocol import (
+from nencache.tiers.remote import ServerTier
+from nencache.net.protocol import (
     HEADER_SIZE, MAGIC, Code, Flag, Frame, Limits, Op, ProtocolError, check_request, pack_keyed_meta,
     parse_keyed_meta,
 )

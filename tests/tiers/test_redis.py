@@ -160,7 +160,7 @@ def test_blob_held_by_caller_is_never_overwritten(tier: RedisTier) -> None:
 def test_buffer_pool_reuses_only_released_memory() -> None:
     import numpy as np
 
-    from nencache.tiers.buffers import BufferPool
+    from nencache.net.buffers import BufferPool
 
     pool = BufferPool(limit=1 << 20)
     first = pool.take(4096)

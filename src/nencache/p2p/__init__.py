@@ -16,7 +16,7 @@ from nencache.layout import KVLayout
 from nencache.p2p.client import PeerClients
 from nencache.p2p.endpoint import PeerEndpoint, PeerStore
 from nencache.p2p.index import PeerIndex
-from nencache.p2p.shared import peer_pool, region_of
+from nencache.net.shared_pool import peer_pool, region_of
 from nencache.p2p.tier import PeerTier
 from nencache.tiers.base import Tier
 from nencache.tiers.memory import MemoryTier

@@ -22,7 +22,7 @@ from nencache.p2p.endpoint import PeerEndpoint
 from nencache.p2p.index import PeerIndex
 from nencache.tiers.base import TierStats
 from nencache.tiers.resp import ReplyError
-from nencache.tiers.retry import ThrottledWarning
+from nencache.net.warn import ThrottledWarning
 
 log = logging.getLogger("nencache.p2p")
 T = TypeVar("T")

@@ -32,7 +32,7 @@ from nencache.errors import ConfigError, CorruptChunkError, PoolExhaustedError
 from nencache.format import HEADER_SIZE, NO_KEY, parse_header
 from nencache.pool import MemoryPool
 from nencache.server.disk_writer import DiskWrite, disk_writer
-from nencache.server.shared import SharedRegion, Spot
+from nencache.net.shared import SharedRegion, Spot
 from nencache.server.settings import ServerSettings
 from nencache.tiers.base import Tier, TierStats
 from nencache.tiers.memory import ChunkLease, MemoryTier

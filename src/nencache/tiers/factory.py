@@ -41,7 +41,7 @@ def build_remote_tier(config: CacheConfig, namespace: str) -> Tier:
         return RedisTier(url, namespace, timeout=config.remote_timeout, ttl=config.remote_ttl,
                          key_prefix=config.remote_key_prefix)
     if scheme in SERVER_SCHEMES:
-        from nencache.server.client import ServerTier
+        from nencache.tiers.remote import ServerTier
 
         return ServerTier(url, namespace, timeout=config.remote_timeout, auth_token=config.auth_token,
                           shared_memory=config.remote_shared_memory)

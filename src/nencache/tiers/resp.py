@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import Self, TypeAlias
 
-from nencache.tiers.buffers import BufferPool
+from nencache.net.buffers import BufferPool
 from nencache.tiers.redis_url import Address, RedisTarget
 
 Arg: TypeAlias = "bytes | bytearray | memoryview | str | int"
@@ -27,7 +27,7 @@ _READ_BUF = 1 << 18
 _MAX_BULK = 1 << 33
 _MAX_ARRAY = 1 << 24
 _IOV_MAX = 512
-RECV_BUFFERS = BufferPool(128 << 20)  # large values land in reused memory (see nencache.tiers.buffers)
+RECV_BUFFERS = BufferPool(128 << 20)  # large values land in reused memory (see nencache.net.buffers)
 
 
 class ReplyError(Exception):
