@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import command_line, median, paired_ratio, table, write_section  # noqa: E402
 
-from nencache.format import HEADER_SIZE, ChunkHeader, checksum  # noqa: E402
+from nencache.format import HEADER_SIZE, ChunkHeader, checksum, split_blob  # noqa: E402
 from nencache.tiers.redis import RedisTier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,8 +115,47 @@ def against_best(ours: list[float], runs: list[dict[str, float]], op: str) -> tu
     return median(theirs), median([a / b for a, b in zip(ours, theirs)]), best
 
 
-def tier_vs_redis_benchmark(port: int, sizes_mib: Sequence[int], reps: int) -> list[list[object]]:
+class RedisPySide:
+    """The same batch calls as `RedisTier` put / get, made with redis-py (hiredis parser): one pipeline of SETs,
+    one pipeline of GETs, then every blob's header, key and CRC checked as `RedisTier.get` checks them."""
+
+    def __init__(self, port: int) -> None:
+        import redis
+        from redis.utils import HIREDIS_AVAILABLE
+
+        if not HIREDIS_AVAILABLE:
+            raise SystemExit("hiredis is not installed: pip install 'redis[hiredis]' to measure redis-py with it")
+        self.version = redis.__version__
+        self.client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=10.0)
+        self.prefix = b"nencache:bench-redis-py:"
+
+    def put(self, blobs: list[tuple[bytes, bytes]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for key, blob in blobs:
+            pipe.set(self.prefix + key, blob)
+        pipe.execute()
+
+    def get(self, keys: list[bytes]) -> list[bytes | None]:
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(self.prefix + key)
+        values = pipe.execute()
+        for key, value in zip(keys, values):
+            if value is not None:
+                split_blob(value, expected_key=key)
+        return values
+
+    def delete(self, keys: list[bytes]) -> None:
+        self.client.unlink(*(self.prefix + k for k in keys))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def clients_side_by_side(port: int, sizes_mib: Sequence[int], reps: int) -> tuple[list[list[object]], str]:
+    """RedisTier (hand-written RESP), redis-py + hiredis and redis-benchmark, one rep of each in turn."""
     tier = RedisTier(f"redis://127.0.0.1:{port}", "bench", timeout=10.0)
+    py = RedisPySide(port)
     rows: list[list[object]] = []
     try:
         for mib in sizes_mib:
@@ -124,27 +163,43 @@ def tier_vs_redis_benchmark(port: int, sizes_mib: Sequence[int], reps: int) -> l
             blobs = make_blobs(size, BATCH)
             keys = [k for k, _ in blobs]
             tier.put(blobs)
+            py.put(blobs)
             got = tier.get(keys)
             assert all(g is not None and bytes(g) == b for g, (_, b) in zip(got, blobs)), "RedisTier lost a chunk"
+            assert py.get(keys) == [b for _, b in blobs], "redis-py lost a chunk"
             del got
             inner = max(2, (256 * MIB) // (BATCH * size))  # batches per timing: >= 256 MiB moved
-            put_s, get_s, runs = [], [], []
+            hand_put, hand_get, py_put, py_get, runs = [], [], [], [], []
             for _ in range(reps):
-                put_s.append(per_call(tier.put, blobs, inner))
-                get_s.append(per_call(tier.get, keys, inner))
+                hand_put.append(per_call(tier.put, blobs, inner))
+                py_put.append(per_call(py.put, blobs, inner))
+                hand_get.append(per_call(tier.get, keys, inner))
+                py_get.append(per_call(py.get, keys, inner))
                 runs.append(redis_benchmark(port, size))
             assert tier.stats().errors == 0 and tier.stats().corrupt == 0, tier.stats()
             tier.delete(keys)
-            put = [BATCH * size / s / 1e9 for s in put_s]
-            get = [BATCH * size / s / 1e9 for s in get_s]
-            set_ref, set_ratio, set_cfg = against_best(put, runs, "SET")
-            get_ref, get_ratio, get_cfg = against_best(get, runs, "GET")
-            rows.append([f"{mib} MiB", f"{median(put):.2f}", f"{set_ref:.2f} ({set_cfg})", f"{set_ratio:.0%}",
-                         f"{median(get):.2f}", f"{get_ref:.2f} ({get_cfg})", f"{get_ratio:.0%}"])
+            py.delete(keys)
+            gbps = {name: [BATCH * size / s / 1e9 for s in secs] for name, secs in
+                    (("hand put", hand_put), ("py put", py_put), ("hand get", hand_get), ("py get", py_get))}
+            set_ref, _, set_cfg = against_best(gbps["hand put"], runs, "SET")
+            get_ref, _, get_cfg = against_best(gbps["hand get"], runs, "GET")
+            set_runs = [r[f"SET {set_cfg}"] for r in runs]
+            get_runs = [r[f"GET {get_cfg}"] for r in runs]
+            rows.append([f"{mib} MiB",
+                         _spread(gbps["hand put"]), _spread(gbps["py put"]), f"{_spread(set_runs)} ({set_cfg})",
+                         paired_ratio(gbps["hand put"], gbps["py put"]),
+                         _spread(gbps["hand get"]), _spread(gbps["py get"]), f"{_spread(get_runs)} ({get_cfg})",
+                         paired_ratio(gbps["hand get"], gbps["py get"])])
     finally:
         tier.clear()
         tier.close()
-    return rows
+        py.close()
+    return rows, py.version
+
+
+def _spread(values: Sequence[float]) -> str:
+    """Median and range, e.g. `4.21 (3.90-4.40)`."""
+    return f"{median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def nencache_kv_path(port: int, mib: int, reps: int) -> tuple[float, float]:
@@ -246,14 +301,21 @@ def run_remote_part(sizes_mib: Sequence[int] = (1, 4, 8), reps: int = 5, with_lm
     if shutil.which("redis-benchmark") is None:
         raise SystemExit("redis-benchmark not found: install redis-server (apt-get install redis-server)")
     with redis_server() as port:
-        rows = tier_vs_redis_benchmark(port, sizes_mib, reps)
+        rows, py_version = clients_side_by_side(port, sizes_mib, reps)
         lm_rows, lm_note = lmcache_rows(port, sizes_mib, reps) if with_lmcache else ([], "LMCache side skipped.\n")
-    body = (f"Batches of {BATCH} chunk blobs on a local redis-server 7 (no persistence), loopback TCP; medians of "
-            f"{reps} reps; GB/s = 1e9 bytes/s. RedisTier `get` checks each blob's header, key and CRC32. "
-            "redis-benchmark: the better (by median) of `-c 1` and `-c 4`, no pipelining; ratios are medians of per-rep "
-            "ratios.\n\n"
-            + table(["chunk", "RedisTier put GB/s", "redis-benchmark SET GB/s", "put / SET",
-                     "RedisTier get GB/s", "redis-benchmark GET GB/s", "get / GET"], rows) + "\n")
+    clients = (f"Batches of {BATCH} chunk blobs on a local redis-server 7 (no persistence), loopback TCP; {reps} reps, "
+               "one rep of each side in turn; GB/s = 1e9 bytes/s, median (range). Hand-written: `RedisTier` on its "
+               "own RESP client (pipelined, replies read straight into pooled buffers, a few MiB in flight). "
+               f"redis-py {py_version} with hiredis: one `pipeline(transaction=False)` of SETs / GETs. Both sides check "
+               "each blob's header, key and CRC32 on get. redis-benchmark: the better (by median) of `-c 1` and `-c 4`, "
+               "no pipelining. hand / redis-py: median (range) of per-rep ratios; the hand-written bulk read path is "
+               "kept only where get hand / redis-py is at least 1.20x.\n\n"
+               + table(["chunk", "hand put GB/s", "redis-py put GB/s", "redis-benchmark SET GB/s", "put hand / redis-py",
+                        "hand get GB/s", "redis-py get GB/s", "redis-benchmark GET GB/s", "get hand / redis-py"], rows)
+               + "\n")
+    print(clients)
+    write_section("tiers: remote (Redis clients)", clients, command_line())
+    body = ""
     if lm_rows:
         body += ("\nEngine KV -> Redis -> engine KV, 16 chunks of 256 tokens (bf16, shape layers x KV heads x head "
                  "dim), same server, CPU tier off on both sides (`local_cpu=False`). NenCache: `KVCache` store + "
@@ -267,10 +329,12 @@ def run_remote_part(sizes_mib: Sequence[int] = (1, 4, 8), reps: int = 5, with_lm
                  + table(["chunk", "NenCache store GB/s", "LMCache store GB/s", "store ratio", "Redis ceiling put GB/s",
                           "ceiling / LMCache store", "NenCache retrieve GB/s", "LMCache retrieve GB/s", "retrieve ratio",
                           "Redis ceiling get GB/s"], lm_rows) + "\n")
-    body += lm_note
-    print(body)
-    write_section("tiers: remote (Redis)", body, command_line())
-    return body
+        body += lm_note
+        print(body)
+        write_section("tiers: remote (Redis)", body, command_line())
+    else:
+        print(lm_note)
+    return clients + body
 
 
 def main() -> None:
