@@ -2,8 +2,12 @@
 
 Keys are `<key_prefix>:<namespace>:` + the 16-byte chunk key; values are the shared byte format,
 checked (header, key, CRC) on the way back. Chunks over `segment_bytes` (2 MiB) are stored in parts
-under `key`, `key#1`, `key#2`, ... (`nencache.tiers.redis_parts`). `contains_prefix`, `put` and `delete` are one pipelined
-round trip per server; `get` streams pipelined GETs with a few MiB in flight per server. Redis being
+under `key`, `key#1`, `key#2`, ... (`nencache.tiers.redis_parts`). `contains_prefix` and `put` are one
+pipelined round trip per server; `get` streams pipelined GETs with a few MiB in flight per server. These
+three run on the hand-written RESP client (`nencache.tiers.resp`: values sent from and received into
+the caller's buffers), measured at more than 1.2x redis-py with hiredis in benchmarks/RESULTS.md;
+`delete`, `clear`, health probes and the cluster's topology (MOVED/ASK, failover) go through redis-py
+(`nencache.tiers.redis_control`). Redis being
 down, slow or killed never raises: the call is counted as an error, the tier is marked down, and
 until a background probe (exponential backoff, capped at `retry_cap`) reaches Redis again every call
 is an immediate miss (puts are dropped and counted).

@@ -1,9 +1,10 @@
-"""A small RESP2 client for the Redis tier: connections, pipelined commands, bulk values without extra copies.
+"""A small RESP2 client for the Redis tier's bulk path: pipelined GET/SET/EXISTS, values without extra copies.
 
 Large values are sent straight from the caller's buffers (`sendmsg`) and received straight into their
 final buffers (`recv_into`); every socket operation has a timeout. Error replies inside a pipeline come
 back as `ReplyError` objects in place; transport failures raise `OSError` (`ConnectionError`,
-`TimeoutError`, `ssl.SSLError`, `ProtocolError`).
+`TimeoutError`, `ssl.SSLError`, `ProtocolError`). Everything else (topology, control commands)
+uses redis-py; see `nencache.tiers.redis_control` and benchmarks/RESULTS.md for why this one stays.
 """
 
 from __future__ import annotations
