@@ -1,11 +1,13 @@
-"""Remote tier benchmark: RedisTier against `redis-benchmark` on the same redis-server, and LMCache beside it.
+"""Remote tier benchmark: three Redis clients on the same redis-server, and LMCache beside NenCache.
 
-- RedisTier: `put` of a batch of 16 chunk blobs (one pipeline), then `get` of the batch (pipelined GETs,
-  every blob's header, key and CRC checked). Blob sizes 1, 4, 8 MiB (header included).
-- redis-benchmark: `-t set,get -d <same size>` on one connection and on four (`-c 1`, `-c 4`, no pipelining);
-  per operation, the configuration with the better median is the reference. Its requests/s times the
-  value size is its GB/s.
-- Ratio: median over reps of (RedisTier GB/s / redis-benchmark GB/s), both measured in the same rep.
+- Clients, one rep of each in turn (section "tiers: remote (Redis clients)"): `RedisTier` on its
+  hand-written RESP client (`put` of a batch of 16 chunk blobs in one pipeline, `get` of the batch as
+  pipelined GETs, every blob's header, key and CRC checked); redis-py with hiredis doing the same batch
+  (one `pipeline(transaction=False)` of SETs / GETs, the same checks); and `redis-benchmark -t set,get
+  -d <same size>` on one connection and on four (`-c 1`, `-c 4`, no pipelining; per operation, the
+  configuration with the better median is shown; its requests/s times the value size is its GB/s).
+  Blob sizes 1, 4, 8 MiB (header included). The hand-written bulk path is kept only where its get is at
+  least 1.2x redis-py's (median of per-rep ratios).
 - LMCache 0.5.6 (`benchmarks/lmcache_side.py --backend redis`, in `.venv-lmcache`, against the same
   server, `local_cpu=False`) where that environment exists: engine KV -> Redis -> engine KV, its copies
   included. NenCache is measured the same way: `KVCache` with `local_cpu=False` and `remote_url` on the
@@ -40,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LMCACHE_PY = ROOT / ".venv-lmcache" / "bin" / "python"
 LMCACHE_SIDE = ROOT / "benchmarks" / "lmcache_side.py"
 BATCH = 16
+LOOKUPS = 2000  # contains_prefix calls per timing
 MIB = 1 << 20
 # KV shapes (layers, kv heads, head dim; bf16, 256-token chunks) whose chunk is exactly 1, 4, 8 MiB.
 SHAPES = {1: (8, 2, 64), 2: (16, 2, 64), 4: (32, 2, 64), 8: (32, 4, 64), 16: (32, 8, 64)}
@@ -145,6 +148,13 @@ class RedisPySide:
                 split_blob(value, expected_key=key)
         return values
 
+    def contains_prefix(self, keys: list[bytes]) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(self.prefix + key)
+        found = pipe.execute()
+        return found.index(0) if 0 in found else len(found)
+
     def delete(self, keys: list[bytes]) -> None:
         self.client.unlink(*(self.prefix + k for k in keys))
 
@@ -157,6 +167,8 @@ def clients_side_by_side(port: int, sizes_mib: Sequence[int], reps: int) -> tupl
     tier = RedisTier(f"redis://127.0.0.1:{port}", "bench", timeout=10.0)
     py = RedisPySide(port)
     rows: list[list[object]] = []
+    hand_lookup: list[float] = []
+    py_lookup: list[float] = []
     try:
         for mib in sizes_mib:
             size = mib * MIB
@@ -176,6 +188,8 @@ def clients_side_by_side(port: int, sizes_mib: Sequence[int], reps: int) -> tupl
                 hand_get.append(per_call(tier.get, keys, inner))
                 py_get.append(per_call(py.get, keys, inner))
                 runs.append(redis_benchmark(port, size))
+                hand_lookup.append(per_call(tier.contains_prefix, keys, LOOKUPS) * 1e6)
+                py_lookup.append(per_call(py.contains_prefix, keys, LOOKUPS) * 1e6)
             assert tier.stats().errors == 0 and tier.stats().corrupt == 0, tier.stats()
             tier.delete(keys)
             py.delete(keys)
@@ -194,12 +208,14 @@ def clients_side_by_side(port: int, sizes_mib: Sequence[int], reps: int) -> tupl
         tier.clear()
         tier.close()
         py.close()
-    return rows, py.version
+    lookup = [f"EXISTS x {BATCH} (`contains_prefix`)", _spread(hand_lookup, "{:.0f}"), _spread(py_lookup, "{:.0f}"),
+              paired_ratio(py_lookup, hand_lookup)]
+    return rows, lookup, py.version
 
 
-def _spread(values: Sequence[float]) -> str:
+def _spread(values: Sequence[float], form: str = "{:.2f}") -> str:
     """Median and range, e.g. `4.21 (3.90-4.40)`."""
-    return f"{median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+    return f"{form.format(median(values))} ({form.format(min(values))}-{form.format(max(values))})"
 
 
 def nencache_kv_path(port: int, mib: int, reps: int) -> tuple[float, float]:
@@ -301,7 +317,7 @@ def run_remote_part(sizes_mib: Sequence[int] = (1, 4, 8), reps: int = 5, with_lm
     if shutil.which("redis-benchmark") is None:
         raise SystemExit("redis-benchmark not found: install redis-server (apt-get install redis-server)")
     with redis_server() as port:
-        rows, py_version = clients_side_by_side(port, sizes_mib, reps)
+        rows, lookup, py_version = clients_side_by_side(port, sizes_mib, reps)
         lm_rows, lm_note = lmcache_rows(port, sizes_mib, reps) if with_lmcache else ([], "LMCache side skipped.\n")
     clients = (f"Batches of {BATCH} chunk blobs on a local redis-server 7 (no persistence), loopback TCP; {reps} reps, "
                "one rep of each side in turn; GB/s = 1e9 bytes/s, median (range). Hand-written: `RedisTier` on its "
@@ -312,7 +328,10 @@ def run_remote_part(sizes_mib: Sequence[int] = (1, 4, 8), reps: int = 5, with_lm
                "kept only where get hand / redis-py is at least 1.20x.\n\n"
                + table(["chunk", "hand put GB/s", "redis-py put GB/s", "redis-benchmark SET GB/s", "put hand / redis-py",
                         "hand get GB/s", "redis-py get GB/s", "redis-benchmark GET GB/s", "get hand / redis-py"], rows)
-               + "\n")
+               + f"\nLookups: {LOOKUPS} calls per timing, one timing per rep after each size's redis-benchmark run; "
+               "microseconds per call, median (range); speedup = redis-py time / hand time, median (range) of per-rep "
+               "ratios.\n\n"
+               + table(["lookup", "hand us", "redis-py us", "hand speedup"], [lookup]) + "\n")
     print(clients)
     write_section("tiers: remote (Redis clients)", clients, command_line())
     body = ""

@@ -10,9 +10,9 @@ import pytest
 
 from nencache.config import CacheConfig
 from nencache.errors import ConfigError, TierError
-from nencache.tiers.remote import ServerTier
 from nencache.server.server import BackgroundServer
 from nencache.tiers.factory import build_remote_tier
+from nencache.tiers.remote import ServerTier
 from tests.server.conftest import small_settings
 from tests.tiers.contract import TierContract, make_blob, make_key
 

@@ -19,12 +19,12 @@ import os
 import stat
 from collections.abc import Sequence
 
-from nencache.pool import MemoryPool, cuda_pinning_available
+from nencache.net.buffers import BufferPool
 from nencache.net.protocol import Op
 from nencache.net.requests import locate
 from nencache.net.shared import MappedRegion, SharedRegion, Spot
 from nencache.net.wire import ErrorReply, WireConnection
-from nencache.net.buffers import BufferPool
+from nencache.pool import MemoryPool, cuda_pinning_available
 
 log = logging.getLogger("nencache.p2p")
 Blob = bytes | bytearray | memoryview

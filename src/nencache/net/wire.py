@@ -20,11 +20,11 @@ from urllib.parse import parse_qsl, urlsplit
 from nencache.errors import ConfigError, CorruptChunkError
 from nencache.format import HEADER_SIZE as CHUNK_HEADER_SIZE
 from nencache.format import NO_KEY, parse_header
+from nencache.net.buffers import BufferPool
 from nencache.net.protocol import (
     HEADER_SIZE, MAX_MESSAGE, MAX_TOKEN, NONCE_SIZE, SPOT, Code, Flag, Frame, Limits, Op, ProtocolError,
     unpack_header, unpack_lengths,
 )
-from nencache.net.buffers import BufferPool
 
 Buffer = bytes | bytearray | memoryview
 DEFAULT_PORT = 5870

@@ -17,15 +17,15 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from nencache.net.shared_pool import attach, read_shared
+from nencache.net.buffers import BufferPool
 from nencache.net.protocol import ProtocolError
 from nencache.net.requests import count_present, fetch
 from nencache.net.shared import MappedRegion
+from nencache.net.shared_pool import attach, read_shared
+from nencache.net.warn import ThrottledWarning
 from nencache.net.wire import (
     ErrorReply, Target, WireConnection, blob_ok, describe_failure, token_bytes,
 )
-from nencache.net.buffers import BufferPool
-from nencache.net.warn import ThrottledWarning
 
 log = logging.getLogger("nencache.p2p")
 T = TypeVar("T")

@@ -26,13 +26,13 @@ from functools import partial
 from typing import Any, TypeVar
 
 from nencache.errors import PoolExhaustedError
-from nencache.server.budget import Holder
-from nencache.server.channel import Buffer, Channel
-from nencache.server.host import Host
 from nencache.net.protocol import (
     HEADER_SIZE, KEY_SIZE, MAX_NAMESPACE, MISSING, SPOT, UNPLACED, Code, Flag, Frame, Op, ProtocolError, check_request,
     error_frame, pack_lengths, parse_keyed_meta, unpack_header,
 )
+from nencache.server.budget import Holder
+from nencache.server.channel import Buffer, Channel
+from nencache.server.host import Host
 from nencache.server.store import Namespace, NamespaceLimitError
 
 log = logging.getLogger("nencache.server")

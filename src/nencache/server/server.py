@@ -18,11 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from nencache.errors import ConfigError
+from nencache.net.protocol import Code, error_frame
 from nencache.server.budget import FairBudget
 from nencache.server.channel import SocketChannel, accept_tls, tune
 from nencache.server.connection import Connection
 from nencache.server.metrics import ServerCounters
-from nencache.net.protocol import Code, error_frame
 from nencache.server.settings import ServerSettings
 from nencache.server.store import ChunkStore
 

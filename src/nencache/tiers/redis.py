@@ -23,9 +23,9 @@ from collections.abc import Callable, Sequence
 
 from nencache.errors import ClosedError, ConfigError, CorruptChunkError, TierError
 from nencache.format import HEADER_SIZE, parse_header, split_blob
-from nencache.tiers.base import TierStats
 from nencache.net.retry import FIRST_RETRY, Reconnector
 from nencache.net.warn import ThrottledWarning
+from nencache.tiers.base import TierStats
 from nencache.tiers.redis_client import Plan, RedisClient
 from nencache.tiers.redis_control import key_slot
 from nencache.tiers.redis_parts import Assembly, part_count, part_key, split_parts

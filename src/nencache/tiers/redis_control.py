@@ -58,7 +58,6 @@ class RedisControl:
         self._timeout = timeout
         self._lock = threading.Lock()
         self._client: Any = None
-        self._stale = False
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -141,12 +140,6 @@ class RedisControl:
             self.client()  # its constructor reads the topology
             return
         self._call(client.nodes_manager.initialize)
-
-    def servers(self) -> list[Address]:
-        """The standalone server, or every primary of the cluster."""
-        if not self.target.cluster:
-            return [self.target.nodes[0]]
-        return list(dict.fromkeys(a for a in self.slot_owners() if a is not None))
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -24,16 +24,16 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from nencache.errors import ClosedError, ConfigError, TierError
+from nencache.net.buffers import BufferPool
 from nencache.net.protocol import KEY_SIZE, Op, ProtocolError, check_namespace, pack_keyed_meta
 from nencache.net.requests import count_present, fetch, locate
+from nencache.net.retry import Reconnector
 from nencache.net.shared import MappedRegion, Spot
+from nencache.net.warn import ThrottledWarning
 from nencache.net.wire import (
     ErrorReply, Reply, WireConnection, blob_ok, describe_failure, parse_url, split_items, split_keys, token_bytes,
 )
 from nencache.tiers.base import TierStats
-from nencache.net.buffers import BufferPool
-from nencache.net.retry import Reconnector
-from nencache.net.warn import ThrottledWarning
 
 log = logging.getLogger("nencache.server")
 Blob = bytes | bytearray | memoryview
