@@ -162,13 +162,15 @@ class RedisPySide:
         self.client.close()
 
 
-def clients_side_by_side(port: int, sizes_mib: Sequence[int], reps: int) -> tuple[list[list[object]], str]:
+def clients_side_by_side(port: int, sizes_mib: Sequence[int],
+                         reps: int) -> tuple[list[list[object]], list[object], str, str]:
     """RedisTier (hand-written RESP), redis-py + hiredis and redis-benchmark, one rep of each in turn."""
     tier = RedisTier(f"redis://127.0.0.1:{port}", "bench", timeout=10.0)
     py = RedisPySide(port)
     rows: list[list[object]] = []
     hand_lookup: list[float] = []
     py_lookup: list[float] = []
+    get_ratios: list[float] = []  # per size: median of per-rep get ratios, hand / redis-py
     try:
         for mib in sizes_mib:
             size = mib * MIB
@@ -199,6 +201,7 @@ def clients_side_by_side(port: int, sizes_mib: Sequence[int], reps: int) -> tupl
             get_ref, _, get_cfg = against_best(gbps["hand get"], runs, "GET")
             set_runs = [r[f"SET {set_cfg}"] for r in runs]
             get_runs = [r[f"GET {get_cfg}"] for r in runs]
+            get_ratios.append(median([a / b for a, b in zip(gbps["hand get"], gbps["py get"])]))
             rows.append([f"{mib} MiB",
                          _spread(gbps["hand put"]), _spread(gbps["py put"]), f"{_spread(set_runs)} ({set_cfg})",
                          paired_ratio(gbps["hand put"], gbps["py put"]),
@@ -210,7 +213,12 @@ def clients_side_by_side(port: int, sizes_mib: Sequence[int], reps: int) -> tupl
         py.close()
     lookup = [f"EXISTS x {BATCH} (`contains_prefix`)", _spread(hand_lookup, "{:.0f}"), _spread(py_lookup, "{:.0f}"),
               paired_ratio(py_lookup, hand_lookup)]
-    return rows, lookup, py.version
+    worst = min(get_ratios)
+    verdict = (f"Verdict: the hand-written bulk read path stays (get hand / redis-py is {worst:.2f}x at its lowest, "
+               "at least 1.20x at every size)." if worst >= 1.2 else
+               f"Verdict: the hand-written bulk read path does not earn its keep (get hand / redis-py is {worst:.2f}x "
+               "at its lowest, under 1.20x): use redis-py there too.")
+    return rows, lookup, py.version, verdict
 
 
 def _spread(values: Sequence[float], form: str = "{:.2f}") -> str:
@@ -317,7 +325,7 @@ def run_remote_part(sizes_mib: Sequence[int] = (1, 4, 8), reps: int = 5, with_lm
     if shutil.which("redis-benchmark") is None:
         raise SystemExit("redis-benchmark not found: install redis-server (apt-get install redis-server)")
     with redis_server() as port:
-        rows, lookup, py_version = clients_side_by_side(port, sizes_mib, reps)
+        rows, lookup, py_version, verdict = clients_side_by_side(port, sizes_mib, reps)
         lm_rows, lm_note = lmcache_rows(port, sizes_mib, reps) if with_lmcache else ([], "LMCache side skipped.\n")
     clients = (f"Batches of {BATCH} chunk blobs on a local redis-server 7 (no persistence), loopback TCP; {reps} reps, "
                "one rep of each side in turn; GB/s = 1e9 bytes/s, median (range). Hand-written: `RedisTier` on its "
@@ -331,7 +339,7 @@ def run_remote_part(sizes_mib: Sequence[int] = (1, 4, 8), reps: int = 5, with_lm
                + f"\nLookups: {LOOKUPS} calls per timing, one timing per rep after each size's redis-benchmark run; "
                "microseconds per call, median (range); speedup = redis-py time / hand time, median (range) of per-rep "
                "ratios.\n\n"
-               + table(["lookup", "hand us", "redis-py us", "hand speedup"], [lookup]) + "\n")
+               + table(["lookup", "hand us", "redis-py us", "hand speedup"], [lookup]) + "\n\n" + verdict + "\n")
     print(clients)
     write_section("tiers: remote (Redis clients)", clients, command_line())
     body = ""

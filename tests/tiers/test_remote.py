@@ -13,7 +13,7 @@ from nencache.errors import ConfigError, TierError
 from nencache.server.server import BackgroundServer
 from nencache.tiers.factory import build_remote_tier
 from nencache.tiers.remote import ServerTier
-from tests.server.conftest import small_settings
+from tests.server.conftest import local_server, small_settings  # noqa: F401  (the in-process server)
 from tests.tiers.contract import TierContract, make_blob, make_key
 
 
