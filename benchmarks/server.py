@@ -41,7 +41,7 @@ from nencache.cache import KVCache  # noqa: E402
 from nencache.config import CacheConfig  # noqa: E402
 from nencache.format import HEADER_SIZE, ChunkHeader, checksum  # noqa: E402
 from nencache.layout import KVLayout  # noqa: E402
-from nencache.server.client import ServerTier  # noqa: E402
+from nencache.tiers.remote import ServerTier  # noqa: E402
 
 MIB = 1 << 20
 CHUNK = 4 * MIB

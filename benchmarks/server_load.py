@@ -51,8 +51,8 @@ from _results import command_line, median, table, write_section  # noqa: E402
 
 from nencache.config import CacheConfig  # noqa: E402
 from nencache.format import ChunkHeader  # noqa: E402
-from nencache.server.client import ServerTier  # noqa: E402
-from nencache.server.protocol import Frame, Op, pack_keyed_meta  # noqa: E402
+from nencache.tiers.remote import ServerTier  # noqa: E402
+from nencache.net.protocol import Frame, Op, pack_keyed_meta  # noqa: E402
 from tests.server.util import attacker_socket  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

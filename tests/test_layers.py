@@ -23,12 +23,13 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("commands", ("nencache", "nencache.cli", "nencache.demo", "nencache.bench")),
     ("integrations", ("nencache.integrations",)),
-    ("server", ("nencache.server",)),
-    ("core", ("nencache.cache", "nencache.store", "nencache.writer", "nencache.pinned", "nencache.metrics",
-              "nencache.stats")),
-    ("assembly", ("nencache.assemble", "nencache.config_loader")),
+    ("cache", ("nencache.cache", "nencache.pinned", "nencache.metrics")),  # the token-keyed API
+    ("assembly", ("nencache.assemble",)),  # config -> tiers -> store, the peer endpoint included
+    # `nencache serve`, and the peer endpoint that serves a cache's memory tier over the same protocol
+    ("server", ("nencache.server", "nencache.p2p.endpoint")),
+    ("core", ("nencache.store", "nencache.writer", "nencache.stats")),  # the one chunk store
     ("parts", ("nencache.policy", "nencache.tiers", "nencache.net", "nencache.codecs", "nencache.compat",
-               "nencache.p2p")),  # p2p/: the peer tier, whose place is tiers/peer/
+               "nencache.p2p", "nencache.config_loader")),  # p2p/: the peer tier (client side) and its index
     ("ground floor", ("nencache.pool", "nencache.keys", "nencache.format", "nencache.layout", "nencache.config",
                       "nencache.errors", "nencache.sizes", "nencache.copy", "nencache.cpu_dtype")),
 ]

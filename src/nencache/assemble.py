@@ -41,7 +41,7 @@ def _redis(config: CacheConfig, namespace: str) -> Tier:
 
 
 def _server(config: CacheConfig, namespace: str) -> Tier:
-    from nencache.server.client import ServerTier
+    from nencache.tiers.remote import ServerTier
 
     return ServerTier(str(config.tiers.remote.url), namespace, timeout=config.tiers.remote.timeout, auth_token=config.auth_token,
                       shared_memory=config.tiers.remote.shared_memory)
@@ -94,7 +94,7 @@ def memory_tier(config: CacheConfig, layout: KVLayout, page_tokens: int, *, evic
     page_bytes = (raw_page_bytes(layout, page_tokens) if codec.zero_copy
                   else codec.max_encoded_size(layout, page_tokens))
     if config.p2p.enabled and config.p2p.shared_memory:  # local peers map it read-only (docs/p2p.md)
-        from nencache.p2p.shared import peer_pool
+        from nencache.net.shared_pool import peer_pool
 
         pool = peer_pool(int(config.tiers.cpu.size), page_bytes, pin_memory=config.tiers.cpu.pin_memory)
     else:
@@ -108,7 +108,7 @@ def peer_tier(config: CacheConfig, namespace: str, memory: MemoryTier, layout: K
     from nencache.p2p.client import PeerClients
     from nencache.p2p.endpoint import PeerEndpoint
     from nencache.p2p.index import PeerIndex
-    from nencache.p2p.shared import region_of
+    from nencache.net.shared_pool import region_of
     from nencache.p2p.tier import PeerTier
 
     if not config.p2p.index_url:

@@ -8,8 +8,8 @@ import torch
 from nencache import KVCache
 from nencache.codecs import RawCodec
 from nencache.keys import chunk_keys
-from nencache.p2p import PeerStore
-from nencache.server.client import ServerTier
+from nencache.p2p.endpoint import PeerStore
+from nencache.tiers.remote import ServerTier
 from tests.p2p.util import CHUNK, LAYOUT, MODEL, compute_kv, config, tokens
 from tests.redis_util import RedisServer
 

@@ -12,10 +12,10 @@ from nencache.codecs import RawCodec
 from nencache.errors import ConfigError
 from nencache.format import HEADER_SIZE
 from nencache.keys import chunk_keys
-from nencache.p2p import PeerIndex
-from nencache.server.client import ServerTier
+from nencache.p2p.index import PeerIndex
 from nencache.server.server import BackgroundServer
 from nencache.server.settings import ServerSettings
+from nencache.tiers.remote import ServerTier
 from tests.p2p.util import CHUNK, LAYOUT, MODEL, compute_kv, config, tokens
 from tests.redis_util import RedisServer, free_port
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from nencache.p2p import PeerIndex
+from nencache.p2p.index import PeerIndex
 from nencache.tiers.redis_url import parse_url
 from nencache.tiers.resp import Connection
 from tests.redis_util import RedisServer
@@ -36,3 +36,65 @@ def test_holders_unpublish_and_expiry(redis_server: RedisServer) -> None:
     finally:
         short.close()
         long.close()
+
+
+def test_index_on_a_cluster_spreads_holder_sets_and_follows_the_topology(tmp_path) -> None:
+    """redis-py routes every sorted set to its slot's node; after a node's restart the index answers again."""
+    from tests.redis_util import start_cluster
+
+    cluster = start_cluster(tmp_path)
+    index = PeerIndex(cluster.url, "index-cluster", ttl=30, timeout=2.0)
+    keys = [bytes([i]) * 16 for i in range(32)]
+    try:
+        index.check()
+        index.publish(keys, "127.0.0.1:2001")
+        assert index.holders(keys) == [["127.0.0.1:2001"]] * len(keys)
+        assert all(int(node.cli("dbsize")) > 0 for node in cluster.nodes)  # no hash tag: every node holds some
+        index.unpublish(keys[:16], "127.0.0.1:2001")
+        assert index.holders(keys) == [[]] * 16 + [["127.0.0.1:2001"]] * 16
+        cluster.nodes[1].kill()
+        with pytest.raises(OSError):
+            index.holders(keys)
+        index.reset()
+        cluster.nodes[1].start()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                index.check()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        index.publish(keys, "127.0.0.1:2002")
+        assert all(h[0] == "127.0.0.1:2002" for h in index.holders(keys))
+    finally:
+        index.close()
+        cluster.kill()
+
+
+def test_unreachable_index_fails_fast_with_an_oserror() -> None:
+    from tests.redis_util import free_port
+
+    index = PeerIndex(f"redis://127.0.0.1:{free_port()}", "down", ttl=5, timeout=0.5)
+    try:
+        for call in (index.check, lambda: index.holders([b"k" * 16]), lambda: index.publish([b"k" * 16], "a:1")):
+            started = time.perf_counter()
+            with pytest.raises(OSError):
+                call()
+            assert time.perf_counter() - started < 0.5  # refused at once: no retries, no backoff inside
+    finally:
+        index.close()
+
+
+def test_wrong_password_says_what_to_fix(tmp_path) -> None:
+    from tests.redis_util import start_server
+
+    server = start_server(tmp_path, ["--requirepass", "s3cret"])
+    try:
+        index = PeerIndex(f"redis://:wrong@127.0.0.1:{server.port}", "auth", ttl=5, timeout=2.0)
+        with pytest.raises(OSError, match="check the user and password"):
+            index.check()
+        index.close()
+    finally:
+        server.kill()

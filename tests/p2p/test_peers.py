@@ -12,7 +12,7 @@ import torch
 
 from nencache import KVCache
 from nencache.keys import chunk_keys
-from nencache.p2p import PeerIndex
+from nencache.p2p.index import PeerIndex
 from nencache.tiers.memory import raw_page_bytes
 from nencache.tiers.redis_url import parse_url
 from nencache.tiers.resp import Connection

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-import nencache.p2p.shared as shared
+import nencache.net.shared_pool as shared
 from nencache import KVCache
-from nencache.p2p import PeerTier
+from nencache.p2p.tier import PeerTier
 from tests.p2p.util import CHUNK, LAYOUT, MODEL, PeerProcess, compute_kv, config, tokens
 from tests.redis_util import RedisServer
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from nencache.server.client import ServerTier
-from nencache.server.protocol import HEADER_SIZE, Frame, Op, pack_keyed_meta
+from nencache.net.protocol import HEADER_SIZE, Frame, Op, pack_keyed_meta
+from nencache.tiers.remote import ServerTier
 from tests.server.util import ServerProcess, attacker_socket, chunk_blob, request
 from tests.tiers.contract import make_key
 

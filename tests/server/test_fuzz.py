@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nencache.server.client import ServerTier
-from nencache.server.protocol import HEADER_SIZE, MAGIC, VERSION, Frame, Op, pack_keyed_meta
+from nencache.net.protocol import HEADER_SIZE, MAGIC, VERSION, Frame, Op, pack_keyed_meta
+from nencache.tiers.remote import ServerTier
 from tests.server.util import ServerProcess, chunk_blob, request
 from tests.tiers.contract import make_key
 

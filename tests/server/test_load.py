@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from nencache.format import ChunkHeader
-from nencache.server.client import ServerTier
+from nencache.tiers.remote import ServerTier
 from tests.server.util import ServerProcess
 from tests.tiers.contract import make_key
 

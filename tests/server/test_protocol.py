@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from nencache.errors import ConfigError
-from nencache.server.client import ServerTier
-from nencache.server.protocol import (
+from nencache.net.protocol import (
     HEADER_SIZE, MAGIC, Code, Flag, Frame, Limits, Op, ProtocolError, check_request, pack_keyed_meta,
     parse_keyed_meta,
 )
 from nencache.server.server import BackgroundServer
 from nencache.server.settings import ServerSettings, is_loopback
+from nencache.tiers.remote import ServerTier
 from tests.server.conftest import small_settings
 from tests.server.util import chunk_blob, raw_connect, read_frame, request
 from tests.tiers.contract import make_blob, make_key

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from nencache.net.shared import MappedRegion, SharedRegion, Spot
 from nencache.pool import MemoryPool
-from nencache.server.client import ServerTier
 from nencache.server.server import BackgroundServer
-from nencache.server.shared import MappedRegion, SharedRegion, Spot
+from nencache.tiers.remote import ServerTier
 from tests.server.conftest import small_settings
 from tests.server.util import ServerProcess
 from tests.tiers.contract import make_blob, make_key

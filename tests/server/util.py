@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from nencache.format import ChunkHeader
-from nencache.server.protocol import HEADER_SIZE, Frame, Op, pack_keyed_meta, unpack_header
+from nencache.net.protocol import HEADER_SIZE, Frame, Op, pack_keyed_meta, unpack_header
 
 _LISTENING = re.compile(r"listening on nencaches?://(\S+):(\d+)(?:, admin http://\S+:(\d+))?")
 

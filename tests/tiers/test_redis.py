@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from nencache.errors import ClosedError, ConfigError, TierError
 from nencache.tiers.redis import RedisTier, key_slot
@@ -157,23 +158,6 @@ def test_blob_held_by_caller_is_never_overwritten(tier: RedisTier) -> None:
     assert bytes(held) == data[0][1]
 
 
-def test_buffer_pool_reuses_only_released_memory() -> None:
-    import numpy as np
-
-    from nencache.tiers.buffers import BufferPool
-
-    pool = BufferPool(limit=1 << 20)
-    first = pool.take(4096)
-    address = np.frombuffer(first, dtype=np.uint8).ctypes.data
-    second = pool.take(4096)
-    assert np.frombuffer(second, dtype=np.uint8).ctypes.data != address  # `first` is still held
-    del first
-    third = pool.take(4096)
-    assert np.frombuffer(third, dtype=np.uint8).ctypes.data == address  # released, so reused
-    del second, third
-    assert len(pool.take(2 << 20)) == 2 << 20  # large sizes come from huge-page mappings
-
-
 # -- faults ----------------------------------------------------------------------------------------
 
 def test_unreachable_at_start_warns_once_serves_misses_fast_then_recovers(tmp_path: Path, caplog) -> None:
@@ -305,6 +289,38 @@ def test_cluster_node_killed_then_restarted(tmp_path: Path) -> None:
         wait_for(lambda: t.is_up, 6.0, "the tier to use the cluster again")
         t.put(data)
         assert t.contains_prefix(keys) == 24
+    finally:
+        t.close()
+        cluster.kill()
+
+
+def test_slot_moved_to_another_node_is_followed(tmp_path: Path) -> None:
+    """A slot migrated under the tier: the bulk path meets MOVED, redis-py re-reads the topology, reads go on."""
+    cluster = start_cluster(tmp_path)
+    t = RedisTier(cluster.url, "moved")
+    data = items(1)
+    key = data[0][0]
+    try:
+        t.put(data)
+        assert t.contains_prefix([key]) == 1
+        slot = key_slot(b"nencache:moved:" + key)
+        nodes = {n.port: redis.Redis(port=n.port) for n in cluster.nodes}
+        ids = {port: r.execute_command("CLUSTER MYID").decode() for port, r in nodes.items()}
+        owner = next(p for p, r in nodes.items() if r.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 1)
+        target = next(p for p in nodes if p != owner)
+        nodes[target].execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[owner])
+        nodes[owner].execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target])
+        names = nodes[owner].execute_command("CLUSTER GETKEYSINSLOT", slot, 10)
+        nodes[owner].execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *names)
+        for r in nodes.values():
+            r.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target])
+        wait_for(lambda: t.get([key])[0] is not None, 5.0, "reads from the slot's new node")
+        assert bytes(t.get([key])[0]) == data[0][1] and t.contains_prefix([key]) == 1
+        assert nodes[target].execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 1
+        t.delete([key])  # the control path (redis-py) follows the new owner too
+        assert nodes[target].execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0
+        for r in nodes.values():
+            r.close()
     finally:
         t.close()
         cluster.kill()

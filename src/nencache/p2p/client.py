@@ -1,11 +1,11 @@
 """`PeerClients`: connections to other peers' endpoints, cached per peer, with bounded timeouts.
 
-A peer speaks the NenCache server protocol (`nencache.server.wire`). A peer that is down, slow,
+A peer speaks the NenCache server protocol (`nencache.net.wire`). A peer that is down, slow,
 killed or refuses a request is never an error for the caller: the call answers a miss, the failure
 is counted, and the peer is skipped for `retry_after` seconds (its index entries expire meanwhile).
 Returned blobs are checked (header, length, key); the codec checks the payload checksum.
 With `shared_memory`, a peer on this machine that shares its pool is read through it
-(`nencache.p2p.shared`): one LOCATE round trip, then a memory copy per chunk.
+(`nencache.net.shared_pool`): one LOCATE round trip, then a memory copy per chunk.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from nencache.p2p.shared import attach, read_shared
-from nencache.server.protocol import ProtocolError
-from nencache.server.requests import count_present, fetch
-from nencache.server.shared import MappedRegion
-from nencache.server.wire import (
+from nencache.net.buffers import BufferPool
+from nencache.net.protocol import ProtocolError
+from nencache.net.requests import count_present, fetch
+from nencache.net.shared import MappedRegion
+from nencache.net.shared_pool import attach, read_shared
+from nencache.net.warn import ThrottledWarning
+from nencache.net.wire import (
     ErrorReply, Target, WireConnection, blob_ok, describe_failure, token_bytes,
 )
-from nencache.tiers.buffers import BufferPool
-from nencache.tiers.retry import ThrottledWarning
 
 log = logging.getLogger("nencache.p2p")
 T = TypeVar("T")

@@ -6,7 +6,7 @@ read-only, and allocates no pool of its own. A raw chunk goes out as its
 own pool page, the raw-codec header (payload CRC32 included) stamped in the page's header slot when
 the chunk is published (on the background writer). Only EXISTS, GET, PING, AUTH and STATS are served; PUT is refused and DELETE and
 CLEAR are ignored: peers never change this cache. Where the cache's pool is a shared region
-(`nencache.p2p.shared`), SHARED and LOCATE are served too: peers on this machine copy chunks out of it.
+(`nencache.net.shared_pool`), SHARED and LOCATE are served too: peers on this machine copy chunks out of it.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from nencache.codecs import RawCodec
 from nencache.errors import ConfigError
 from nencache.format import HEADER_SIZE, parse_header
 from nencache.p2p.client import peer_address
-from nencache.server.protocol import Code, ProtocolError
+from nencache.net.protocol import Code, ProtocolError
 from nencache.server.server import BackgroundServer
 from nencache.server.settings import ServerSettings
-from nencache.server.shared import SharedRegion, Spot
+from nencache.net.shared import SharedRegion, Spot
 from nencache.server.store import Namespace
 from nencache.tiers.memory import ChunkLease, MemoryTier
 

@@ -3,8 +3,9 @@
 One sorted set per chunk key, `<key_prefix>:p2p:<namespace>:` + the 16-byte key. Its members are
 peer addresses (`host:port`), each scored with the wall-clock time (ms) its entry expires; the set
 itself expires `ttl` after its last publish, so a dead peer's entries vanish even if nobody cleans
-up. Publishing, unpublishing and looking up holders are each one pipelined round trip per Redis
-server. Failures raise (`OSError`, `ReplyError`); `PeerTier` turns them into misses.
+up. Publishing, unpublishing and looking up holders are each one redis-py pipeline (per node, for a
+cluster, where redis-py follows MOVED/ASK and failovers). Failures raise `ControlError` (an
+`OSError`); `PeerTier` turns them into misses.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from nencache.errors import ConfigError
-from nencache.tiers.redis_client import Plan, RedisClient
+from nencache.tiers.redis_control import ControlError, RedisControl
 from nencache.tiers.redis_url import parse_url
-from nencache.tiers.resp import Reply, ReplyError
 
 BATCH_KEYS = 2048  # keys per pipeline when publishing many
 
@@ -35,10 +36,7 @@ class PeerIndex:
         except ConfigError as exc:
             raise ConfigError(f"p2p_index_url: {exc}") from None
         self.url = target.display()
-        try:
-            self._client = RedisClient(target, timeout)
-        except OSError as exc:
-            raise ConfigError(f"p2p_index_url {self.url}: cannot load its TLS files ({exc})") from exc
+        self._control = RedisControl(target, timeout)
         self.ttl_ms = max(1, math.ceil(ttl * 1000))
         self._prefix = f"{key_prefix}:p2p:{namespace}:".encode()
 
@@ -50,58 +48,47 @@ class PeerIndex:
         """Record `peer` as a holder of `keys` for the next `ttl` (expired holders are pruned on the way)."""
         now = _now_ms()
         for start in range(0, len(keys), BATCH_KEYS):
-            rkeys = [self.rkey(k) for k in keys[start : start + BATCH_KEYS]]
-            plan = self._client.plan(rkeys, "ZADD", args=[(now + self.ttl_ms, peer)] * len(rkeys))
-            _merge(plan, self._client.plan(rkeys, "ZREMRANGEBYSCORE", args=[("-inf", now)] * len(rkeys)))
-            _merge(plan, self._client.plan(rkeys, "PEXPIRE", args=[(self.ttl_ms,)] * len(rkeys)))
-            _raise_errors(self._client.run(plan))
+            commands: list[tuple[Any, ...]] = []
+            for key in keys[start : start + BATCH_KEYS]:
+                rkey = self.rkey(key)
+                commands += [("ZADD", rkey, now + self.ttl_ms, peer), ("ZREMRANGEBYSCORE", rkey, "-inf", now),
+                             ("PEXPIRE", rkey, self.ttl_ms)]
+            _raise_errors(self._control.pipeline(commands))
 
     def unpublish(self, keys: Sequence[bytes], peer: str) -> None:
         """Remove `peer` from the holders of `keys`."""
         for start in range(0, len(keys), BATCH_KEYS):
-            rkeys = [self.rkey(k) for k in keys[start : start + BATCH_KEYS]]
-            _raise_errors(self._client.run(self._client.plan(rkeys, "ZREM", args=[(peer,)] * len(rkeys))))
+            _raise_errors(self._control.pipeline([("ZREM", self.rkey(k), peer)
+                                                  for k in keys[start : start + BATCH_KEYS]]))
 
     def holders(self, keys: Sequence[bytes]) -> list[list[str]]:
         """The live holders of each key, most recently published first: one round trip."""
         if not keys:
             return []
-        rkeys = [self.rkey(k) for k in keys]
-        plan = self._client.plan(rkeys, "ZREVRANGEBYSCORE", args=[("+inf", f"({_now_ms()}")] * len(rkeys))
-        out: list[list[str]] = [[] for _ in keys]
-        for positions, reply in self._client.run(plan):
-            if isinstance(reply, ReplyError):
-                raise reply
-            if isinstance(reply, list):
-                out[positions[0]] = [bytes(member).decode("utf-8", "replace") for member in reply
-                                     if isinstance(member, bytes | memoryview)]
-        return out
+        now = _now_ms()
+        replies = _raise_errors(self._control.pipeline([("ZREVRANGEBYSCORE", self.rkey(k), "+inf", f"({now}")
+                                                        for k in keys]))
+        return [[bytes(m).decode("utf-8", "replace") for m in reply] if isinstance(reply, list) else []
+                for reply in replies]
 
     def check(self) -> None:
-        """Return if the index answers; raise otherwise."""
-        self._client.check()
+        """Return if the index answers; raise `ControlError` otherwise."""
+        self._control.check()
 
     def reset(self) -> None:
-        """Drop every connection (after a failure; the next call reconnects)."""
-        self._client.reset()
-        self._client.mark_stale()
+        """Drop every connection (after a failure; the next call reconnects and re-reads a cluster's topology)."""
+        self._control.reset()
 
     def close(self) -> None:
-        self._client.reset()
+        self._control.close()
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _merge(into: Plan, other: Plan) -> None:
-    """Append `other`'s commands to `into` (per server, after `into`'s own)."""
-    for address, commands in other.commands.items():
-        for command, positions in zip(commands, other.positions[address]):
-            into.add(address, command, positions)
-
-
-def _raise_errors(results: list[tuple[list[int], Reply]]) -> None:
-    for _, reply in results:
-        if isinstance(reply, ReplyError):
+def _raise_errors(replies: list[Any]) -> list[Any]:
+    for reply in replies:
+        if isinstance(reply, ControlError):
             raise reply
+    return replies

@@ -15,19 +15,32 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from nencache.p2p.client import PeerClients
-from nencache.p2p.endpoint import PeerEndpoint
 from nencache.p2p.index import PeerIndex
 from nencache.tiers.base import Distance, TierStats
 from nencache.tiers.resp import ReplyError
-from nencache.tiers.retry import ThrottledWarning
+from nencache.net.warn import ThrottledWarning
 
 log = logging.getLogger("nencache.p2p")
 T = TypeVar("T")
 Blob = bytes | bytearray | memoryview
 _INDEX_FAILURES = (OSError, ReplyError)
+
+
+class PreparedChunks(Protocol):
+    def prepare(self, keys: Sequence[bytes]) -> None: ...
+
+
+class Endpoint(Protocol):
+    """What the peer tier needs of the endpoint that serves this cache's chunks (`p2p.endpoint.PeerEndpoint`):
+    the address it publishes, the store it readies chunks in before publishing them, and closing it."""
+
+    address: str
+    store: PreparedChunks
+
+    def close(self) -> None: ...
 _FIRST_RETRY = 0.25
 _RETRY_CAP = 2.0
 _HOLDERS_TTL = 5.0  # seconds holders found by a lookup are reused by the retrieve that follows it
@@ -42,7 +55,7 @@ class PeerTier:
     publish_only = True  # `put` publishes keys; peers fetch the bytes from this cache's endpoint
     distance = Distance.PEER
 
-    def __init__(self, index: PeerIndex, endpoint: PeerEndpoint, clients: PeerClients, *, ttl: float) -> None:
+    def __init__(self, index: PeerIndex, endpoint: Endpoint, clients: PeerClients, *, ttl: float) -> None:
         self.index, self.endpoint, self.clients = index, endpoint, clients
         clients.on_failure = lambda: self._stats.add(errors=1)
         self.address = endpoint.address

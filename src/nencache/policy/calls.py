@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from nencache.errors import NenCacheError
 from nencache.policy.base import EvictionPolicy, Evictable, Key
 from nencache.policy.registry import PolicyContext, make_policy
-from nencache.policy.simulate import SimClock
+from nencache.policy.clock import SimClock
 
 Call = tuple  # (op, tier, key or payload, clock)
 

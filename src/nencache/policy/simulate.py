@@ -23,6 +23,8 @@ from typing import Any
 
 from nencache.errors import ConfigError
 from nencache.policy.base import EvictionPolicy, Evictable, Key
+from nencache.policy.calls import LoggedPolicy
+from nencache.policy.clock import SimClock
 from nencache.policy.history import AccessHistory
 from nencache.policy.index import PolicyIndex
 from nencache.policy.prefetch import PrefetchPlanner
@@ -137,18 +139,6 @@ class SimResult:
                     disk_hit_rate=self.disk_hit_rate, block_hit_rate=self.block_hit_rate,
                     decision_us=self.decision_us, prefetch_conversion=self.prefetch_conversion)
         return data
-
-
-class SimClock:
-    """The trace's time, set by the simulator before each step."""
-
-    __slots__ = ("now",)
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class TimedPolicy:
@@ -283,8 +273,6 @@ def simulate(trace: Trace, config: SimConfig, *, progress: bool = False, record:
     metered = MeteredPolicy(cpu_policy, history)
     first_policy: EvictionPolicy = metered if planner is not None else cpu_policy
     if calls is not None:
-        from nencache.policy.calls import LoggedPolicy
-
         first_policy = LoggedPolicy(first_policy, calls, 0, clock)
     disk_first = (LoggedPolicy(disk_policy, calls, 1, clock) if calls is not None and disk_policy is not None
                   else disk_policy)

@@ -1,6 +1,7 @@
-"""The NenCache server: wire protocol, asyncio server, `ServerTier` client, admin HTTP endpoint.
+"""`nencache serve`: the asyncio chunk server, its connections and its admin HTTP endpoint.
 
-Imports are lazy so that the client (`ServerTier`) does not load the server's modules.
+The wire protocol lives in `nencache.net`, the client tier (`ServerTier`) in `nencache.tiers.remote`.
+Imports are lazy so that `import nencache.server` loads nothing until a name is used.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "ServerTier": "nencache.server.client",
     "NenCacheServer": "nencache.server.server",
     "BackgroundServer": "nencache.server.server",
     "serve": "nencache.server.server",

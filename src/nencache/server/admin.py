@@ -1,76 +1,105 @@
 """The admin HTTP endpoint (`/healthz`, `/metrics`, `/stats`) and the `nencache stats` client side.
 
-A small asyncio HTTP/1.0 handler: GET only, one request per connection, bounded request size and
-time. `/metrics` is Prometheus text (prometheus_client renders it); `/stats` is the same as JSON.
+Served by aiohttp (request parsing, keep-alive, limits and timeouts are its job, not ours): GET and
+HEAD only. `/metrics` is Prometheus text through prometheus_client's aiohttp exposition (OpenMetrics
+when the scraper's `Accept` asks for it); `/stats` is the same figures as JSON.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
+import socket
 import urllib.error
 import urllib.request
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from nencache.errors import ConfigError, NenCacheError
+from nencache.server.host import Host
 from nencache.server.metrics import Collector
 
 if TYPE_CHECKING:
-    from nencache.server.server import NenCacheServer
+    from aiohttp import web
 
-_MAX_REQUEST = 8192
-_TIMEOUT = 5.0
+_MAX_REQUEST_LINE = 8190  # aiohttp's own default; longer request lines or headers are answered 400
+_SHUTDOWN_GRACE = 1.0  # seconds an admin request in flight may take to finish at shutdown
 
 
-async def start_admin(server: NenCacheServer, host: str, port: int) -> asyncio.AbstractServer:
-    """Listen for admin requests on `host:port` (0: any free port)."""
-    registry = None
+class AdminEndpoint:
+    """The running admin HTTP server: its port, and `close` for shutdown."""
+
+    __slots__ = ("port", "_runner")
+
+    def __init__(self, port: int, runner: web.AppRunner) -> None:
+        self.port, self._runner = port, runner
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+
+async def start_admin(host_state: Host, host: str, port: int) -> AdminEndpoint:
+    """Listen for admin requests on `host:port` (0: any free port); raise OSError if it cannot bind."""
+    try:
+        from aiohttp import web
+    except ImportError:
+        raise ConfigError("the admin endpoint needs aiohttp: pip install 'nencache[server]', or pass "
+                          "--admin-port -1 (server_admin_port = -1) to run without it") from None
+    app = web.Application(handler_args={"max_line_size": _MAX_REQUEST_LINE, "max_field_size": _MAX_REQUEST_LINE})
+    app.router.add_get("/healthz", partial(_healthz, host_state))
+    app.router.add_get("/stats", partial(_stats, host_state))
+    app.router.add_get("/metrics", _metrics_handler(host_state))
+    app.router.add_route("*", "/{tail:.*}", _elsewhere)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=_SHUTDOWN_GRACE)
+    await runner.setup()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        listener = socket.create_server((host, port), family=family)
+    except OSError:
+        await runner.cleanup()
+        raise
+    site = web.SockSite(runner, listener)
+    await site.start()
+    return AdminEndpoint(listener.getsockname()[1], runner)
+
+
+async def _healthz(host_state: Host, _: web.Request) -> web.Response:
+    from aiohttp import web
+
+    if host_state.stopping:
+        return web.Response(status=503, text="stopping\n")
+    return web.Response(text="ok\n")
+
+
+async def _stats(host_state: Host, _: web.Request) -> web.Response:
+    from aiohttp import web
+
+    return web.Response(body=json.dumps(host_state.stats(), indent=1).encode() + b"\n",
+                        content_type="application/json")
+
+
+def _metrics_handler(host_state: Host) -> Any:
+    """prometheus_client's aiohttp handler over this server's collector (503 if prometheus_client is missing)."""
+    from aiohttp import web
+
     try:
         from prometheus_client import CollectorRegistry
-
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(Collector(server.counters, server.store.stats))
+        from prometheus_client.aiohttp import make_aiohttp_handler
     except ImportError:
-        pass
+        async def missing(_: web.Request) -> web.Response:
+            return web.Response(status=503, text="pip install prometheus_client (nencache[server])\n")
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-            status, kind, body = route(head, server, registry)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
-            status, kind, body = "400 Bad Request", "text/plain", b"bad request\n"
-        try:
-            writer.write(f"HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
-                         "Connection: close\r\n\r\n".encode() + body)
-            async with asyncio.timeout(_TIMEOUT):
-                await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    return await asyncio.start_server(handle, host, port, limit=_MAX_REQUEST)
+        return missing
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector(host_state.counters, host_state.store.stats))
+    return make_aiohttp_handler(registry)
 
 
-def route(head: bytes, server: NenCacheServer, registry: Any) -> tuple[str, str, bytes]:
-    """Status line, content type and body for one request head."""
-    parts = head.split(b"\r\n", 1)[0].split()
-    if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
-        return "405 Method Not Allowed", "text/plain", b"only GET is served here\n"
-    path = parts[1].split(b"?", 1)[0]
-    if path == b"/healthz":
-        return ("503 Service Unavailable", "text/plain", b"stopping\n") if server.stopping else \
-            ("200 OK", "text/plain", b"ok\n")
-    if path == b"/stats":
-        return "200 OK", "application/json", json.dumps(server.stats(), indent=1).encode() + b"\n"
-    if path == b"/metrics":
-        if registry is None:
-            return "503 Service Unavailable", "text/plain", b"pip install prometheus_client (nencache[server])\n"
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+async def _elsewhere(request: web.Request) -> web.Response:
+    from aiohttp import web
 
-        return "200 OK", CONTENT_TYPE_LATEST, generate_latest(registry)
-    return "404 Not Found", "text/plain", b"try /healthz, /metrics or /stats\n"
+    if request.method not in ("GET", "HEAD"):
+        return web.Response(status=405, text="only GET is served here\n", headers={"Allow": "GET, HEAD"})
+    return web.Response(status=404, text="try /healthz, /metrics or /stats\n")
 
 
 def fetch_stats(url: str, timeout: float = 5.0) -> dict[str, Any]:

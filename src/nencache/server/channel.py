@@ -11,7 +11,7 @@ import socket
 from collections.abc import Sequence
 from typing import Protocol
 
-from nencache.server.wire import drop_sent
+from nencache.net.wire import drop_sent
 
 Buffer = bytes | bytearray | memoryview
 _IOV_MAX = 512

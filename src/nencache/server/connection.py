@@ -23,19 +23,17 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from nencache.errors import PoolExhaustedError
-from nencache.server.budget import Holder
-from nencache.server.channel import Buffer, Channel
-from nencache.server.protocol import (
+from nencache.net.protocol import (
     HEADER_SIZE, KEY_SIZE, MAX_NAMESPACE, MISSING, SPOT, UNPLACED, Code, Flag, Frame, Op, ProtocolError, check_request,
     error_frame, pack_lengths, parse_keyed_meta, unpack_header,
 )
+from nencache.server.budget import Holder
+from nencache.server.channel import Buffer, Channel
+from nencache.server.host import Host
 from nencache.server.store import Namespace, NamespaceLimitError
-
-if TYPE_CHECKING:
-    from nencache.server.server import NenCacheServer
 
 log = logging.getLogger("nencache.server")
 MAX_INFLIGHT = 32  # requests of one connection being answered at once
@@ -46,7 +44,7 @@ T = TypeVar("T")
 class Connection:
     """The reader loop of one connection and the tasks answering its requests."""
 
-    def __init__(self, server: NenCacheServer, channel: Channel, peer: str, client: str) -> None:
+    def __init__(self, server: Host, channel: Channel, peer: str, client: str) -> None:
         self.server, self.channel, self.peer = server, channel, peer
         self.store, self.limits, self.counters = server.store, server.settings.limits, server.counters
         self.timeout = server.settings.io_timeout

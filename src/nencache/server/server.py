@@ -15,16 +15,19 @@ import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nencache.errors import ConfigError
+from nencache.net.protocol import Code, error_frame
 from nencache.server.budget import FairBudget
 from nencache.server.channel import SocketChannel, accept_tls, tune
 from nencache.server.connection import Connection
 from nencache.server.metrics import ServerCounters
-from nencache.server.protocol import Code, error_frame
 from nencache.server.settings import ServerSettings
 from nencache.server.store import ChunkStore
+
+if TYPE_CHECKING:
+    from nencache.server.admin import AdminEndpoint
 
 log = logging.getLogger("nencache.server")
 GRACE_SECONDS = 10.0
@@ -46,7 +49,7 @@ class NenCacheServer:
         self._tls = settings.tls_context()
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
-        self._admin: asyncio.AbstractServer | None = None
+        self._admin: AdminEndpoint | None = None
         self._connections: dict[Connection, asyncio.Task[None]] = {}
         self._handlers: set[asyncio.Task[None]] = set()
         self._per_client: dict[str, int] = {}  # open connections by client address
@@ -82,7 +85,7 @@ class NenCacheServer:
                 self._listener.close()
                 raise ConfigError(f"cannot listen on admin port {self.settings.admin_port} ({_reason(exc)}); "
                                   "choose another --admin-port (server_admin_port), or -1 for none") from None
-            self.admin_port = self._admin.sockets[0].getsockname()[1]
+            self.admin_port = self._admin.port
 
     def stats(self) -> dict[str, Any]:
         server = self.counters.as_dict() | {"host": self.settings.host, "port": self.port,
@@ -112,7 +115,7 @@ class NenCacheServer:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
         if self._admin is not None:
-            self._admin.close()
+            await self._admin.close()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, self._close_store)
         self.executor.shutdown(wait=True)

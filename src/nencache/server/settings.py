@@ -12,7 +12,7 @@ from pathlib import Path
 from nencache.config import CacheConfig, parse_size
 from nencache.config_loader import LoadedConfig
 from nencache.errors import ConfigError
-from nencache.server.protocol import Limits
+from nencache.net.protocol import Limits
 
 EMBEDDED_POOL = "1GiB"
 EMBEDDED_DISK = "8GiB"

@@ -34,7 +34,7 @@ from typing import Any
 from nencache.errors import ConfigError, CorruptChunkError, PoolExhaustedError
 from nencache.format import HEADER_SIZE, NO_KEY, parse_header
 from nencache.pool import MemoryPool
-from nencache.server.shared import SharedRegion, Spot
+from nencache.net.shared import SharedRegion, Spot
 from nencache.server.settings import ServerSettings
 from nencache.store import WarnOnce, leading_run
 from nencache.tiers.base import Tier, TierStats

@@ -2,8 +2,12 @@
 
 Keys are `<key_prefix>:<namespace>:` + the 16-byte chunk key; values are the shared byte format,
 checked (header, key, CRC) on the way back. Chunks over `segment_bytes` (2 MiB) are stored in parts
-under `key`, `key#1`, `key#2`, ... (`nencache.tiers.redis_parts`). `contains_prefix`, `put` and `delete` are one pipelined
-round trip per server; `get` streams pipelined GETs with a few MiB in flight per server. Redis being
+under `key`, `key#1`, `key#2`, ... (`nencache.tiers.redis_parts`). `contains_prefix` and `put` are one
+pipelined round trip per server; `get` streams pipelined GETs with a few MiB in flight per server. These
+three run on the hand-written RESP client (`nencache.tiers.resp`: values sent from and received into
+the caller's buffers), measured at more than 1.2x redis-py with hiredis in benchmarks/RESULTS.md;
+`delete`, `clear`, health probes and the cluster's topology (MOVED/ASK, failover) go through redis-py
+(`nencache.tiers.redis_control`). Redis being
 down, slow or killed never raises: the call is counted as an error, the tier is marked down, and
 until a background probe (exponential backoff, capped at `retry_cap`) reaches Redis again every call
 is an immediate miss (puts are dropped and counted).
@@ -19,12 +23,14 @@ from collections.abc import Callable, Sequence
 
 from nencache.errors import ClosedError, ConfigError, CorruptChunkError, TierError
 from nencache.format import HEADER_SIZE, parse_header, split_blob
+from nencache.net.retry import FIRST_RETRY, Reconnector
+from nencache.net.warn import ThrottledWarning
 from nencache.tiers.base import Distance, TierStats
-from nencache.tiers.retry import FIRST_RETRY, Reconnector, ThrottledWarning
-from nencache.tiers.redis_client import Plan, RedisClient, key_slot
+from nencache.tiers.redis_client import Plan, RedisClient
+from nencache.tiers.redis_control import key_slot
 from nencache.tiers.redis_parts import Assembly, part_count, part_key, split_parts
 from nencache.tiers.redis_url import parse_url
-from nencache.tiers.resp import ProtocolError, Reply, ReplyError
+from nencache.tiers.resp import Reply, ReplyError
 
 __all__ = ["RedisTier", "key_slot"]
 
@@ -185,17 +191,15 @@ class RedisTier:
         if not rkeys or not self._up:
             return
         names = list(rkeys)
-
-        def headers_and_lengths() -> Plan:
-            plan = self._client.plan(rkeys, "GETRANGE", args=[(0, HEADER_SIZE - 1)] * len(rkeys))
-            plan.extend(self._client.plan(rkeys, "STRLEN"), offset=len(rkeys))
-            return plan
-
-        replies: list[Reply] = [None] * (2 * len(rkeys))
-        for [pos], reply in self._run_or_fail(headers_and_lengths) or ():
-            replies[pos] = reply
+        control = self._client.control
+        commands = [("GETRANGE", k, 0, HEADER_SIZE - 1) for k in rkeys] + [("STRLEN", k) for k in rkeys]
+        try:
+            replies = control.pipeline(commands)
+        except _FAILURES as exc:
+            self._failed(exc)
+            return
         for pos, (head, length) in enumerate(zip(replies[: len(rkeys)], replies[len(rkeys) :])):
-            if not isinstance(head, memoryview | bytes) or not isinstance(length, int) or length < HEADER_SIZE:
+            if not isinstance(head, bytes) or not isinstance(length, int) or length < HEADER_SIZE:
                 continue
             try:
                 total = HEADER_SIZE + parse_header(head).payload_len
@@ -205,9 +209,10 @@ class RedisTier:
         self._unlink(names)
 
     def _unlink(self, names: list[bytes]) -> None:
-        for _, reply in self._run_or_fail(lambda: self._client.plan(names, "UNLINK", per_slot=True)) or ():
-            if isinstance(reply, ReplyError):
-                self._reply_error(reply)
+        try:
+            self._client.control.unlink(names)
+        except _FAILURES as exc:
+            self._failed(exc)
 
     def clear(self) -> None:
         """Delete every key of this namespace (SCAN + UNLINK on every server); best effort while down."""
@@ -217,18 +222,10 @@ class RedisTier:
             self._warn(f"clear() skipped: Redis at {self.url} is unreachable; its keys stay until they expire")
             return
         pattern = bytes(b for c in self._prefix for b in (b"\\%c" % c if c in b"*?[]\\" else bytes([c]))) + b"*"
+        control = self._client.control
         try:
-            for address in self._client.servers():
-                cursor = b"0"
-                while True:
-                    reply = self._client.call(address, "SCAN", cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT)
-                    if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], list)):
-                        raise ProtocolError(f"unexpected SCAN reply {reply!r:.80}")
-                    cursor, found = bytes(reply[0]), [bytes(k) for k in reply[1]]  # type: ignore[arg-type]
-                    if found:
-                        self._client.run(self._client.plan(found, "UNLINK", per_slot=True))
-                    if cursor == b"0":
-                        break
+            for found in control.scan(pattern, _SCAN_COUNT):
+                control.unlink(found)
         except _FAILURES as exc:
             self._failed(exc)
 
@@ -306,6 +303,6 @@ class RedisTier:
 
 def _describe(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    if isinstance(exc, ReplyError) and exc.code in ("WRONGPASS", "NOAUTH"):
+    if isinstance(exc, ReplyError) and exc.code in ("WRONGPASS", "NOAUTH"):  # ControlError says so itself
         text += "; check the user and password in the Redis URL"
     return text

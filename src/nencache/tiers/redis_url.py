@@ -21,12 +21,14 @@ from urllib.parse import parse_qsl, unquote
 from nencache.errors import ConfigError
 
 DEFAULT_PORT = 6379
-_SCHEMES: dict[str, tuple[bool, bool]] = {  # scheme -> (tls, cluster)
+_FLAGS: dict[str, tuple[bool, bool]] = {  # scheme -> (tls, cluster); which tier a scheme builds is the assembler's
+
     "redis": (False, False), "valkey": (False, False),
     "rediss": (True, False), "valkeys": (True, False),
     "redis-cluster": (False, True), "valkey-cluster": (False, True),
     "rediss-cluster": (True, True), "valkeys-cluster": (True, True),
 }
+SCHEMES = frozenset([*_FLAGS, "unix"])  # every scheme `parse_url` accepts
 _TLS_OPTIONS = {"ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"}
 _CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 
@@ -71,8 +73,8 @@ def parse_url(url: str) -> RedisTarget:
     """Parse a Redis/Valkey URL; raise `ConfigError` saying what is wrong with it."""
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
-    if not sep or (scheme not in _SCHEMES and scheme != "unix"):
-        known = ", ".join(f"{s}://" for s in [*_SCHEMES, "unix"])
+    if not sep or scheme not in SCHEMES:
+        known = ", ".join(f"{s}://" for s in sorted(SCHEMES))
         raise ConfigError(f"unsupported Redis URL {_redact(url)!r}; use one of {known}")
     rest = rest.partition("#")[0]
     rest, _, query = rest.partition("?")
@@ -85,7 +87,7 @@ def parse_url(url: str) -> RedisTarget:
         nodes: tuple[Address, ...] = (unquote(location),)
         tls, cluster, db_text = False, False, options.pop("db", "0")
     else:
-        tls, cluster = _SCHEMES[scheme]
+        tls, cluster = _FLAGS[scheme]
         hosts, _, path = location.partition("/")
         db_text = options.pop("db", path or "0")
         nodes = tuple(_host_port(h, url) for h in hosts.split(","))

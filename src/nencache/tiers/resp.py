@@ -1,9 +1,10 @@
-"""A small RESP2 client for the Redis tier: connections, pipelined commands, bulk values without extra copies.
+"""A small RESP2 client for the Redis tier's bulk path: pipelined GET/SET/EXISTS, values without extra copies.
 
 Large values are sent straight from the caller's buffers (`sendmsg`) and received straight into their
 final buffers (`recv_into`); every socket operation has a timeout. Error replies inside a pipeline come
 back as `ReplyError` objects in place; transport failures raise `OSError` (`ConnectionError`,
-`TimeoutError`, `ssl.SSLError`, `ProtocolError`).
+`TimeoutError`, `ssl.SSLError`, `ProtocolError`). Everything else (topology, control commands)
+uses redis-py; see `nencache.tiers.redis_control` and benchmarks/RESULTS.md for why this one stays.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import Self, TypeAlias
 
-from nencache.tiers.buffers import BufferPool
+from nencache.net.buffers import BufferPool
 from nencache.tiers.redis_url import Address, RedisTarget
 
 Arg: TypeAlias = "bytes | bytearray | memoryview | str | int"
@@ -27,7 +28,7 @@ _READ_BUF = 1 << 18
 _MAX_BULK = 1 << 33
 _MAX_ARRAY = 1 << 24
 _IOV_MAX = 512
-RECV_BUFFERS = BufferPool(128 << 20)  # large values land in reused memory (see nencache.tiers.buffers)
+RECV_BUFFERS = BufferPool(128 << 20)  # large values land in reused memory (see nencache.net.buffers)
 
 
 class ReplyError(Exception):

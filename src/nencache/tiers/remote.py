@@ -10,7 +10,7 @@ checksum.
 
 When the server runs on this machine and shares its pool (`server_shared_memory`), `get` maps that
 pool read-only and copies chunks straight out of it after one LOCATE round trip, instead of
-receiving them over the socket (see `nencache.server.shared`). Chunks that went stale during the
+receiving them over the socket (see `nencache.net.shared`). Chunks that went stale during the
 copy, or that the server holds only on disk, are then fetched with GET as usual.
 """
 
@@ -24,15 +24,16 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from nencache.errors import ClosedError, ConfigError, TierError
-from nencache.server.protocol import KEY_SIZE, Op, ProtocolError, check_namespace, pack_keyed_meta
-from nencache.server.requests import count_present, fetch, locate
-from nencache.server.shared import MappedRegion, Spot
-from nencache.server.wire import (
+from nencache.net.buffers import BufferPool
+from nencache.net.protocol import KEY_SIZE, Op, ProtocolError, check_namespace, pack_keyed_meta
+from nencache.net.requests import count_present, fetch, locate
+from nencache.net.retry import Reconnector
+from nencache.net.shared import MappedRegion, Spot
+from nencache.net.warn import ThrottledWarning
+from nencache.net.wire import (
     ErrorReply, Reply, WireConnection, blob_ok, describe_failure, parse_url, split_items, split_keys, token_bytes,
 )
 from nencache.tiers.base import Distance, TierStats
-from nencache.tiers.buffers import BufferPool
-from nencache.tiers.retry import Reconnector, ThrottledWarning
 
 log = logging.getLogger("nencache.server")
 Blob = bytes | bytearray | memoryview

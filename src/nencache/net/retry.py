@@ -1,9 +1,7 @@
-"""Living with a flaky endpoint: `Reconnector` probes it with backoff, `ThrottledWarning` keeps logs quiet."""
+"""Living with a flaky endpoint: `Reconnector` probes it with exponential backoff until it answers again."""
 
 from __future__ import annotations
 
-import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -50,20 +48,3 @@ class Reconnector:
             with self._lock:
                 if self._thread is threading.current_thread():
                     self._thread = None
-
-
-class ThrottledWarning:
-    """Logs a warning at most once per `every` seconds; the ones in between go to debug."""
-
-    def __init__(self, log: logging.Logger, every: float = 60.0) -> None:
-        self._log, self._every = log, every
-        self._last = -math.inf
-        self._lock = threading.Lock()
-
-    def __call__(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            loud = now - self._last >= self._every
-            if loud:
-                self._last = now
-        (self._log.warning if loud else self._log.debug)(message, *args)

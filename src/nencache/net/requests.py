@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from nencache.server.protocol import NONCE_SIZE, SPOT, UNPLACED, Op, pack_keyed_meta
-from nencache.server.shared import Spot
-from nencache.server.wire import ErrorReply, Reply, WireConnection, split_keys
+from nencache.net.protocol import NONCE_SIZE, SPOT, UNPLACED, Op, pack_keyed_meta
+from nencache.net.shared import Spot
+from nencache.net.wire import ErrorReply, Reply, WireConnection, split_keys
 
 
 def count_present(conn: WireConnection, namespace: bytes, keys: Sequence[bytes]) -> int:

@@ -10,10 +10,10 @@ import pytest
 
 from nencache.config import CacheConfig
 from nencache.errors import ConfigError, TierError
-from nencache.server.client import ServerTier
 from nencache.server.server import BackgroundServer
 from nencache.assemble import remote_tier
-from tests.server.conftest import small_settings
+from nencache.tiers.remote import ServerTier
+from tests.server.conftest import local_server, small_settings  # noqa: F401  (the in-process server)
 from tests.tiers.contract import TierContract, make_blob, make_key
 
 

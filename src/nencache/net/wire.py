@@ -20,14 +20,15 @@ from urllib.parse import parse_qsl, urlsplit
 from nencache.errors import ConfigError, CorruptChunkError
 from nencache.format import HEADER_SIZE as CHUNK_HEADER_SIZE
 from nencache.format import NO_KEY, parse_header
-from nencache.server.protocol import (
+from nencache.net.buffers import BufferPool
+from nencache.net.protocol import (
     HEADER_SIZE, MAX_MESSAGE, MAX_TOKEN, NONCE_SIZE, SPOT, Code, Flag, Frame, Limits, Op, ProtocolError,
     unpack_header, unpack_lengths,
 )
-from nencache.tiers.buffers import BufferPool
 
 Buffer = bytes | bytearray | memoryview
 DEFAULT_PORT = 5870
+SCHEMES = frozenset({"nencache", "nencaches"})  # every scheme `parse_url` accepts (nencaches: TLS)
 _MAX_SMALL_BODY = 16 << 20  # STATS / hello replies
 _MIN_RATE = 50e6  # bytes/s a transfer may not fall below before its deadline passes
 _IOV_MAX = 512
@@ -49,7 +50,7 @@ def parse_url(url: str) -> Target:
     """`nencache://host[:port]` or `nencaches://host[:port][?ca=/path/ca.pem]` (TLS)."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme not in ("nencache", "nencaches"):
+    if scheme not in SCHEMES:
         raise ConfigError(f"remote_url {url!r}: a NenCache server URL looks like nencache://127.0.0.1:5870")
     try:
         port = parts.port or DEFAULT_PORT

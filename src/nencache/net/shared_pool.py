@@ -1,6 +1,6 @@
 """Shared-memory reads between peers on one machine (`p2p_shared_memory`).
 
-A cache with `enable_p2p` keeps its pool in a `SharedRegion` (a memfd, `nencache.server.shared`):
+A cache with `enable_p2p` keeps its pool in a `SharedRegion` (a memfd, `nencache.net.shared`):
 the same region a `nencache serve` shares with its clients. A peer on the same machine maps it
 read-only (SHARED, once per peer), asks where chunks sit (LOCATE, one round trip) and copies them out
 (one memory copy per chunk, no socket transfer), checking each page's generation after the copy: a
@@ -19,12 +19,12 @@ import os
 import stat
 from collections.abc import Sequence
 
+from nencache.net.buffers import BufferPool
+from nencache.net.protocol import Op
+from nencache.net.requests import locate
+from nencache.net.shared import MappedRegion, SharedRegion, Spot
+from nencache.net.wire import ErrorReply, WireConnection
 from nencache.pool import MemoryPool, cuda_pinning_available
-from nencache.server.protocol import Op
-from nencache.server.requests import locate
-from nencache.server.shared import MappedRegion, SharedRegion, Spot
-from nencache.server.wire import ErrorReply, WireConnection
-from nencache.tiers.buffers import BufferPool
 
 log = logging.getLogger("nencache.p2p")
 Blob = bytes | bytearray | memoryview
