@@ -130,3 +130,18 @@ def test_without_requests_reported_it_falls_back_to_least_recently_used(context)
         tier.commit_page(key, tier.reserve_page(0), 0, 4)
         assert "a" in tier or key == "f"
     assert "b" not in tier and "c" not in tier and "a" not in tier and set("def") <= {k for k, _ in tier._index.items()}
+
+
+def test_ranking_after_the_held_chunks_shrink_evicts_the_orphan(context) -> None:
+    """A chunk whose parent left since the last ranking is ranked first (it cannot hit without it), even
+    though the parent's remembered position lies past the end of the smaller set."""
+    ctx, _ = context
+    policy = LearnedPolicy(ctx.history, ctx.model)
+    tier = MemoryTier(MemoryPool(12, 1, pin_memory=False), policy=policy)
+    chain = [("k", i) for i in range(10)]
+    ctx.history.observe(chain, [4] * 10)
+    for key in chain:
+        tier.commit_page(key, tier.reserve_page(0), 0, 4)
+    assert policy.victim(lambda key: True) is not None  # ranks all ten
+    tier.delete(chain[:8])
+    assert policy.victim(lambda key: key != chain[9]) == chain[8]  # ranks again, over two

@@ -160,7 +160,7 @@ class LearnedPolicy:
             position = self._position = np.zeros(self.history.size, dtype=np.int64)
         position[slots] = np.arange(len(slots))
         parents = self.history.parent[slots]
-        up = position[np.maximum(parents, 0)]
+        up = np.minimum(position[np.maximum(parents, 0)], len(slots) - 1)  # a stale position may lie past the end
         held = (parents >= 0) & (slots[up] == parents)  # the parent is among the held chunks
         scores = np.where(held, np.maximum(scores, scores[up]), scores)
         scores += DEPTH_TIEBREAK * self.history.depth[slots]
