@@ -18,7 +18,8 @@ from nencache.format import HEADER_SIZE
 from nencache.layout import KVLayout
 from nencache.policy.base import EvictionPolicy
 from nencache.pool import MemoryPool
-from nencache.store import Store, WarnOnce
+from nencache.net.warn import WarnOnce
+from nencache.store import Store
 from nencache.tiers.base import Tier
 from nencache.tiers.memory import MemoryTier, raw_page_bytes
 from nencache.writer import Drop, LowerTier, WritePolicy

@@ -35,6 +35,7 @@ from nencache.layout import KVLayout
 from nencache.tiers.base import Tier
 from nencache.tiers.memory import ChunkLease, MemoryTier
 from nencache.writer import LowerTier, TierSink, WriteBehind, WritePolicy
+from nencache.net.warn import WarnOnce
 
 log = logging.getLogger("nencache")
 T = TypeVar("T")
@@ -56,22 +57,6 @@ def leading_run(total: int, sources: Sequence[Callable[[int], int]]) -> int:
         else:
             break
     return found
-
-
-class WarnOnce:
-    """Logs each topic's first message only: a failing tier is reported once, not once per call."""
-
-    def __init__(self, logger: logging.Logger = log) -> None:
-        self._log = logger
-        self._seen: set[str] = set()
-        self._lock = threading.Lock()
-
-    def __call__(self, topic: str, message: str) -> None:
-        with self._lock:
-            if topic in self._seen:
-                return
-            self._seen.add(topic)
-        self._log.warning(message)
 
 
 @dataclass(slots=True)
@@ -109,7 +94,7 @@ class Store:
         self.lower = sorted(lower, key=lambda one: one.tier.distance)
         self.keep_in_memory = keep_in_memory
         self.io_threads = io_threads
-        self.warn = warn or WarnOnce()
+        self.warn = warn or WarnOnce(log)
         self._lock = threading.Lock()
         self._counts = StoreCounters()
         self._per_tier: dict[str, StoreCounters] = {one.tier.name: StoreCounters() for one in self.lower}

@@ -36,7 +36,8 @@ from nencache.format import HEADER_SIZE, NO_KEY, parse_header
 from nencache.pool import MemoryPool
 from nencache.net.shared import SharedRegion, Spot
 from nencache.server.settings import ServerSettings
-from nencache.store import WarnOnce, leading_run
+from nencache.net.warn import WarnOnce
+from nencache.store import leading_run
 from nencache.tiers.base import Tier, TierStats
 from nencache.tiers.memory import ChunkLease, MemoryTier
 from nencache.writer import Drop, TierWrite, WriteBehind, WritePolicy, write_each

@@ -31,6 +31,7 @@ from nencache.integrations.vllm.lookup import PinBook
 from nencache.integrations.vllm.paged import PagedKV, blocks_of, slot_mapping
 from nencache.integrations.vllm.scheduler import RequestWork, StepPlan
 from nencache.keys import chunk_spans, salted
+from nencache.net.warn import WarnOnce
 from nencache.pinned import PinnedPrefix
 
 log = logging.getLogger("nencache.vllm")
@@ -98,7 +99,7 @@ class ConnectorWorker:
         self._events: list[StoredRun] = []
         self._staging: torch.Tensor | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nencache-load") if async_load else None
-        self._warned: set[str] = set()
+        self._warn = WarnOnce(log)
 
     # --- vLLM: start_load_kv ------------------------------------------------------------------------
     def start_load(self, plan: StepPlan) -> None:
@@ -271,9 +272,3 @@ class ConnectorWorker:
         with self._lock:
             self._inflight.pop(req_id, None)
             self._done.add(req_id)
-
-    def _warn(self, topic: str, message: str) -> None:
-        with self._lock:
-            first = topic not in self._warned
-            self._warned.add(topic)
-        (log.warning if first else log.debug)(message)
