@@ -51,7 +51,7 @@ class _Wrapper:
 
     @property
     def name(self) -> str:
-        return self.prefix if isinstance(self.inner, RawCodec) else f"{self.prefix}+{self.inner.name}"
+        return self.prefix if self.inner.zero_copy else f"{self.prefix}+{self.inner.name}"  # raw inside: just "zstd"
 
     @property
     def codec_id(self) -> int:
@@ -90,7 +90,7 @@ class _Wrapper:
 
     def decode_payload(self, header: ChunkHeader, payload: memoryview) -> torch.Tensor:
         """Decode an unwrapped payload with the inner codec."""
-        if isinstance(self.inner, RawCodec):
+        if self.inner.zero_copy:  # raw bytes inside
             return _raw_payload(header, payload)
         decode = getattr(self.inner, "decode_payload", None)
         if decode is None:  # a codec from elsewhere: hand it a whole blob
