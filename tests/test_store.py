@@ -12,9 +12,10 @@ from nencache.codecs import RawCodec
 from nencache.layout import KVLayout
 from nencache.pool import MemoryPool
 from nencache.store import Store, Want, leading_run
-from nencache.tiers.base import Distance, TierStats
+from nencache.tiers.base import Distance
 from nencache.tiers.memory import MemoryTier, raw_page_bytes
 from nencache.writer import Drop, LowerTier, WritePolicy
+from tests.dict_tier import DictTier
 
 LAYOUT = KVLayout(2, 2, 8, torch.float16)
 TOKENS = 4
@@ -26,53 +27,6 @@ def chunk(seed: int) -> torch.Tensor:
 
 def key(i: int) -> bytes:
     return i.to_bytes(16, "little")
-
-
-class DictTier:
-    """A byte tier in a dict; `broken` makes every call raise; `publish_only`/`distance` as given."""
-
-    checks_payload = False
-
-    def __init__(self, name: str, distance: Distance = Distance.LOCAL, publish_only: bool = False) -> None:
-        self.name, self.distance, self.publish_only = name, distance, publish_only
-        self.blobs: dict[bytes, bytes] = {}
-        self.broken = False
-        self.puts: list[list[tuple[bytes, bytes]]] = []
-
-    def _check(self) -> None:
-        if self.broken:
-            raise ConnectionError(f"{self.name} is down")
-
-    def contains_prefix(self, keys):
-        self._check()
-        return next((i for i, k in enumerate(keys) if k not in self.blobs), len(keys))
-
-    def get(self, keys):
-        self._check()
-        return [self.blobs.get(k) for k in keys]
-
-    def put(self, items):
-        self._check()
-        items = [(k, bytes(v)) for k, v in items]
-        self.puts.append(items)
-        self.blobs.update(items)
-
-    def delete(self, keys):
-        self._check()
-        for k in keys:
-            self.blobs.pop(k, None)
-
-    def clear(self):
-        self.blobs.clear()
-
-    def flush(self):
-        self._check()
-
-    def stats(self):
-        return TierStats()
-
-    def close(self):
-        pass
 
 
 def make_store(*tiers: DictTier, pages: int = 16, policy: WritePolicy | None = WritePolicy()) -> Store:

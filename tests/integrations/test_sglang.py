@@ -14,54 +14,10 @@ from nencache import CacheConfig, KVLayout
 from nencache.errors import LayoutError
 from nencache.integrations.page_store import PageStore, page_namespace
 from nencache.integrations.sglang.metrics import TransferLog
-from nencache.tiers.base import Distance, TierStats
+from nencache.tiers.base import Distance
+from tests.dict_tier import DictTier
 
 LAYOUT, PAGE = KVLayout(3, 2, 8, torch.bfloat16), 4
-
-
-class DictTier:
-    """A byte tier in a dict that can be made to fail (a NenCache `Tier`; nothing of SGLang's)."""
-
-    name = "dict"
-    checks_payload = False
-    publish_only = False
-    distance = Distance.REMOTE
-
-    def __init__(self) -> None:
-        self.blobs: dict[bytes, bytes] = {}
-        self.broken = False
-
-    def _check(self) -> None:
-        if self.broken:
-            raise ConnectionError("tier down")
-
-    def contains_prefix(self, keys):
-        self._check()
-        return next((i for i, k in enumerate(keys) if k not in self.blobs), len(keys))
-
-    def get(self, keys):
-        self._check()
-        return [self.blobs.get(k) for k in keys]
-
-    def put(self, items):
-        self._check()
-        self.blobs.update((k, bytes(v)) for k, v in items)
-
-    def delete(self, keys):
-        for key in keys:
-            self.blobs.pop(key, None)
-
-    def clear(self):
-        self.blobs.clear()
-
-    def flush(self):
-        pass
-
-    def stats(self):
-        return TierStats()
-
-    def close(self):
-        pass
 
 
 def make_store(config: CacheConfig, lower=None) -> PageStore:
@@ -75,7 +31,7 @@ def pages(count: int) -> list[torch.Tensor]:
 
 
 def test_lower_tier_serves_and_promotes_and_failures_are_misses() -> None:
-    lower = DictTier()
+    lower = DictTier("dict", Distance.REMOTE)
     store = make_store(CacheConfig(cpu_size="1MiB"), lower=[(lower, "raw")])
     sent = pages(2)
     assert store.put(["a", "b"], sent) == [True, True] and store.flush(10) and len(lower.blobs) == 2
