@@ -32,13 +32,15 @@ def test_tiers_measures_each_tier_beside_this_machines_limit(bench_context: Benc
 def test_latency_checks_the_cpu_and_disk_targets_per_tier(bench_context: BenchContext) -> None:
     require_redis()
     result = latency.run(bench_context)
-    assert {"CPU memory tier (read_into)", "disk tier, from the device", "Redis", "server, shared pool"} <= set(
-        result.figures)
+    assert {"CPU memory tier (read_into)", "CPU memory tier, back to back (read_into)", "disk tier, from the device",
+            "Redis", "server, shared pool"} <= set(result.figures)
     for name, figure in result.figures.items():
         assert len(figure["samples_us"]) == bench_context.scale.samples
         assert 0 < figure["p50_us"] <= figure["p99_us"], name
     goals = {target.name: target for target in result.targets}
-    assert goals["CPU tier access (8 KiB chunk)"].goal == "p50 < 10 us"
+    cpu = goals["CPU tier access (8 KiB chunk)"]
+    assert cpu.goal == "p50 < 10 us" and "back to back: p50 " in cpu.measured
+    assert cpu.met == (result.figures["CPU memory tier (read_into)"]["p50_us"] < 10)  # judged on the interleaved reads
     assert all(target.met is not None for target in result.targets)
 
 

@@ -2,8 +2,11 @@
 
 The chunk is 16 tokens of a small model's KV (2 layers x 1 KV head x 64, bf16: 8 KiB). Samples are
 interleaved: each round reads the chunk once from every tier in turn.
-- CPU memory tier: `MemoryTier.read_into` (lease, copy out, release). Target p50 < 10 us. Beside it,
-  `KVCache.retrieve` of the same tokens (key hashing and the pool lookup included).
+- CPU memory tier: `MemoryTier.read_into` (lease, copy out, release). Target p50 < 10 us, judged on
+  the interleaved samples: each follows the other tiers' calls, which leave the CPU's caches cold for
+  this one (as an engine's forward pass does between two retrieves). Beside it, the same read back to
+  back (warm caches, the figure microbenchmarks usually give), and `KVCache.retrieve` of the same
+  tokens (key hashing and the pool lookup included).
 - disk tier: `DiskTier.get` with the chunk's file evicted from the page cache first (posix_fadvise),
   so every read comes from the device. Target p50 < 100 us on NVMe, < 1 ms on other disks. Beside
   it, the same read from the page cache.
@@ -101,6 +104,8 @@ def run(ctx: BenchContext) -> SuiteResult:
         tier.put(blobs)
         probes[label] = lambda tier=tier: _timed(lambda: tier.get([disk_key]))
     try:
+        read_warm = probes["CPU memory tier (read_into)"]
+        warm = [read_warm() for _ in range(ctx.scale.samples + 5)][5:]
         ctx.progress.step(f"{ctx.scale.samples} rounds over {len(probes)} tiers")
         for probe in probes.values():  # warm-up: connections, buffers, first-call costs
             for _ in range(5):
@@ -111,15 +116,19 @@ def run(ctx: BenchContext) -> SuiteResult:
     finally:
         for close in reversed(closers):
             close()
+    rows = list(samples.items())
+    samples = dict(rows[:1] + [("CPU memory tier, back to back (read_into)", warm)] + rows[1:])
     table = Table(["tier", "p50 us", "p99 us", "target"], [])
     p50s, p99s = Series("p50", [], []), Series("p99", [], [])
     for label, values in samples.items():
         p50, p99 = percentile(values, 0.5) * 1e6, percentile(values, 0.99) * 1e6
         goal = ""
-        if label.startswith("CPU memory tier"):
+        if label == "CPU memory tier (read_into)":
             goal = f"p50 < {CPU_TARGET_US:g} us"
-            result.targets.append(TargetCheck("CPU tier access (8 KiB chunk)", goal, f"p50 {p50:.1f} us, p99 {p99:.1f} us",
-                                              p50 < CPU_TARGET_US))
+            warm_p50 = percentile(warm, 0.5) * 1e6
+            result.targets.append(TargetCheck("CPU tier access (8 KiB chunk)", goal,
+                                              f"p50 {p50:.1f} us, p99 {p99:.1f} us (back to back: p50 {warm_p50:.1f} us)",
+                                              p50 < CPU_TARGET_US, "judged on the interleaved reads (cold caches)"))
         elif label == "disk tier, from the device":
             goal = f"p50 < {disk_target:g} us ({disk_label})"
             result.targets.append(TargetCheck(f"{disk_label} tier access (8 KiB chunk)", goal,
