@@ -12,8 +12,8 @@ header names; a layer may put a scope in front of it (the server: its namespace)
   and writes it to every lower tier; its `WritePolicy` decides what happens when pending writes pin
   the whole pool.
 - Blobs: a store of chunks it never decodes (no layout; the server's) receives each chunk's bytes
-  straight into a pool page (`reserve_page`, `commit_page`), writes that page below as it is, and
-  reads lower tiers with `fetch_blobs`: checked and promoted as bytes.
+  straight into a pool page (`reserve_page`, `commit_page`), writes that page as it is to lower tiers
+  declared without a codec, and reads lower tiers with `fetch_blobs`: checked and promoted as bytes.
 - Guard: a lower tier that raises, or serves a corrupt chunk, is counted (per tier, here and only
   here), logged once, and treated as a miss. The caller recomputes: slower, never wrong.
 
@@ -294,9 +294,9 @@ class Store:
         for the lower tiers (pinned from the moment it is indexed). False, the page given back, when its
         first `nbytes` are not a whole chunk stored under `key` (header, length, key; the payload checksum is
         left to whoever decodes it). A key already held keeps its chunk; that is still True."""
+        received = memoryview(as_numpy(self.memory.pool.page(page)))[:nbytes]
         try:
-            header, _ = split_blob(memoryview(as_numpy(self.memory.pool.page(page)))[:nbytes], expected_key=key[-KEY_SIZE:],
-                                   verify=False)
+            header, _ = split_blob(received, expected_key=key[-KEY_SIZE:], verify=False)
         except CorruptChunkError:
             self.memory.pool.release(page)
             return False
