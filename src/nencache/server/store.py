@@ -71,8 +71,8 @@ class ChunkStore:
         self.disks = (NamespaceDisks(settings.disk_path, settings.disk_bytes, io_threads=min(2, settings.io_threads))
                       if settings.disk_path else None)
         self.disk_root = self.disks.root if self.disks is not None else None
-        self.store = Store(self.memory, [LowerTier(self.disks, None)] if self.disks is not None else [],
-                           policy=WritePolicy(0.0, Drop(settings.disk_drop)), warn=WarnOnce(log))
+        self.core = Store(self.memory, [LowerTier(self.disks, None)] if self.disks is not None else [],
+                          policy=WritePolicy(0.0, Drop(settings.disk_drop)), warn=WarnOnce(log))
 
     # --- namespaces --------------------------------------------------------------------------
     def known(self, name: bytes) -> Namespace | None:
@@ -120,7 +120,7 @@ class ChunkStore:
         composite = [space.prefix + k for k in keys]
         if space.disk is None or not disk:
             return self.memory.contains_prefix(composite)
-        return self.store.contains_prefix(composite)
+        return self.core.contains_prefix(composite)
 
     def present(self, space: Namespace, keys: Sequence[bytes]) -> list[bool]:
         """Which of `keys` memory holds now, nothing pinned; a memory miss is counted for each one it does not
@@ -162,7 +162,7 @@ class ChunkStore:
         if space.disk is None or not keys:
             return [None] * len(keys)
         composite = [space.prefix + k for k in keys]
-        blobs = self.store.fetch_blobs(composite)
+        blobs = self.core.fetch_blobs(composite)
         self._remember(space, [k for k, blob in zip(composite, blobs) if blob is not None])
         return blobs
 
@@ -172,7 +172,7 @@ class ChunkStore:
 
         A pool pinned by pending disk writes gets a page back from the write-behind's policy, at once.
         """
-        page = self.store.reserve_page(nbytes, self.store.deadline())
+        page = self.core.reserve_page(nbytes, self.core.deadline())
         start = page * self.pool.page_bytes
         return page, self._bytes[start : start + nbytes]
 
@@ -185,7 +185,7 @@ class ChunkStore:
         With a disk tier the chunk is queued for it, pinned from the moment it is indexed; this never waits.
         """
         composite = space.prefix + key
-        if not self.store.commit_page(composite, page, nbytes, self.store.deadline()):
+        if not self.core.commit_page(composite, page, nbytes, self.core.deadline()):
             return False
         self._remember(space, [composite])
         return True
@@ -195,35 +195,35 @@ class ChunkStore:
         composite = [space.prefix + k for k in keys]
         with self._lock:
             space.keys.difference_update(composite)
-        self.store.delete(composite)
+        self.core.delete(composite)
 
     def clear(self, space: Namespace) -> None:
         """Forget everything of one namespace. Blocking when there is a disk tier."""
         with self._lock:
             keys, space.keys = list(space.keys), set()
         disks = self.disks
-        self.store.delete(keys, below=None if disks is None else lambda _: disks.clear_namespace(space.prefix))
+        self.core.delete(keys, below=None if disks is None else lambda _: disks.clear_namespace(space.prefix))
 
     # --- lifecycle and stats -------------------------------------------------------------------
     def flush(self) -> None:
         """Write everything queued to disk and make it durable. Blocking."""
-        self.store.flush()
+        self.core.flush()
 
     def close(self) -> None:
-        self.store.close()
+        self.core.close()
         if self.region is not None:
             self.region.close()
 
     def stats(self) -> dict[str, Any]:
-        tiers = self.store.tier_stats()
+        tiers = self.core.tier_stats()
         data: dict[str, Any] = {"memory": tiers["memory"]}
         data["pool"] = {"capacity_bytes": self.pool.capacity_bytes, "page_bytes": self.pool.page_bytes,
                         "pages": self.pool.num_pages, "free_pages": self.pool.free_pages}
         data["namespaces"] = len(self._namespaces)
         if self.disks is not None:
             data["disk"] = tiers[self.disks.name] | {"path": str(self.disks.root), "namespaces": len(self.disks)}
-        if self.store.writer is not None:
-            counts = self.store.writer.counts()
+        if self.core.writer is not None:
+            counts = self.core.writer.counts()
             data["disk_writer"] = {"pending": counts.pending, "queued": counts.submitted, "written": counts.written,
                                    "dropped": counts.dropped, "errors": counts.failed}
         return data
