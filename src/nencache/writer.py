@@ -327,4 +327,3 @@ class TierSink:
         if codec is None or (codec.zero_copy and not lease.entry.is_blob):
             return lease.blob()
         return codec.encode(lease.tensor(), lease.key)
-
