@@ -1,14 +1,19 @@
 """The one chunk store: leading runs across tiers, fetch/check/decode/promote, the write-behind and the
-guard (failures and corrupt chunks counted per tier, warned once, treated as misses)."""
+guard (failures and corrupt chunks counted per tier, warned once, treated as misses), and its blob path
+(pages received in place, written below and fetched back as bytes, never decoded)."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
+import numpy as np
+import pytest
 import torch
 
 from nencache.codecs import RawCodec
+from nencache.errors import PoolExhaustedError
 from nencache.layout import KVLayout
 from nencache.pool import MemoryPool
 from nencache.store import Store, Want, leading_run
@@ -16,6 +21,7 @@ from nencache.tiers.base import Distance
 from nencache.tiers.memory import MemoryTier, raw_page_bytes
 from nencache.writer import Drop, LowerTier, WritePolicy
 from tests.dict_tier import DictTier
+from tests.tiers.contract import make_blob, make_key
 
 LAYOUT = KVLayout(2, 2, 8, torch.float16)
 TOKENS = 4
@@ -148,4 +154,108 @@ def test_pin_promotes_and_pins_the_leading_run() -> None:
     assert [lease.key for lease in leases] == [key(0), key(1)]
     for lease in leases:
         lease.release()
+    store.close()
+
+
+# --- the blob path: chunks the store never decodes (the server's) -----------------------------------------
+SCOPE = b"\x02ns"  # a layer's scope in front of the 16-byte chunk key, as the server's namespaces are
+
+
+def blob_store(tier: DictTier, pages: int = 4, drop: Drop = Drop.OLDEST) -> Store:
+    memory = MemoryTier(MemoryPool(pages * 4096, 4096))  # no layout: nothing here could decode a chunk
+    return Store(memory, [LowerTier(tier, None)], policy=WritePolicy(0.0, drop))
+
+
+def receive(store: Store, scoped_key: bytes, blob: bytes) -> bool:
+    """A chunk received straight into a pool page, as the server receives a PUT body."""
+    page = store.reserve_page(len(blob), store.deadline())
+    store.memory.pool.page(page)[: len(blob)].numpy()[:] = np.frombuffer(blob, dtype=np.uint8)
+    return store.commit_page(scoped_key, page, len(blob), store.deadline())
+
+
+def test_committed_pages_are_written_below_as_they_are_and_commit_never_waits_on_a_stalled_tier() -> None:
+    disk, gate = DictTier("disk"), threading.Event()
+    real_put = disk.put
+    disk.put = lambda items: (gate.wait(30), real_put(items))[1]  # type: ignore[method-assign]
+    store = blob_store(disk, pages=4)
+    blobs = {SCOPE + make_key(i): make_blob(make_key(i), seed=i) for i in range(10)}
+    started = time.perf_counter()
+    assert all(receive(store, k, b) for k, b in blobs.items())  # 10 chunks into 4 pages, nothing written yet
+    assert time.perf_counter() - started < 5.0  # far under the tier's 30 s stall: nobody waited for it
+    assert store.write_stats()["write_dropped"] >= 1  # the oldest pending writes were given up for room
+    gate.set()
+    assert store.flush(10) is False  # and that is said
+    assert disk.blobs and all(disk.blobs[k] == blobs[k] for k in disk.blobs)  # byte for byte, never re-encoded
+    assert SCOPE + make_key(9) in disk.blobs and SCOPE + make_key(9) in store.memory
+    store.close()
+
+
+def test_a_full_pool_refuses_the_new_chunk_at_once_under_drop_newest() -> None:
+    disk, gate = DictTier("disk"), threading.Event()
+    real_put = disk.put
+    disk.put = lambda items: (gate.wait(30), real_put(items))[1]  # type: ignore[method-assign]
+    store = blob_store(disk, pages=2, drop=Drop.NEWEST)
+    for i in range(2):
+        assert receive(store, SCOPE + make_key(i), make_blob(make_key(i)))
+    started = time.perf_counter()
+    with pytest.raises(PoolExhaustedError):
+        store.reserve_page(1000, store.deadline())
+    assert time.perf_counter() - started < 5.0
+    gate.set()
+    assert store.flush(10) and len(disk.blobs) == 2
+    store.close()
+
+
+def test_commit_page_refuses_a_page_that_is_not_a_whole_chunk_under_its_key() -> None:
+    store = blob_store(DictTier("disk"))
+    free = store.memory.pool.free_pages
+    blob = make_blob(make_key(1))
+    assert not receive(store, SCOPE + make_key(2), blob)  # stamped with another key
+    assert not receive(store, SCOPE + make_key(1), blob[:-1])  # one byte short of its header's length
+    assert not receive(store, SCOPE + make_key(1), b"\0" * len(blob))  # no header at all
+    assert store.memory.pool.free_pages == free and len(store.memory) == 0  # every page given back
+    assert store.flush(10) and store.write_stats()["written_chunks"] == 0
+    store.close()
+
+
+def test_fetch_blobs_promotes_bytes_and_a_failing_tier_is_a_counted_miss_warned_once(caplog) -> None:
+    disk = DictTier("disk")
+    store = blob_store(disk)
+    found, absent = SCOPE + make_key(1), SCOPE + make_key(2)
+    disk.blobs[found] = make_blob(make_key(1))
+    got = store.fetch_blobs([found, absent])
+    assert bytes(got[0]) == disk.blobs[found] and got[1] is None  # type: ignore[arg-type]
+    lease = store.memory.lease(found)  # promoted as the bytes it is
+    assert lease is not None and bytes(lease.blob()) == disk.blobs[found]
+    lease.release()
+    assert store.counters()["lower_hits"] == 1
+    store.memory.clear()
+    disk.broken = True
+    with caplog.at_level(logging.WARNING, logger="nencache"):
+        assert store.fetch_blobs([found]) == [None] and store.fetch_blobs([found]) == [None]
+    assert sum("tier disk failed" in r.message for r in caplog.records) == 1
+    assert store.tier_stats()["disk"]["errors"] == 2 and found not in store.memory
+    store.close()
+
+
+def test_fetch_blobs_drops_a_corrupt_or_misplaced_blob_and_counts_it() -> None:
+    disk = DictTier("disk")  # checks no payload itself: the store does
+    store = blob_store(disk)
+    damaged = bytearray(make_blob(make_key(1)))
+    damaged[-1] ^= 0xFF
+    disk.blobs[SCOPE + make_key(1)] = bytes(damaged)
+    disk.blobs[SCOPE + make_key(2)] = make_blob(make_key(3))  # a value stored under another key
+    assert store.fetch_blobs([SCOPE + make_key(1), SCOPE + make_key(2)]) == [None, None]
+    assert not disk.blobs and len(store.memory) == 0
+    assert store.tier_stats()["disk"]["corrupt"] == 2 and store.counters()["lower_hits"] == 0
+    store.close()
+
+
+def test_delete_can_ask_the_lower_tiers_for_something_else() -> None:
+    disk = DictTier("disk")
+    store = blob_store(disk)
+    receive(store, SCOPE + make_key(1), make_blob(make_key(1)))
+    disk.blobs[SCOPE + make_key(5)] = make_blob(make_key(5))  # only below
+    store.delete([SCOPE + make_key(1)], below=lambda tier: tier.clear())  # drains the write first
+    assert len(store.memory) == 0 and not disk.blobs
     store.close()

@@ -1,5 +1,5 @@
 """The one write-behind: its policy is a parameter (backpressure then a drop, or a drop at once), every
-chunk given up or not taken is counted, and `write_each` sends each chunk to the tier it names."""
+chunk given up or not taken is counted, and its sink writes a chunk that is an opaque blob as it is."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import pytest
 
 from nencache.errors import ConfigError
 from nencache.tiers.base import Distance, TierStats
-from nencache.writer import Drop, WriteBehind, WritePolicy, write_each
+from nencache.pool import MemoryPool
+from nencache.tiers.memory import MemoryTier
+from nencache.writer import Drop, LowerTier, TierSink, WriteBehind, WritePolicy
+from tests.tiers.contract import make_blob, make_key
 
 
 class Item:
@@ -111,16 +114,15 @@ class ListTier:
         return self._stats.snapshot()
 
 
-class Lease:
-    def release(self) -> None:
-        pass
-
-
-def test_write_each_puts_once_per_named_tier_and_counts_what_a_tier_did_not_take() -> None:
-    from nencache.writer import TierWrite
-
-    a, b = ListTier("a"), ListTier("b", full_after=1)
-    batch = [TierWrite(a, b"1", Lease(), memoryview(b"x")), TierWrite(b, b"2", Lease(), memoryview(b"y")),  # type: ignore[arg-type]
-             TierWrite(a, b"3", Lease(), memoryview(b"z")), TierWrite(b, b"4", Lease(), memoryview(b"w"))]  # type: ignore[arg-type]
-    assert write_each(batch, lambda tier, exc: None) == 1  # b was full for its second chunk
-    assert [k for k, _ in a.items] == [b"1", b"3"] and [k for k, _ in b.items] == [b"2"]
+def test_a_tier_without_a_codec_gets_each_blob_as_memory_holds_it_and_failures_are_counted() -> None:
+    memory = MemoryTier(MemoryPool(4 * 4096, 4096))  # no layout: these chunks could not be decoded here
+    blobs = {make_key(i): make_blob(make_key(i), seed=i) for i in range(3)}
+    memory.put(list(blobs.items()))
+    a, b = ListTier("a"), ListTier("b", full_after=2)
+    sink = TierSink([LowerTier(a, None), LowerTier(b, None)], lambda tier, exc: None)
+    leases = [memory.lease(key) for key in blobs]
+    assert sink(leases) == 1  # b was full for the third chunk
+    assert [(key, bytes(blob)) for key, blob in a.items] == list(blobs.items()) and len(b.items) == 2
+    assert all(isinstance(blob, memoryview) for _, blob in a.items)  # the pool pages themselves, not copies
+    for lease in leases:
+        lease.release()

@@ -1,7 +1,9 @@
 """`Store`: the one chunk store. The memory tier, the ordered byte tiers below it, the write-behind, the guard.
 
-Everything that keeps chunks under 16-byte keys sits on it: `KVCache` (keys from token prefixes), the
-SGLang page store (keys from the engine's page names), a peer endpoint (serving the memory tier).
+Everything that keeps chunks sits on it: `KVCache` (keys from token prefixes), the SGLang page store
+(keys from the engine's page names), the server (`nencache serve`: opaque chunks of many namespaces),
+a peer endpoint (serving the memory tier). A key ends with the chunk's 16-byte key, the one its
+header names; a layer may put a scope in front of it (the server: its namespace).
 
 - Reads: the leading run of keys is looked up in memory, then in each lower tier in `Distance` order.
   Chunks only a lower tier holds are fetched (in batches, the next batch read ahead while this one is
@@ -9,6 +11,9 @@ SGLang page store (keys from the engine's page names), a peer endpoint (serving 
 - Writes: a chunk lands in a pool page (pinned), and the write-behind (`nencache.writer`) encodes it
   and writes it to every lower tier; its `WritePolicy` decides what happens when pending writes pin
   the whole pool.
+- Blobs: a store of chunks it never decodes (no layout; the server's) receives each chunk's bytes
+  straight into a pool page (`reserve_page`, `commit_page`), writes that page as it is to lower tiers
+  declared without a codec, and reads lower tiers with `fetch_blobs`: checked and promoted as bytes.
 - Guard: a lower tier that raises, or serves a corrupt chunk, is counted (per tier, here and only
   here), logged once, and treated as a miss. The caller recomputes: slower, never wrong.
 
@@ -28,9 +33,9 @@ from typing import Any, TypeVar
 import torch
 
 from nencache.codecs import RawCodec, decode_any
-from nencache.copy import copy_into
-from nencache.errors import CorruptChunkError, PoolExhaustedError
-from nencache.format import parse_header
+from nencache.copy import as_numpy, copy_into
+from nencache.errors import CorruptChunkError, PoolExhaustedError, TierError
+from nencache.format import KEY_SIZE, parse_header, split_blob
 from nencache.layout import KVLayout
 from nencache.tiers.base import Tier
 from nencache.tiers.memory import ChunkLease, MemoryTier
@@ -42,6 +47,7 @@ T = TypeVar("T")
 _RAW = RawCodec()
 FETCH_BATCH_BYTES = 32 << 20  # chunks read from a lower tier per batch (their buffers are reused batch to batch)
 Fill = Callable[[torch.Tensor], object]
+Blob = bytes | bytearray | memoryview
 
 
 def leading_run(total: int, sources: Sequence[Callable[[int], int]]) -> int:
@@ -78,15 +84,15 @@ class Want:
 
 
 class Store:
-    """Chunks under 16-byte keys in a memory tier and the byte tiers below it. Thread-safe.
+    """Chunks in a memory tier and the byte tiers below it. Thread-safe.
 
     `lower` is asked in `Distance` order (stable: equal distances keep the given order). `policy`
     None: no write-behind (chunks stay in memory only). `keep_in_memory=False`: the pool only stages
     chunks until the write-behind has written them below, and fetched chunks are not promoted unless a
-    prefetch asked for them.
+    prefetch asked for them. `layout` None: a store of blobs only (the tensor path needs a layout).
     """
 
-    def __init__(self, memory: MemoryTier, lower: Sequence[LowerTier] = (), *, layout: KVLayout,
+    def __init__(self, memory: MemoryTier, lower: Sequence[LowerTier] = (), *, layout: KVLayout | None = None,
                  policy: WritePolicy | None = None, keep_in_memory: bool = True, io_threads: int = 8,
                  warn: WarnOnce | None = None) -> None:
         self.memory = memory
@@ -169,7 +175,7 @@ class Store:
         fetched: set[bytes] = set()
         if not self.lower or not wants:
             return fetched
-        per_batch = max(1, FETCH_BATCH_BYTES // max(1, self.layout.nbytes(max(w.num_tokens for w in wants))))
+        per_batch = max(1, FETCH_BATCH_BYTES // max(1, self._layout().nbytes(max(w.num_tokens for w in wants))))
         batches = [list(wants[i : i + per_batch]) for i in range(0, len(wants), per_batch)]
         ahead: Future[Any] | None = self._read_ahead(batches[0])
         for index, batch in enumerate(batches):
@@ -229,6 +235,32 @@ class Store:
             leases.append(lease)
         return leases
 
+    def fetch_blobs(self, keys: Sequence[bytes]) -> list[Blob | None]:
+        """The chunks of `keys` from the lower tiers as their bytes (None where no tier has a sound one),
+        never decoded, each promoted into memory as it is (with `keep_in_memory`). Checked like `commit_page`,
+        plus the payload checksum where the tier did not check it; a corrupt chunk is counted, dropped and a
+        miss. For stores of chunks they do not decode (the server's); memory is not asked."""
+        blobs: list[Blob | None] = [None] * len(keys)
+        for lower in self.lower:
+            wanted = [i for i, blob in enumerate(blobs) if blob is None]
+            if not wanted:
+                break
+            got = self.guard(lower.tier, lambda t=lower.tier: t.get([keys[i] for i in wanted]), None)
+            served = 0
+            for i, blob in zip(wanted, got or ()):
+                if blob is None or not self._sound(lower.tier, keys[i], blob):
+                    continue
+                blobs[i] = blob
+                served += 1
+                if self.keep_in_memory:
+                    try:
+                        self.memory.put([(keys[i], blob)])
+                    except (PoolExhaustedError, TierError):
+                        pass  # served, just not promoted
+            if served:
+                self._count(lower.tier, lower_hits=served)
+        return blobs
+
     # --- writes --------------------------------------------------------------------------------------
     def deadline(self) -> float:
         """The end of a backpressure wait starting now (one per caller's operation, shared by its chunks)."""
@@ -242,30 +274,48 @@ class Store:
         policy: backpressure until `deadline`, then a dropped write. `PoolExhaustedError` when the policy
         gives up the new chunk or nothing can be freed.
         """
-        writer = self.writer
-        while True:
-            progress = writer.progress if writer is not None else 0
-            try:
-                lease = self.memory.store_filled(key, num_tokens, fill)
-                break
-            except PoolExhaustedError:
-                if writer is None or not writer.make_room(deadline, progress):
-                    raise
+        lease = self._with_room(lambda: self.memory.store_filled(key, num_tokens, fill), deadline)
         if lease is None:
             return False
-        if writer is not None:
-            writer.submit(lease, deadline)
+        if self.writer is not None:
+            self.writer.submit(lease, deadline)
         else:
             lease.release()
         return True
 
-    def delete(self, keys: Sequence[bytes]) -> None:
-        """Forget `keys` in every tier (queued writes land first: they must not bring a key back)."""
+    def reserve_page(self, nbytes: int, deadline: float) -> int:
+        """A pool page for a chunk of `nbytes` to be received into, owned by the caller until `commit_page`
+        indexes it or `memory.pool.release(page)` gives it back. Room as for `put` (`PoolExhaustedError`
+        when the policy gives up the new chunk)."""
+        return self._with_room(lambda: self.memory.reserve_page(nbytes), deadline)
+
+    def commit_page(self, key: bytes, page: int, nbytes: int, deadline: float) -> bool:
+        """Index a page filled after `reserve_page` as the chunk under `key`, and queue its bytes as they are
+        for the lower tiers (pinned from the moment it is indexed). False, the page given back, when its
+        first `nbytes` are not a whole chunk stored under `key` (header, length, key; the payload checksum is
+        left to whoever decodes it). A key already held keeps its chunk; that is still True."""
+        received = memoryview(as_numpy(self.memory.pool.page(page)))[:nbytes]
+        try:
+            header, _ = split_blob(received, expected_key=key[-KEY_SIZE:], verify=False)
+        except CorruptChunkError:
+            self.memory.pool.release(page)
+            return False
+        lease = self.memory.commit_page(key, page, nbytes, header.num_tokens, pin=self.writer is not None)
+        if lease is not None and self.writer is not None:
+            self.writer.submit(lease, deadline)
+        return True
+
+    def delete(self, keys: Sequence[bytes], below: Callable[[Tier], object] | None = None) -> None:
+        """Forget `keys` in every tier (queued writes land first: they must not bring a key back).
+
+        `below(tier)` replaces what each lower tier is asked (guarded): the server forgets a whole namespace
+        there, of which memory holds only `keys`."""
         if self.writer is not None:
             self.writer.drain()
         self.memory.delete(keys)
+        forget = below or (lambda tier: tier.delete(keys))
         for lower in self.lower:
-            self.guard(lower.tier, lambda t=lower.tier: t.delete(keys), None)
+            self.guard(lower.tier, lambda t=lower.tier: forget(t), None)
 
     def clear(self) -> None:
         """Forget everything in every tier."""
@@ -369,18 +419,49 @@ class Store:
             if header.codec_id == _RAW.codec_id and header.wrapper_id == 0:
                 # Copied into the pool and `out` right away: no need for a private copy first.
                 chunk = _RAW.view(blob, want.key, verify=not lower.tier.checks_payload)
-            elif header.codec_id == lower.codec.codec_id:
+            elif lower.codec is not None and header.codec_id == lower.codec.codec_id:
                 chunk = lower.codec.decode(blob, expected_key=want.key)
             else:  # written by an instance with another codec: the header says which
                 chunk = decode_any(blob, expected_key=want.key)
-            if tuple(chunk.shape) != self.layout.shape(want.num_tokens) or chunk.dtype != self.layout.dtype:
+            layout = self._layout()
+            if tuple(chunk.shape) != layout.shape(want.num_tokens) or chunk.dtype != layout.dtype:
                 raise CorruptChunkError(f"chunk holds {tuple(chunk.shape)} {chunk.dtype}, not this layout")
             return chunk
         except CorruptChunkError as exc:
-            self._count(lower.tier, corrupt=1)
-            self.warn(f"corrupt:{lower.tier.name}", f"{lower.tier.name}: dropped a corrupt chunk ({exc})")
-            self.guard(lower.tier, lambda: lower.tier.delete([want.key]), None)
+            self._corrupt(lower.tier, want.key, exc)
             return None
+
+    def _sound(self, tier: Tier, key: bytes, blob: Blob) -> bool:
+        """Whether a fetched blob is a whole chunk stored under `key` (see `fetch_blobs`)."""
+        try:
+            split_blob(blob, expected_key=key[-KEY_SIZE:], verify=not tier.checks_payload)
+            return True
+        except CorruptChunkError as exc:
+            self._corrupt(tier, key, exc)
+            return False
+
+    def _corrupt(self, tier: Tier, key: bytes, exc: CorruptChunkError) -> None:
+        """A lower tier served a corrupt chunk: counted, warned once, and dropped there."""
+        self._count(tier, corrupt=1)
+        self.warn(f"corrupt:{tier.name}", f"{tier.name}: dropped a corrupt chunk ({exc})")
+        self.guard(tier, lambda: tier.delete([key]), None)
+
+    def _layout(self) -> KVLayout:
+        if self.layout is None:
+            raise TypeError("this store holds blobs only (built without a layout); use fetch_blobs")
+        return self.layout
+
+    def _with_room(self, take: Callable[[], T], deadline: float) -> T:
+        """`take()` a pool page; while every page is pinned (pending writes, readers), the write-behind's
+        policy makes room (backpressure until `deadline`, then a dropped write) and it is tried again."""
+        writer = self.writer
+        while True:
+            progress = writer.progress if writer is not None else 0
+            try:
+                return take()
+            except PoolExhaustedError:
+                if writer is None or not writer.make_room(deadline, progress):
+                    raise
 
     def _each(self, fn: Callable[[Any], bool], items: list[Any]) -> list[bool]:
         """`fn` over `items`, on the decode threads when there are several (decoders and copies release the GIL)."""

@@ -11,12 +11,12 @@ then give up either the oldest pending write or the new chunk. The same policy a
 `max_pending` writes wait. Every chunk given up (`dropped`) or not taken by a tier (`failed`) is
 counted, and `flush` answers False when any was since the previous `flush`.
 
-The policy is the only difference between the two users: the store (`nencache.store`) waits for
-the writer before it drops (`WritePolicy(write_wait_seconds, ...)`: backpressure, then a drop); the
-server never makes a PUT wait (`WritePolicy(0, ...)`: drop at once). `WriteBehind` itself knows nothing
-of tiers or codecs: it drains pinned items through a `write` callable. `TierSink` is that callable for
-chunks bound for every tier below memory; `write_each` for chunks that each name their own tier (the
-server's per-namespace disk tiers).
+Every store (`nencache.store`) has one; the policy is the only difference between its users: a
+cache's store waits for the writer before it drops (`WritePolicy(write_wait_seconds, ...)`:
+backpressure, then a drop); the server's never makes a PUT wait (`WritePolicy(0, ...)`: drop at
+once). `WriteBehind` itself knows nothing of tiers or codecs: it drains pinned items through a
+`write` callable. `TierSink` is that callable: each chunk into every tier below memory, encoded per
+tier, or as the bytes it already is for a tier that takes chunks as they are (`LowerTier.codec` None).
 """
 
 from __future__ import annotations
@@ -263,10 +263,11 @@ def put_counted(tier: Tier, items: Sequence[tuple[bytes, object]],
 
 @dataclass(slots=True)
 class LowerTier:
-    """A byte tier below memory and the codec its chunks are written with."""
+    """A byte tier below memory and the codec its chunks are written with; None: each chunk is written as
+    the blob memory holds, never decoded (a store of opaque chunks, the server's)."""
 
     tier: Tier
-    codec: Codec
+    codec: Codec | None
 
 
 class TierSink:
@@ -292,7 +293,8 @@ class TierSink:
             if lower.tier.publish_only:
                 failed += put_counted(lower.tier, [(lease.key, b"") for lease in batch], self._on_error)
                 continue
-            items = encoded.get(lower.codec.name)
+            form = "" if lower.codec is None else lower.codec.name
+            items = encoded.get(form)
             if items is None:
                 try:
                     items = [(lease.key, self._encode(lower.codec, lease)) for lease in batch]
@@ -300,7 +302,7 @@ class TierSink:
                     self._on_error(lower.tier, exc)
                     failed += len(batch)
                     continue
-                encoded[lower.codec.name] = items
+                encoded[form] = items
             failed += put_counted(lower.tier, items, self._on_error)
         if self._after_write is not None:
             for lease in batch:
@@ -319,30 +321,9 @@ class TierSink:
         return ok
 
     @staticmethod
-    def _encode(codec: Codec, lease: ChunkLease) -> bytes | memoryview:
-        """The chunk in `codec`'s bytes; a raw chunk goes out as its own pool page, header stamped in front."""
-        if codec.zero_copy and not lease.entry.is_blob:
+    def _encode(codec: Codec | None, lease: ChunkLease) -> bytes | memoryview:
+        """The chunk in `codec`'s bytes (None: the blob it is); a raw chunk goes out as its own pool page,
+        header stamped in front."""
+        if codec is None or (codec.zero_copy and not lease.entry.is_blob):
             return lease.blob()
         return codec.encode(lease.tensor(), lease.key)
-
-
-@dataclass(slots=True)
-class TierWrite:
-    """One chunk bound for one named tier: its key, its pinned page, and the blob (`view`) to write."""
-
-    tier: Tier
-    key: bytes
-    lease: ChunkLease
-    view: memoryview
-
-    def release(self) -> None:
-        self.lease.release()
-
-
-def write_each(batch: list[TierWrite], on_error: Callable[[Tier, BaseException], None]) -> int:
-    """Write `batch`, one `put` per tier named in it; how many chunks a tier did not take."""
-    by_tier: dict[int, list[TierWrite]] = {}
-    for item in batch:
-        by_tier.setdefault(id(item.tier), []).append(item)
-    return sum(put_counted(items[0].tier, [(item.key, item.view) for item in items], on_error)
-               for items in by_tier.values())

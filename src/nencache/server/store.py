@@ -1,51 +1,45 @@
-"""`ChunkStore`: the server's chunks, in a `MemoryTier` over a static `MemoryPool`, with an optional disk tier.
+"""`ChunkStore`: the server's chunks, a thin layer over the one core store (`nencache.store.Store`).
 
-Pages are one `max_chunk_bytes` each. Keys in memory are the namespace (length-prefixed) followed by
-the 16-byte chunk key, so namespaces never collide. Put bodies are received straight into pool
-pages and get replies are sent straight from them (pinned while on the wire): no extra copies.
-Where the platform has memfds the pool lives in a `SharedRegion`, which clients on the same machine
-map read-only and copy chunks out of (`locate` tells them where).
-With a disk path, each namespace has a `DiskTier` under it, written behind the replies by the shared
-write-behind (`nencache.writer`) under a policy that never makes a PUT wait: when every page is
-pinned by pending disk writes, `write_drop` at once gives up the oldest pending disk write (the chunk
-stays in memory; the default) or refuses the new chunk with BUSY (`newest`). Memory misses are read
-from disk and promoted. Blocking disk calls run off the event loop (callers' job).
+The server keeps blobs it never decodes, of many namespaces, in one store: a chunk's key there is
+its namespace's prefix (a length byte and the name) followed by its 16-byte key, so namespaces never
+collide and share one pool. With a disk path the store's one lower tier is `NamespaceDisks`, which
+sends each key to its namespace's `DiskTier`. The store does the rest: leading runs over memory and
+disk, disk reads checked and promoted as bytes (`fetch_blobs`), the write-behind, and the guard (a
+failing disk is counted and warned once, and is a miss).
 
-Namespaces are case-sensitive, on disk too: a lower-case hex namespace (what `KVCache` sends: its
-namespace digest) names its directory under `disk_path` itself; any other namespace lives under
-`disk_path/by-digest/` in the directory named by its BLAKE2b digest, so `ABCDEF` and `abcdef`, or a
-namespace and a digest, never share a directory.
+What this layer adds is the server's own:
+- namespaces: opened on first use, at most `max_namespaces` (those without a disk whose chunks were
+  all evicted are forgotten to make room), each with the memory keys put under it;
+- PUT bodies received straight into pool pages (`take_page`) and checked and indexed by `commit`;
+  replies sent straight from pinned pages (`lease`, `view`): no extra copies;
+- a GET's memory hits and misses counted once around a disk read (`present`, `lease_after_read`);
+- where the platform has memfds, the pool in a `SharedRegion`, which clients on the same machine map
+  read-only and copy chunks out of (`locate` tells them where).
+
+The write-behind's policy never makes a PUT wait: when every page is pinned by pending disk writes,
+`write_drop` at once gives up the oldest pending disk write (the chunk stays in memory; the default)
+or refuses the new chunk with BUSY (`newest`). Blocking disk calls run off the event loop (callers' job).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import re
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-
-from nencache.errors import ConfigError, CorruptChunkError, PoolExhaustedError
-from nencache.format import HEADER_SIZE, NO_KEY, parse_header
-from nencache.pool import MemoryPool
 from nencache.net.shared import SharedRegion, Spot
-from nencache.server.settings import ServerSettings
 from nencache.net.warn import WarnOnce
-from nencache.store import leading_run
-from nencache.tiers.base import Tier, TierStats
+from nencache.pool import MemoryPool
+from nencache.server.disks import NamespaceDisks
+from nencache.server.settings import ServerSettings
+from nencache.store import Blob, Store
+from nencache.tiers.base import Tier
 from nencache.tiers.memory import ChunkLease, MemoryTier
-from nencache.writer import Drop, TierWrite, WriteBehind, WritePolicy, write_each
+from nencache.writer import Drop, LowerTier, WritePolicy
 
 log = logging.getLogger("nencache.server")
-
-_HEX = re.compile(r"[0-9a-f]{1,128}")
-DIGESTS = "by-digest"  # not hex: never the directory of a namespace named by itself
 
 
 class NamespaceLimitError(Exception):
@@ -56,7 +50,7 @@ class NamespaceLimitError(Exception):
 class Namespace:
     name: bytes
     prefix: bytes
-    disk: Tier | None = None
+    disk: Tier | None = None  # its disk tier (read and written only through the store)
     keys: set[bytes] = field(default_factory=set)  # memory keys put here (some may be evicted since)
 
 
@@ -74,20 +68,11 @@ class ChunkStore:
         self._bytes = memoryview(self.pool.buffer.numpy())
         self._lock = threading.Lock()
         self._namespaces: dict[bytes, Namespace] = {}
-        self.disk_root = Path(settings.disk_path).expanduser() if settings.disk_path else None
-        if self.disk_root is not None:
-            try:
-                self.disk_root.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError(f"disk_path {self.disk_root}: cannot create it ({exc.strerror or exc}); choose "
-                                  "a writable directory") from None
-            if not os.access(self.disk_root, os.W_OK | os.X_OK):
-                raise ConfigError(f"disk_path {self.disk_root} is not writable by this user; choose another")
-        threading.Thread(target=self.pool.prefault, name="nencache-prefault", daemon=True).start()
-        self._warn = WarnOnce(log)
-        self.writer: WriteBehind[TierWrite] | None = (
-            WriteBehind(lambda batch: write_each(batch, self._disk_failed), WritePolicy(0.0, Drop(settings.disk_drop)),
-                        name="nencache-server-disk") if self.disk_root else None)
+        self.disks = (NamespaceDisks(settings.disk_path, settings.disk_bytes, io_threads=min(2, settings.io_threads))
+                      if settings.disk_path else None)
+        self.disk_root = self.disks.root if self.disks is not None else None
+        self.core = Store(self.memory, [LowerTier(self.disks, None)] if self.disks is not None else [],
+                          policy=WritePolicy(0.0, Drop(settings.disk_drop)), warn=WarnOnce(log))
 
     # --- namespaces --------------------------------------------------------------------------
     def known(self, name: bytes) -> Namespace | None:
@@ -96,7 +81,7 @@ class ChunkStore:
 
     def needs_open(self, name: bytes) -> bool:
         """True when `open` may touch the disk (the namespace is not open and a disk tier is configured)."""
-        return name not in self._namespaces and self.disk_root is not None
+        return name not in self._namespaces and self.disks is not None
 
     def open(self, name: bytes, *, create: bool) -> Namespace | None:
         """The namespace `name`; without `create`, None unless it is open or has a directory on disk. Blocking."""
@@ -104,30 +89,15 @@ class ChunkStore:
             found = self._namespaces.get(name)
             if found is not None:
                 return found
-            directory = self._disk_dir(name)
-            if not create and (directory is None or not (directory[0] / directory[1]).is_dir()):
+            if not create and (self.disks is None or not self.disks.has(name)):
                 return None
             if len(self._namespaces) >= self.settings.max_namespaces and not self._reclaim():
                 raise NamespaceLimitError(
                     f"this server already holds {len(self._namespaces)} namespaces (server_max_namespaces)")
-            disk = None
-            if directory is not None:
-                from nencache.tiers.disk import DiskTier
-
-                disk = DiskTier(str(directory[0]), directory[1], self.settings.disk_bytes,
-                                io_threads=min(2, self.settings.io_threads))
-            space = Namespace(name, bytes((len(name),)) + name, disk)
+            prefix = bytes((len(name),)) + name
+            space = Namespace(name, prefix, self.disks.open(name, prefix) if self.disks is not None else None)
             self._namespaces[name] = space
             return space
-
-    def _disk_dir(self, name: bytes) -> tuple[Path, str] | None:
-        """(root, directory name) of a namespace's disk tier (see the module docstring); None without a disk."""
-        if self.disk_root is None:
-            return None
-        text = name.decode("ascii")
-        if _HEX.fullmatch(text):
-            return self.disk_root, text
-        return self.disk_root / DIGESTS, hashlib.blake2b(name, digest_size=16).hexdigest()
 
     def _reclaim(self) -> bool:
         """Forget namespaces with no disk tier whose chunks have all been evicted (caller holds the lock)."""
@@ -136,15 +106,21 @@ class ChunkStore:
             del self._namespaces[name]
         return bool(idle)
 
+    def _remember(self, space: Namespace, keys: Sequence[bytes]) -> None:
+        """Note memory keys now held under `space` (pruned of evicted ones once they outgrow the pool)."""
+        with self._lock:
+            space.keys.update(keys)
+            if len(space.keys) > 2 * self.pool.num_pages + 1024:
+                space.keys = {k for k in space.keys if k in self.memory}
+
     # --- reads ---------------------------------------------------------------------------------
     def exists(self, space: Namespace, keys: Sequence[bytes], *, disk: bool = True) -> int:
         """Length of the run of leading keys held in memory or (with `disk`) on disk (blocking when the disk
         tier is asked)."""
         composite = [space.prefix + k for k in keys]
-        sources = [lambda start: self.memory.contains_prefix(composite[start:])]
-        if space.disk is not None and disk:
-            sources.append(lambda start, tier=space.disk: tier.contains_prefix(keys[start:]))
-        return leading_run(len(keys), sources)
+        if space.disk is None or not disk:
+            return self.memory.contains_prefix(composite)
+        return self.core.contains_prefix(composite)
 
     def present(self, space: Namespace, keys: Sequence[bytes]) -> list[bool]:
         """Which of `keys` memory holds now, nothing pinned; a memory miss is counted for each one it does not
@@ -181,36 +157,22 @@ class ChunkStore:
     def view(self, lease: ChunkLease) -> memoryview:
         return lease.blob()
 
-    def read_disk(self, space: Namespace, keys: Sequence[bytes]) -> list[Any]:
-        """Blobs of `keys` from the disk tier (None where absent), promoted into memory. Blocking."""
+    def read_disk(self, space: Namespace, keys: Sequence[bytes]) -> list[Blob | None]:
+        """Blobs of `keys` from the disk tier (None where absent or failing), promoted into memory. Blocking."""
         if space.disk is None or not keys:
             return [None] * len(keys)
-        blobs = space.disk.get(keys)
-        for key, blob in zip(keys, blobs):
-            if blob is None:
-                continue
-            try:
-                self.memory.put([(space.prefix + key, blob)])
-            except (PoolExhaustedError, CorruptChunkError, ValueError):
-                continue  # served anyway, just not promoted
-            with self._lock:
-                space.keys.add(space.prefix + key)
+        composite = [space.prefix + k for k in keys]
+        blobs = self.core.fetch_blobs(composite)
+        self._remember(space, [k for k, blob in zip(composite, blobs) if blob is not None])
         return blobs
 
     # --- writes --------------------------------------------------------------------------------
     def take_page(self, nbytes: int) -> tuple[int, memoryview]:
         """A free page (evicting if needed) and a view of its first `nbytes`; `PoolExhaustedError` if all pinned.
 
-        A pool pinned by pending disk writes gets a page back from the disk writer's policy, at once.
+        A pool pinned by pending disk writes gets a page back from the write-behind's policy, at once.
         """
-        while True:
-            progress = self.writer.progress if self.writer is not None else 0
-            try:
-                page = self.memory.reserve_page(nbytes)
-                break
-            except PoolExhaustedError:
-                if self.writer is None or not self.writer.make_room(time.monotonic(), progress):
-                    raise
+        page = self.core.reserve_page(nbytes, self.core.deadline())
         start = page * self.pool.page_bytes
         return page, self._bytes[start : start + nbytes]
 
@@ -222,83 +184,46 @@ class ChunkStore:
 
         With a disk tier the chunk is queued for it, pinned from the moment it is indexed; this never waits.
         """
-        to_disk = space.disk is not None and self.writer is not None
-        start = page * self.pool.page_bytes
-        try:
-            header = parse_header(self._bytes[start : start + HEADER_SIZE])
-        except CorruptChunkError:
-            header = None
-        if header is None or header.payload_len + HEADER_SIZE != nbytes or header.key not in (NO_KEY, key):
-            self.pool.release(page)
-            return False
         composite = space.prefix + key
-        lease = self.memory.commit_page(composite, page, nbytes, header.num_tokens, pin=to_disk)
-        with self._lock:
-            space.keys.add(composite)
-            if len(space.keys) > 2 * self.pool.num_pages + 1024:
-                space.keys = {k for k in space.keys if k in self.memory}
-        if lease is not None and space.disk is not None and self.writer is not None:
-            self.writer.submit(TierWrite(space.disk, key, lease, self.view(lease)))
+        if not self.core.commit_page(composite, page, nbytes, self.core.deadline()):
+            return False
+        self._remember(space, [composite])
         return True
 
     def delete(self, space: Namespace, keys: Sequence[bytes]) -> None:
         """Forget `keys` in memory and on disk. Blocking when there is a disk tier."""
         composite = [space.prefix + k for k in keys]
-        self.memory.delete(composite)
         with self._lock:
             space.keys.difference_update(composite)
-        if space.disk is not None:
-            if self.writer is not None:
-                self.writer.drain()  # a queued write must not bring a deleted chunk back
-            space.disk.delete(keys)
+        self.core.delete(composite)
 
     def clear(self, space: Namespace) -> None:
         """Forget everything of one namespace. Blocking when there is a disk tier."""
         with self._lock:
             keys, space.keys = list(space.keys), set()
-        self.memory.delete(keys)
-        if space.disk is not None:
-            if self.writer is not None:
-                self.writer.drain()
-            space.disk.clear()
+        disks = self.disks
+        self.core.delete(keys, below=None if disks is None else lambda _: disks.clear_namespace(space.prefix))
 
     # --- lifecycle and stats -------------------------------------------------------------------
     def flush(self) -> None:
         """Write everything queued to disk and make it durable. Blocking."""
-        if self.writer is not None:
-            self.writer.flush()
-        for space in list(self._namespaces.values()):
-            if space.disk is not None:
-                space.disk.flush()
+        self.core.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        for space in list(self._namespaces.values()):
-            if space.disk is not None:
-                space.disk.close()
-        self.memory.close()
+        self.core.close()
         if self.region is not None:
             self.region.close()
 
-    def _disk_failed(self, tier: Tier, exc: BaseException) -> None:
-        """A full or failing disk loses only its copy; memory still holds the chunk (counted by the writer)."""
-        self._warn("disk", f"disk tier write failed ({exc!r}); the chunks stay in memory")
-
     def stats(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"memory": self.memory.stats().as_dict()}
+        tiers = self.core.tier_stats()
+        data: dict[str, Any] = {"memory": tiers["memory"]}
         data["pool"] = {"capacity_bytes": self.pool.capacity_bytes, "page_bytes": self.pool.page_bytes,
                         "pages": self.pool.num_pages, "free_pages": self.pool.free_pages}
         data["namespaces"] = len(self._namespaces)
-        disks = [s.disk.stats() for s in list(self._namespaces.values()) if s.disk is not None]
-        if self.disk_root is not None:
-            total = TierStats()
-            for one in disks:
-                for name, value in one.as_dict().items():
-                    setattr(total, name, getattr(total, name) + value)
-            data["disk"] = total.as_dict() | {"path": str(self.disk_root), "namespaces": len(disks)}
-            if self.writer is not None:
-                counts = self.writer.counts()
-                data["disk_writer"] = {"pending": counts.pending, "queued": counts.submitted, "written": counts.written,
-                                       "dropped": counts.dropped, "errors": counts.failed}
+        if self.disks is not None:
+            data["disk"] = tiers[self.disks.name] | {"path": str(self.disks.root), "namespaces": len(self.disks)}
+        if self.core.writer is not None:
+            counts = self.core.writer.counts()
+            data["disk_writer"] = {"pending": counts.pending, "queued": counts.submitted, "written": counts.written,
+                                   "dropped": counts.dropped, "errors": counts.failed}
         return data
