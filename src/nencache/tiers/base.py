@@ -3,7 +3,7 @@
 A byte tier (disk, Redis, a NenCache server, a peer) stores whole chunks in the shared byte format
 (`nencache.format`) under 16-byte keys. A tier instance serves one namespace: `clear()` removes what
 this instance stores for that namespace and nothing else. Tiers may raise (`TierError`, `OSError`,
-...); `KVCache` turns any failure below memory into a counted miss.
+...); the core store (`nencache.store`) turns any failure below memory into a counted miss.
 """
 
 from __future__ import annotations
