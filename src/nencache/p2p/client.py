@@ -105,25 +105,26 @@ class PeerClients:
         pool where it is mapped here; the rest, and whatever went stale, are asked of the peer."""
         if not keys:
             return []
-        blobs: list[memoryview | None] = [None] * len(keys)
-        vouched = [False] * len(keys)  # copied out of a pool that vouches for its payloads
+        out: list[memoryview | None] = [None] * len(keys)
+        bad = 0
         region = self._mapped(peer) if placements is not None else None
         if region is not None and placements is not None:
             for i, placement in enumerate(placements):
                 spot = _spot(region, placement)
                 if spot is not None and (blob := copy_out(region, spot, self._buffers)) is not None:
-                    blobs[i], vouched[i] = blob, region.checked
+                    out[i] = _checked(keys[i], blob, region.checked)  # a bad one is asked of the peer below
+                    bad += out[i] is None
             with self._lock:
-                self.shared_reads += sum(blob is not None for blob in blobs)
-        rest = [i for i, blob in enumerate(blobs) if blob is None]
+                self.shared_reads += sum(blob is not None for blob in out)
+        rest = [i for i, blob in enumerate(out) if blob is None]
         if rest:
             asked = [keys[i] for i in rest]
             fetched = self._call(peer, lambda conn: self._fetch(peer, conn, asked), None)
             if fetched is not None and len(fetched) == len(rest):
-                for i, (blob, ok) in zip(rest, fetched):
-                    blobs[i], vouched[i] = blob, ok
-        out = [_checked(key, blob, ok) for key, blob, ok in zip(keys, blobs, vouched)]
-        if (bad := sum(b is not None for b in blobs) - sum(b is not None for b in out)) and self.on_corrupt:
+                for i, (blob, vouched) in zip(rest, fetched):
+                    out[i] = _checked(keys[i], blob, vouched)
+                    bad += blob is not None and out[i] is None
+        if bad and self.on_corrupt is not None:
             self.on_corrupt(bad)
         return out
 
