@@ -148,6 +148,14 @@ def _placed_pair(redis_server: RedisServer, a_pages: int) -> tuple[KVCache, KVCa
     return a, KVCache(config(redis_server.url), LAYOUT, MODEL)
 
 
+def _held_by_a_and_mapped_by_b(a: KVCache, b: KVCache, prefix: list[int]) -> None:
+    """A stores and publishes `prefix`; B reads it once (mapping A's pool), then forgets it."""
+    a.store(prefix, compute_kv(prefix))
+    assert a.flush(timeout=10)
+    assert b.retrieve_prefix(prefix) == CHUNK
+    b.memory.clear()
+
+
 def test_a_page_reused_between_the_lookup_and_the_copy_is_a_miss_never_the_other_chunk(
         redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """B has A's pool mapped and the index's placement of the chunk; before B copies it, A evicts the chunk
@@ -158,10 +166,7 @@ def test_a_page_reused_between_the_lookup_and_the_copy_is_a_miss_never_the_other
     prefix, other = tokens(200, CHUNK), tokens(95_000, CHUNK)
     a, b = _placed_pair(redis_server, a_pages=1)
     with a, b:
-        a.store(prefix, compute_kv(prefix))
-        assert a.flush(timeout=10)
-        assert b.retrieve_prefix(prefix) == CHUNK  # maps A's pool
-        b.memory.clear()
+        _held_by_a_and_mapped_by_b(a, b, prefix)
         assert b.lookup(prefix) == CHUNK  # confirmed by the page's generation
         real_copy = client.copy_out
 
@@ -182,10 +187,7 @@ def test_a_placement_left_in_the_index_after_its_page_was_reused_is_not_a_hit(re
     prefix, other = tokens(300, CHUNK), tokens(96_000, CHUNK)
     a, b = _placed_pair(redis_server, a_pages=1)
     with a, b:
-        a.store(prefix, compute_kv(prefix))
-        assert a.flush(timeout=10)
-        assert b.retrieve_prefix(prefix) == CHUNK  # maps A's pool
-        b.memory.clear()
+        _held_by_a_and_mapped_by_b(a, b, prefix)
         tier = peer_tier(a)
         [key] = chunk_keys(prefix, CHUNK, a.namespace)
         [[holder]] = tier.index.lookup([key])
@@ -204,10 +206,8 @@ def test_forged_placements_never_serve_wrong_bytes(redis_server: RedisServer) ->
     first, second = tokens(400, CHUNK), tokens(97_000, CHUNK)
     a, b = _placed_pair(redis_server, a_pages=4)
     with a, b:
-        for ids in (first, second):
-            a.store(ids, compute_kv(ids))
-        assert a.flush(timeout=10)
-        assert b.retrieve_prefix(second) == CHUNK  # maps A's pool
+        a.store(first, compute_kv(first))
+        _held_by_a_and_mapped_by_b(a, b, second)
         index = peer_tier(a).index
         [key, other_key] = [chunk_keys(ids, CHUNK, a.namespace)[0] for ids in (first, second)]
         [[real]], [[others]] = index.lookup([key]), index.lookup([other_key])
