@@ -17,12 +17,14 @@ generation; the client copies the bytes, then reads the generation again. If the
 between (evicted, overwritten), the generation moved and the read counts as stale: the client asks
 for it over the socket instead. A page is freed (generation bumped) before anything else is written
 into it, and x86 keeps stores in order and loads in order, so an unchanged generation after the copy
-means every byte copied is the chunk that was there when the spot was taken. The chunk's header and
-key are checked as for any read; its payload checksum too, unless the region says `checked`: its owner
-took in only chunks it had verified or computed itself, and stamped each checksum from the pool's own
-bytes (a P2P cache's pool; not a server's, which keeps PUT bodies as they come). Re-verifying a copy
-of such a pool would only catch the owner's memory changing under a page it holds, which the owner's
-own reads of its pool do not check either: the copy is exactly as trustworthy as a memory-tier hit there.
+means every byte copied is the chunk that was there when the spot was taken (CPUs that reorder loads,
+such as ARM, would need barriers the copy does not issue: there the checksum is always verified). The
+chunk's header and key are checked as for any read; its payload checksum too, unless the region says
+`checked`: its owner took in only chunks it had verified or computed itself, and stamped each checksum
+from the pool's own bytes (a P2P cache's pool; not a server's, which keeps PUT bodies as they come).
+Re-verifying a copy of such a pool would only catch the owner's memory changing under a page it holds,
+which the owner's own reads of its pool do not check either: the copy is exactly as trustworthy as a
+memory-tier hit there.
 
 A `Placement` (nonce + spot) is a spot that travels without LOCATE: P2P caches publish one per chunk in
 the index, so a peer that has mapped their region copies the chunk without asking them first.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import platform
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +44,8 @@ import torch
 
 MAGIC = b"NENCSHM1"
 _CONTROL = struct.Struct("<8s16sQQQ")
+# loads and stores kept in order by the CPU, which the generation check relies on (see the module docstring)
+ORDERED_MEMORY = platform.machine().lower() in {"x86_64", "amd64", "i386", "i686"}
 _GENERATIONS_AT = 64
 _ALIGN = 4096
 
@@ -133,7 +138,8 @@ class MappedRegion:
         if pool_offset < _GENERATIONS_AT + 8 * pages or pool_offset + pages * page_bytes > len(mapping):
             raise ValueError("the pool's control block does not fit the mapping")
         self.nonce, self.pages, self.page_bytes, self.pool_offset = nonce, pages, page_bytes, pool_offset
-        self.checked = False  # the server vouches for its chunks' payloads (`SharedRegion.checked`)
+        self.checked = False  # copies need no checksum pass: the server vouches for its payloads, and this CPU
+        # keeps loads in order (`SharedRegion.checked`, `ORDERED_MEMORY`)
         self._source: tuple[str, int] | None = None  # the path it was opened by and the file's inode
         self._map = mapping
         self._generations = np.frombuffer(mapping, dtype=np.uint64, count=pages, offset=_GENERATIONS_AT)
@@ -152,7 +158,7 @@ class MappedRegion:
         finally:
             os.close(fd)
         region = cls(mapping, nonce)
-        region.checked = info.get("checked") is True
+        region.checked = info.get("checked") is True and ORDERED_MEMORY
         region._source = (path, found.st_ino)
         return region
 
