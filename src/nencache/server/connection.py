@@ -206,7 +206,8 @@ class Connection:
         await self._reply(frame, started, body=[json.dumps(hello).encode()])
 
     async def _answer(self, op: Op, frame: Frame, namespace: bytes, keys: list[bytes], started: float) -> None:
-        """EXISTS (with a disk tier), GET, DELETE and CLEAR, answered beside the reader loop."""
+        """EXISTS (with a disk tier), GET, LOCATE, DELETE and CLEAR, answered beside the reader loop (in the
+        loop itself where `_inline` allows)."""
         try:
             space = await self._namespace(namespace, create=False)
             if op is Op.GET:
