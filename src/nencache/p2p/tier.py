@@ -6,9 +6,10 @@ that is mapped here, by reading the pages' generations, else by asking it (EXIST
 placed chunks straight out of that pool, and fetches the rest from the holders. `put` publishes keys
 (with their placements where this cache's pool is shared) only: no chunk bytes leave this process on
 store (peers fetch them from this cache's `PeerEndpoint`). Evicted, deleted and cleared keys are
-unpublished; a background thread refreshes the entries of the keys still held every `ttl / 3`. A dead or slow index or peer is never
-an error: calls answer misses, failures are counted, and while the index is down a background
-probe (exponential backoff) waits for it to come back, then republishes everything held.
+unpublished; a background thread refreshes the entries of the keys still held every `ttl / 3`. A
+dead or slow index or peer is never an error: calls answer misses, failures are counted, and while
+the index is down a background probe (exponential backoff) waits for it to come back, then
+republishes everything held.
 """
 
 from __future__ import annotations
