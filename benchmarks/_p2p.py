@@ -3,8 +3,9 @@
 Peer A (a child process) is a `KVCache` with `enable_p2p` holding one 256-token chunk of SmolLM2-135M's
 KV shape (30 layers x 3 KV heads x head dim 64, bf16: 5,898,240 bytes + a 64-byte header); the index is a
 throwaway redis-server. Peer B (this process, its own `KVCache`) times, per fetch: the index lookup
-(`PeerIndex.holders`, one round trip), the fetch from A (`PeerClients.get`: GET on a cached connection,
-header/length/key checked) and the check (`split_blob`: CRC32 of the payload). Also the whole engine path,
+(`PeerIndex.lookup`, one round trip: the holders and where the chunk sits in their shared pools), the
+fetch from A (`PeerClients.get`: a copy out of A's mapped pool, with the peer tier's own checks) and the
+check (`split_blob`: what the store adds; the CRC32 only for a tier that does not check it). Also the whole engine path,
 `KVCache.retrieve` into an engine KV tensor with B's memory emptied before each call (index lookup, fetch,
 check, decode, promotion into B's pool, copy out). Reference, in the same reps: the same number of bytes
 `sendall`'d by a child process over one loopback TCP connection into a preallocated buffer (no framing).
@@ -87,12 +88,12 @@ def _measure(b: KVCache, address: str, samples: int, warmup: int) -> dict[str, L
         started = time.perf_counter()
         raw.fetch()
         t0 = time.perf_counter()
-        holders = index.holders([key])
+        [holders] = index.lookup([key])
         t1 = time.perf_counter()
-        [blob] = clients.get(holders[0][0], [key])
+        [blob] = clients.get(holders[0].address, [key], [holders[0].placement])
         t2 = time.perf_counter()
         assert blob is not None, "peer A did not serve its chunk"
-        split_blob(blob, key)
+        split_blob(blob, key, verify=not tier.checks_payload)
         t3 = time.perf_counter()
         del blob
         if rep >= warmup:

@@ -264,9 +264,9 @@ def p2p_part() -> tuple[list[object], str]:
     total = steps["total"]
     row: list[object] = ["P2P fetch (peer to peer; 5.9 MB chunk)", f"{total.p50:.0f}", f"{total.p99:.0f}",
                          "p50 < 2000 µs"]
-    names = {"lookup": "index lookup (`PeerIndex.holders`, one Redis round trip)",
-             "fetch": "fetch from the peer (GET, header/length/key checked)",
-             "check": "check (CRC32 of the payload)",
+    names = {"lookup": "index lookup (`PeerIndex.lookup`: holders and placements, one Redis round trip)",
+             "fetch": "fetch from the peer (a copy out of its mapped pool; header/length/key checked)",
+             "check": "check (what the store adds: the header; CRC32 only for a tier that does not check)",
              "total": "P2P fetch: lookup + fetch + check",
              "raw": "reference: the same bytes through a raw loopback socket (no framing, no index)",
              "retrieve": "`KVCache.retrieve` from the peer into engine KV (B's pool emptied each time)"}

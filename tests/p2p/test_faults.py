@@ -62,9 +62,12 @@ def test_index_unreachable_from_the_start(tmp_path: object) -> None:
     assert time.perf_counter() - started < 5.0
 
 
-def test_corrupt_chunk_from_a_peer_is_dropped_and_counted(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-memory", "socket"])
+def test_corrupt_chunk_from_a_peer_is_dropped_and_counted(redis_server: RedisServer, shared: bool) -> None:
+    """Whether the bytes are copied out of the liar's shared pool (a server's pool, which does not vouch for
+    its payloads) or come over the socket, their checksum is verified."""
     ids = tokens(3000, CHUNK)
-    with KVCache(config(redis_server.url), LAYOUT, MODEL + "-corrupt") as b:
+    with KVCache(config(redis_server.url, p2p_shared_memory=shared), LAYOUT, MODEL + "-corrupt") as b:
         namespace = b.namespace.hex()
         [key] = chunk_keys(ids, CHUNK, b.namespace)
         blob = bytearray(RawCodec().encode(compute_kv(ids), key))
@@ -82,6 +85,7 @@ def test_corrupt_chunk_from_a_peer_is_dropped_and_counted(redis_server: RedisSer
             assert b.retrieve_prefix(ids) == 0  # its bytes fail the check: a miss
             assert b.stats()["tiers"]["p2p"]["corrupt"] == 1
             assert len(b.memory) == 0
+            assert b.peer.clients.shared_reads == (1 if shared else 0)  # type: ignore[attr-defined]
 
 
 def test_configurations_that_cannot_work_are_refused(redis_server: RedisServer) -> None:

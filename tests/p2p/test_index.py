@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from nencache.p2p.index import PeerIndex
+from nencache.p2p.index import Holder, PeerIndex
 from nencache.tiers.redis_url import parse_url
 from nencache.tiers.resp import Connection
 from tests.redis_util import RedisServer
@@ -36,6 +36,29 @@ def test_holders_unpublish_and_expiry(redis_server: RedisServer) -> None:
     finally:
         short.close()
         long.close()
+
+
+def test_holders_come_with_the_placements_they_published(redis_server: RedisServer) -> None:
+    """One lookup gives each holder and where the chunk sits in its shared pool; republishing without a
+    placement (a pool no longer shared) or unpublishing drops it; a holder that never gave one has None."""
+    index = PeerIndex(redis_server.url, "index-placed", ttl=30, timeout=2.0)
+    keys = [bytes([i]) * 16 for i in range(3)]
+    placed = [bytes([i]) * 40 for i in range(3)]
+    try:
+        index.publish(keys, "127.0.0.1:3001", placed)
+        time.sleep(0.01)
+        index.publish(keys[:2], "127.0.0.1:3002")
+        assert index.lookup(keys) == [[Holder("127.0.0.1:3002"), Holder("127.0.0.1:3001", placed[0])],
+                                      [Holder("127.0.0.1:3002"), Holder("127.0.0.1:3001", placed[1])],
+                                      [Holder("127.0.0.1:3001", placed[2])]]
+        time.sleep(0.01)  # scores are milliseconds: the republished holder comes first
+        index.publish(keys[:1], "127.0.0.1:3001", [None])
+        index.unpublish(keys[1:2], "127.0.0.1:3001")
+        assert index.lookup(keys) == [[Holder("127.0.0.1:3001"), Holder("127.0.0.1:3002")],
+                                      [Holder("127.0.0.1:3002")], [Holder("127.0.0.1:3001", placed[2])]]
+        assert index.holders(keys) == [["127.0.0.1:3001", "127.0.0.1:3002"], ["127.0.0.1:3002"], ["127.0.0.1:3001"]]
+    finally:
+        index.close()
 
 
 def test_index_on_a_cluster_spreads_holder_sets_and_follows_the_topology(tmp_path) -> None:

@@ -24,7 +24,8 @@ PeerFactory = Callable[[dict[str, Any]], PeerProcess]
 
 
 def redis_contents(url: str) -> dict[bytes, list[bytes]]:
-    """Every key in Redis with its type check: each must be a sorted set of peer addresses."""
+    """Every key in Redis with its type check: each must be a sorted set of peer addresses, or the hash of
+    their placements beside it (40 bytes each: where a chunk sits in a peer's pool, never its bytes)."""
     target = parse_url(url)
     with Connection(target.nodes[0], target, 5.0) as conn:
         keys: list[bytes] = []
@@ -36,6 +37,11 @@ def redis_contents(url: str) -> dict[bytes, list[bytes]]:
                 break
         out = {}
         for key in keys:
+            if key.endswith(b":at"):
+                assert conn.call("TYPE", key) == b"hash", key
+                placed = conn.call("HGETALL", key)
+                assert isinstance(placed, list) and all(len(bytes(v)) == 40 for v in placed[1::2]), key
+                continue
             assert conn.call("TYPE", key) == b"zset", key
             out[key] = [bytes(m) for m in conn.call("ZRANGE", key, 0, -1)]  # type: ignore[union-attr]
     return out

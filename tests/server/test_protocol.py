@@ -192,3 +192,36 @@ def test_a_slow_server_is_not_taken_for_a_dead_one() -> None:
         tier.close()
     finally:
         listener.close()
+
+
+def test_a_large_get_pipelined_before_a_put_body_never_stalls_the_reader(tmp_path: Path) -> None:
+    """Small memory-only reads are answered in the reader loop itself; a GET whose reply could fill the socket
+    buffers is not, so a client that pipelines a large PUT body behind it before reading any reply is still
+    read: both replies come back."""
+    import threading
+
+    settings = small_settings(max_chunk_bytes=2 << 20, max_request_bytes=32 << 20, pool_bytes=80 << 20)
+    keys = [make_key(i) for i in range(12)]
+    blobs = [chunk_blob(key, bytes([i]) * ((2 << 20) - 64)) for i, key in enumerate(keys)]
+    with BackgroundServer(settings) as server:
+        tier = ServerTier(server.url, "ns", timeout=5.0, shared_memory=False)
+        tier.put(list(zip(keys, blobs)))
+        tier.close()
+        sock = raw_connect(server.port, timeout=10.0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # replies wait in the server's buffers
+        put_keys = [make_key(100 + i) for i in range(12)]
+        put_blobs = [chunk_blob(key, b"p" * ((2 << 20) - 64)) for key in put_keys]
+        frames = request(Op.GET, 1, keys=keys) + request(Op.PUT, 2, keys=put_keys, blobs=put_blobs)
+        sender = threading.Thread(target=sock.sendall, args=(frames,), daemon=True)
+        sender.start()
+        sender.join(timeout=8.0)
+        assert not sender.is_alive(), "the server stopped reading while its GET reply waited for the client"
+        replies = {}
+        for _ in range(2):
+            reply = read_frame(sock)
+            assert reply is not None
+            replies[reply[0].request_id] = reply
+        assert replies[1][0].count == 12 and len(replies[1][2]) == sum(len(b) for b in blobs)
+        put_reply = replies[2][0]
+        assert put_reply.count == 12 or (put_reply.flags & Flag.ERROR and put_reply.status == Code.BUSY)
+        sock.close()

@@ -15,13 +15,26 @@ block, then the pool::
 The server pins nothing for these reads. It answers LOCATE with each chunk's offset, length and page
 generation; the client copies the bytes, then reads the generation again. If the page was freed in
 between (evicted, overwritten), the generation moved and the read counts as stale: the client asks
-for it over the socket instead. The chunk's header, key and checksum are checked as for any read.
+for it over the socket instead. A page is freed (generation bumped) before anything else is written
+into it, and x86 keeps stores in order and loads in order, so an unchanged generation after the copy
+means every byte copied is the chunk that was there when the spot was taken (CPUs that reorder loads,
+such as ARM, would need barriers the copy does not issue: there the checksum is always verified). The
+chunk's header and key are checked as for any read; its payload checksum too, unless the region says
+`checked`: its owner took in only chunks it had verified or computed itself, and stamped each checksum
+from the pool's own bytes (a P2P cache's pool; not a server's, which keeps PUT bodies as they come).
+Re-verifying a copy of such a pool would only catch the owner's memory changing under a page it holds,
+which the owner's own reads of its pool do not check either: the copy is exactly as trustworthy as a
+memory-tier hit there.
+
+A `Placement` (nonce + spot) is a spot that travels without LOCATE: P2P caches publish one per chunk in
+the index, so a peer that has mapped their region copies the chunk without asking them first.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import platform
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +44,8 @@ import torch
 
 MAGIC = b"NENCSHM1"
 _CONTROL = struct.Struct("<8s16sQQQ")
+# loads and stores kept in order by the CPU, which the generation check relies on (see the module docstring)
+ORDERED_MEMORY = platform.machine().lower() in {"x86_64", "amd64", "i386", "i686"}
 _GENERATIONS_AT = 64
 _ALIGN = 4096
 
@@ -42,7 +57,8 @@ def _round_up(value: int, step: int) -> int:
 class SharedRegion:
     """The server side: a memfd holding the control block and the pool (see the module docstring)."""
 
-    def __init__(self, num_pages: int, page_bytes: int) -> None:
+    def __init__(self, num_pages: int, page_bytes: int, *, checked: bool = False) -> None:
+        self.checked = checked  # every chunk's payload was checked when it entered (see the module docstring)
         self.pool_offset = _round_up(_GENERATIONS_AT + 8 * num_pages, _ALIGN)
         self.size = self.pool_offset + num_pages * page_bytes
         self.nonce = os.urandom(16)
@@ -60,18 +76,19 @@ class SharedRegion:
         self.generations = np.frombuffer(self._map, dtype=np.uint64, count=num_pages, offset=_GENERATIONS_AT)
 
     @classmethod
-    def create(cls, num_pages: int, page_bytes: int) -> SharedRegion | None:
+    def create(cls, num_pages: int, page_bytes: int, *, checked: bool = False) -> SharedRegion | None:
         """A region, or None where memfds are not available (the pool then lives in private memory)."""
         if not hasattr(os, "memfd_create"):
             return None
         try:
-            return cls(num_pages, page_bytes)
+            return cls(num_pages, page_bytes, checked=checked)
         except OSError:
             return None
 
     def describe(self) -> dict[str, Any]:
         """What a client needs to map the region (the SHARED reply's body)."""
-        return {"pid": os.getpid(), "fd": self.fd, "size": self.size, "nonce": self.nonce.hex()}
+        return {"pid": os.getpid(), "fd": self.fd, "size": self.size, "nonce": self.nonce.hex(),
+                "checked": self.checked}
 
     def close(self) -> None:
         """No new client can map the region; mapped ones keep their view until they drop it."""
@@ -89,6 +106,28 @@ class Spot:
     generation: int
 
 
+_PLACEMENT = struct.Struct("<16sQQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A spot in the region whose nonce is `nonce`, as bytes that can be published (40 bytes)."""
+
+    nonce: bytes
+    spot: Spot
+
+    def pack(self) -> bytes:
+        return _PLACEMENT.pack(self.nonce, self.spot.offset, self.spot.length, self.spot.generation)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Placement | None:
+        """The placement `data` packs; None if it is not one (the bytes come from outside: never trusted)."""
+        if len(data) != _PLACEMENT.size:
+            return None
+        nonce, offset, length, generation = _PLACEMENT.unpack(data)
+        return cls(nonce, Spot(offset, length, generation))
+
+
 class MappedRegion:
     """The client side: a read-only mapping of a server's region."""
 
@@ -99,6 +138,9 @@ class MappedRegion:
         if pool_offset < _GENERATIONS_AT + 8 * pages or pool_offset + pages * page_bytes > len(mapping):
             raise ValueError("the pool's control block does not fit the mapping")
         self.nonce, self.pages, self.page_bytes, self.pool_offset = nonce, pages, page_bytes, pool_offset
+        self.checked = False  # copies need no checksum pass: the server vouches for its payloads, and this CPU
+        # keeps loads in order (`SharedRegion.checked`, `ORDERED_MEMORY`)
+        self._source: tuple[str, int] | None = None  # the path it was opened by and the file's inode
         self._map = mapping
         self._generations = np.frombuffer(mapping, dtype=np.uint64, count=pages, offset=_GENERATIONS_AT)
 
@@ -109,18 +151,43 @@ class MappedRegion:
         nonce = bytes.fromhex(str(info["nonce"]))
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            size = os.fstat(fd).st_size
-            if size != int(info["size"]) or size < _GENERATIONS_AT:
-                raise ValueError(f"{path} is {size} bytes, the server said {info['size']}")
-            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            found = os.fstat(fd)
+            if found.st_size != int(info["size"]) or found.st_size < _GENERATIONS_AT:
+                raise ValueError(f"{path} is {found.st_size} bytes, the server said {info['size']}")
+            mapping = mmap.mmap(fd, found.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
         finally:
             os.close(fd)
-        return cls(mapping, nonce)
+        region = cls(mapping, nonce)
+        region.checked = info.get("checked") is True and ORDERED_MEMORY
+        region._source = (path, found.st_ino)
+        return region
+
+    def alive(self) -> bool:
+        """False once the server has closed the region or exited (this mapping alone keeps the memory then)."""
+        if self._source is None:
+            return True
+        try:
+            return os.stat(self._source[0]).st_ino == self._source[1]
+        except OSError:
+            return False
+
+    def page_of(self, spot: Spot) -> int | None:
+        """The page a spot names, or None unless it is a whole chunk at the start of a page of this pool."""
+        page, within = divmod(spot.offset - self.pool_offset, self.page_bytes)
+        if spot.offset < self.pool_offset or page >= self.pages or within or not 0 < spot.length <= self.page_bytes:
+            return None
+        return page
+
+    def current(self, spot: Spot) -> bool:
+        """True while the page at `spot` still holds what it held when the spot was taken (not freed since)."""
+        page = self.page_of(spot)
+        return page is not None and int(self._generations[page]) == spot.generation
 
     def copy(self, spot: Spot, into: memoryview) -> bool:
-        """Copy the chunk at `spot` into `into`; False if the spot is out of bounds or went stale meanwhile."""
-        page, within = divmod(spot.offset - self.pool_offset, self.page_bytes)
-        if spot.offset < self.pool_offset or page >= self.pages or within + spot.length > self.page_bytes:
+        """Copy the chunk at `spot` into `into`; False if the spot is not a chunk of this pool or went stale
+        before the copy ended."""
+        page = self.page_of(spot)
+        if page is None:
             return False
         # numpy copies without the GIL: other threads decode and copy meanwhile
         np.copyto(np.frombuffer(into, dtype=np.uint8, count=spot.length),

@@ -2,9 +2,12 @@
 
 A cache with `enable_p2p` keeps its pool in a `SharedRegion` (a memfd, `nencache.net.shared`):
 the same region a `nencache serve` shares with its clients. A peer on the same machine maps it
-read-only (SHARED, once per peer), asks where chunks sit (LOCATE, one round trip) and copies them out
-(one memory copy per chunk, no socket transfer), checking each page's generation after the copy: a
-page freed meanwhile is fetched with GET instead. Header, key and checksum are checked as for any read.
+read-only (SHARED, once per peer) and copies chunks out (one memory copy per chunk, no socket
+transfer), checking each page's generation after the copy: a page freed meanwhile is fetched with GET
+instead. Where a chunk sits comes with its holder in the P2P index (a `Placement`, published beside
+the holder's address), so a read asks the holder nothing; a chunk without one is asked for with
+LOCATE (one round trip). Header and key are checked as for any read; the payload checksum is not
+re-verified for a P2P cache's pool (its region is `checked`: see `nencache.net.shared`).
 
 A peer counts as local when the connection to it has the same address at both ends (the kernel routes
 it to this machine), whatever address it published. A pool that must be pinned for CUDA copies
@@ -45,7 +48,8 @@ def peer_pool(capacity_bytes: int, page_bytes: int, *, pin_memory: bool | None) 
     if page_bytes <= 0 or capacity_bytes // page_bytes < 1:
         return MemoryPool(capacity_bytes, page_bytes, pin_memory=pin_memory)  # raises the usual ConfigError
     pin = cuda_pinning_available() if pin_memory is None else pin_memory
-    region = None if pin else SharedRegion.create(capacity_bytes // page_bytes, page_bytes)
+    # checked: a cache's pool holds only chunks it computed or verified, their checksums stamped from the pool
+    region = None if pin else SharedRegion.create(capacity_bytes // page_bytes, page_bytes, checked=True)
     if region is None:
         return MemoryPool(capacity_bytes, page_bytes, pin_memory=pin_memory)
     return SharedPool(region, capacity_bytes, page_bytes)
@@ -98,9 +102,17 @@ def read_shared(conn: WireConnection, region: MappedRegion, namespace: bytes, ke
     out: list[Blob | bool | None] = []
     for spot in spots:
         if isinstance(spot, Spot):
-            buffer = buffers.take(spot.length)
-            out.append(buffer if region.copy(spot, buffer) else True)
+            out.append(copy_out(region, spot, buffers) or True)
         else:
             out.append(True if spot else None)
     return out
+
+
+def copy_out(region: MappedRegion, spot: Spot, buffers: BufferPool) -> memoryview | None:
+    """The chunk at `spot` copied into a pooled buffer; None if the spot is not one of the region's chunks or
+    the page was freed before the copy ended."""
+    if region.page_of(spot) is None:
+        return None
+    buffer = buffers.take(spot.length)
+    return buffer if region.copy(spot, buffer) else None
 

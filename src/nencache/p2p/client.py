@@ -3,9 +3,12 @@
 A peer speaks the NenCache server protocol (`nencache.net.wire`). A peer that is down, slow,
 killed or refuses a request is never an error for the caller: the call answers a miss, the failure
 is counted, and the peer is skipped for `retry_after` seconds (its index entries expire meanwhile).
-Returned blobs are checked (header, length, key); the codec checks the payload checksum.
+Returned blobs are checked: header, length and key, and the payload checksum, except for a copy out
+of a shared pool that vouches for its payloads (`nencache.net.shared`: its bytes are then exactly the
+holder's, as trustworthy as a hit in the holder's own memory). A blob that fails is dropped and counted.
 With `shared_memory`, a peer on this machine that shares its pool is read through it
-(`nencache.net.shared_pool`): one LOCATE round trip, then a memory copy per chunk.
+(`nencache.net.shared_pool`): once its pool is mapped, a chunk whose placement the index gave is
+copied without asking the peer anything; others take one LOCATE round trip, then a copy.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from nencache.errors import CorruptChunkError
+from nencache.format import split_blob
 from nencache.net.buffers import BufferPool
 from nencache.net.protocol import ProtocolError
 from nencache.net.requests import count_present, fetch
-from nencache.net.shared import MappedRegion
-from nencache.net.shared_pool import attach, read_shared
+from nencache.net.shared import MappedRegion, Placement, Spot
+from nencache.net.shared_pool import attach, copy_out, read_shared
 from nencache.net.warn import ThrottledWarning
 from nencache.net.wire import (
     ErrorReply, Target, WireConnection, blob_ok, describe_failure, token_bytes,
@@ -57,6 +62,7 @@ class PeerClients:
         self.shared_reads = 0  # chunks copied out of a local peer's shared pool
         self._regions: dict[str, MappedRegion | None] = {}  # peer -> its mapped pool (None: read over the socket)
         self.on_failure = on_failure  # told of each failed call (the owner counts it)
+        self.on_corrupt: Callable[[int], None] | None = None  # told how many blobs of a call failed their checks
         self._token = token_bytes(auth_token)
         self._buffers = BufferPool()
         self._idle: OrderedDict[str, list[WireConnection]] = OrderedDict()
@@ -79,12 +85,48 @@ class PeerClients:
         """How many of `keys`, from the first, `peer` holds (0 when it fails)."""
         return self._call(peer, lambda conn: count_present(conn, self.namespace, keys), 0) if keys else 0
 
-    def get(self, peer: str, keys: Sequence[bytes]) -> list[memoryview | None]:
-        """The blobs `peer` holds for `keys` (header, length and key checked), None elsewhere or on failure."""
-        blobs = self._call(peer, lambda conn: self._fetch(peer, conn, keys), None) if keys else []
-        if blobs is None or len(blobs) != len(keys):
-            return [None] * len(keys)
-        return [blob if blob is not None and blob_ok(key, blob) else None for key, blob in zip(keys, blobs)]
+    def confirm(self, peer: str, placements: Sequence[bytes | None]) -> int:
+        """How many of `placements`, from the first, still hold their chunk in `peer`'s mapped pool: an
+        EXISTS answered without asking the peer (0 where its pool is not mapped here)."""
+        region = self._mapped(peer)
+        found = 0
+        while region is not None and found < len(placements):
+            spot = _spot(region, placements[found])
+            if spot is None or not region.current(spot):
+                break
+            found += 1
+        return found
+
+    def get(self, peer: str, keys: Sequence[bytes],
+            placements: Sequence[bytes | None] | None = None) -> list[memoryview | None]:
+        """The blobs `peer` holds for `keys`, checked (see the module docstring), None elsewhere or on failure.
+
+        `placements` (from the index, per key; None where unknown) are copied straight out of the peer's
+        pool where it is mapped here; the rest, and whatever went stale, are asked of the peer."""
+        if not keys:
+            return []
+        out: list[memoryview | None] = [None] * len(keys)
+        bad = 0
+        region = self._mapped(peer) if placements is not None else None
+        if region is not None and placements is not None:
+            for i, placement in enumerate(placements):
+                spot = _spot(region, placement)
+                if spot is not None and (blob := copy_out(region, spot, self._buffers)) is not None:
+                    out[i] = _checked(keys[i], blob, region.checked)  # a bad one is asked of the peer below
+                    bad += out[i] is None
+            with self._lock:
+                self.shared_reads += sum(blob is not None for blob in out)
+        rest = [i for i, blob in enumerate(out) if blob is None]
+        if rest:
+            asked = [keys[i] for i in rest]
+            fetched = self._call(peer, lambda conn: self._fetch(peer, conn, asked), None)
+            if fetched is not None and len(fetched) == len(rest):
+                for i, (blob, vouched) in zip(rest, fetched):
+                    out[i] = _checked(keys[i], blob, vouched)
+                    bad += blob is not None and out[i] is None
+        if bad and self.on_corrupt is not None:
+            self.on_corrupt(bad)
+        return out
 
     def close(self) -> None:
         with self._lock:
@@ -95,23 +137,37 @@ class PeerClients:
                 conn.close()
 
     # --- reads -----------------------------------------------------------------------------------
-    def _fetch(self, peer: str, conn: WireConnection, keys: Sequence[bytes]) -> list[memoryview | None]:
-        """The blobs of `keys` from `peer`: out of its shared pool where it can be mapped, else with GET."""
+    def _fetch(self, peer: str, conn: WireConnection, keys: Sequence[bytes]) -> list[tuple[memoryview | None, bool]]:
+        """The blobs of `keys` from `peer`, each with whether its pool vouches for its payload: out of its
+        shared pool where it can be mapped (LOCATE, then a copy), else with GET."""
         region = self._region(peer, conn) if self.shared_memory else None
         if region is not None:
             got = read_shared(conn, region, self.namespace, keys, self._buffers)
             if got is not None:
                 rest = [i for i, blob in enumerate(got) if blob is True]
                 copied = len(got) - len(rest) - sum(blob is None for blob in got)
+                out = [(None if blob is None or blob is True else blob, region.checked) for blob in got]
                 if rest:
                     for i, blob in zip(rest, fetch(conn, self.namespace, [keys[i] for i in rest])):
-                        got[i] = blob
+                        out[i] = (blob, False)
                 with self._lock:
                     self.shared_reads += copied
-                return [None if blob is None or blob is True else blob for blob in got]  # type: ignore[misc]
+                return out  # type: ignore[return-value]
             with self._lock:  # the peer restarted with a new pool: map it again next time
                 self._regions.pop(peer, None)
-        return fetch(conn, self.namespace, keys)
+        return [(blob, False) for blob in fetch(conn, self.namespace, keys)]
+
+    def _mapped(self, peer: str) -> MappedRegion | None:
+        """`peer`'s pool if it is mapped here and its owner still runs (else the mapping is dropped)."""
+        if not self.shared_memory:
+            return None
+        with self._lock:
+            region = self._regions.get(peer)
+        if region is not None and not region.alive():
+            with self._lock:
+                self._regions.pop(peer, None)
+            return None
+        return region
 
     def _region(self, peer: str, conn: WireConnection) -> MappedRegion | None:
         with self._lock:
@@ -183,3 +239,22 @@ class PeerClients:
         for conn in dropped:
             conn.close()
         self._warn("peer %s failed (%s); its chunks are misses for %gs", peer, describe_failure(exc), self.retry_after)
+
+
+def _spot(region: MappedRegion, placement: bytes | None) -> Spot | None:
+    """The spot a placement from the index names in `region`; None if it names another pool, or nothing."""
+    found = Placement.unpack(placement) if placement is not None else None
+    return found.spot if found is not None and found.nonce == region.nonce else None
+
+
+def _checked(key: bytes, blob: memoryview | None, vouched: bool) -> memoryview | None:
+    """`blob` if its header, length and key (and, unless `vouched`, its payload checksum) are right; else None."""
+    if blob is None:
+        return None
+    if vouched:
+        return blob if blob_ok(key, blob) else None
+    try:
+        split_blob(blob, key, verify=True)
+    except CorruptChunkError:
+        return None
+    return blob

@@ -22,7 +22,7 @@ from nencache.p2p.client import peer_address
 from nencache.net.protocol import Code, ProtocolError
 from nencache.server.server import BackgroundServer
 from nencache.server.settings import ServerSettings
-from nencache.net.shared import SharedRegion, Spot
+from nencache.net.shared import Placement, SharedRegion, Spot
 from nencache.server.store import Namespace
 from nencache.tiers.memory import ChunkLease, MemoryTier
 
@@ -92,7 +92,14 @@ class PeerStore:
     def locate(self, space: Namespace, keys: Sequence[bytes]) -> list[Spot | None]:
         """Where held chunks sit in the shared region, in the shared byte format (a raw chunk's header is
         stamped first); None for the rest. Nothing stays pinned: the reader checks the page's generation."""
-        assert self.region is not None, "locate needs the shared region"
+        spots = self._spots(keys)
+        self.served_chunks += sum(spot is not None for spot in spots)
+        return spots
+
+    def _spots(self, keys: Sequence[bytes]) -> list[Spot | None]:
+        """`locate` without counting: each held chunk's header stamped, and where it sits."""
+        region = self.region
+        assert region is not None, "locate needs the shared region"
         spots: list[Spot | None] = []
         for key in keys:
             lease = self.memory.lease(key, count=False)
@@ -102,11 +109,10 @@ class PeerStore:
             try:
                 length = len(lease.blob())
                 page = lease.entry.page
-                spots.append(Spot(self.region.pool_offset + page * self.pool.page_bytes, length,
-                                  int(self.region.generations[page])))
+                spots.append(Spot(region.pool_offset + page * self.pool.page_bytes, length,
+                                  int(region.generations[page])))
             finally:
                 lease.release()
-        self.served_chunks += sum(spot is not None for spot in spots)
         return spots
 
     def delete(self, space: Namespace, keys: Sequence[bytes]) -> None:
@@ -128,8 +134,12 @@ class PeerStore:
                 "namespaces": 1, "served_chunks": self.served_chunks}
 
     # --- headers ---------------------------------------------------------------------------------
-    def prepare(self, keys: Sequence[bytes]) -> None:
-        """Stamp the headers of raw chunks about to be published, so serving them is a lookup."""
+    def prepare(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Stamp the headers of raw chunks about to be published, so serving them is a lookup; where each
+        sits in the shared pool (a packed `Placement`; None where the pool is not shared or it is gone)."""
+        if self.region is not None:
+            nonce = self.region.nonce
+            return [None if spot is None else Placement(nonce, spot).pack() for spot in self._spots(keys)]
         for key in keys:
             lease = self.memory.lease(key, count=False)
             if lease is not None:
@@ -137,6 +147,7 @@ class PeerStore:
                     lease.blob()
                 finally:
                     lease.release()
+        return [None] * len(keys)
 
 
 class PeerEndpoint:

@@ -3,9 +3,12 @@
 One sorted set per chunk key, `<key_prefix>:p2p:<namespace>:` + the 16-byte key. Its members are
 peer addresses (`host:port`), each scored with the wall-clock time (ms) its entry expires; the set
 itself expires `ttl` after its last publish, so a dead peer's entries vanish even if nobody cleans
-up. Publishing, unpublishing and looking up holders are each one redis-py pipeline (per node, for a
-cluster, where redis-py follows MOVED/ASK and failovers). Failures raise `ControlError` (an
-`OSError`); `PeerTier` turns them into misses.
+up. Beside it, a hash (the same key + `:at`) maps a holder whose pool is shared to where the chunk
+sits in it (a packed `nencache.net.shared.Placement`), so a peer on the same machine copies the chunk
+without asking the holder first; it expires with the sorted set, and a holder's field is only read
+while the holder is listed. Publishing, unpublishing and looking up holders are each one redis-py
+pipeline (per node, for a cluster, where redis-py follows MOVED/ASK and failovers). Failures raise
+`ControlError` (an `OSError`); `PeerTier` turns them into misses.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from nencache.errors import ConfigError
@@ -20,6 +24,14 @@ from nencache.tiers.redis_control import ControlError, RedisControl
 from nencache.tiers.redis_url import parse_url
 
 BATCH_KEYS = 2048  # keys per pipeline when publishing many
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """A peer that holds a chunk, and where the chunk sits in its shared pool (None: not published)."""
+
+    address: str
+    placement: bytes | None = None
 
 
 class PeerIndex:
@@ -44,32 +56,49 @@ class PeerIndex:
         """The Redis key of a chunk key's holder set."""
         return self._prefix + bytes(key)
 
-    def publish(self, keys: Sequence[bytes], peer: str) -> None:
-        """Record `peer` as a holder of `keys` for the next `ttl` (expired holders are pruned on the way)."""
+    def publish(self, keys: Sequence[bytes], peer: str, placements: Sequence[bytes | None] | None = None) -> None:
+        """Record `peer` as a holder of `keys` for the next `ttl` (expired holders are pruned on the way), with
+        where each sits in its shared pool (`placements`, None where it does not say: any older one is dropped)."""
         now = _now_ms()
         for start in range(0, len(keys), BATCH_KEYS):
             commands: list[tuple[Any, ...]] = []
-            for key in keys[start : start + BATCH_KEYS]:
-                rkey = self.rkey(key)
+            for i in range(start, min(start + BATCH_KEYS, len(keys))):
+                rkey, placement = self.rkey(keys[i]), placements[i] if placements is not None else None
                 commands += [("ZADD", rkey, now + self.ttl_ms, peer), ("ZREMRANGEBYSCORE", rkey, "-inf", now),
                              ("PEXPIRE", rkey, self.ttl_ms)]
+                if placement is None:
+                    commands.append(("HDEL", rkey + b":at", peer))
+                else:
+                    commands += [("HSET", rkey + b":at", peer, placement), ("PEXPIRE", rkey + b":at", self.ttl_ms)]
             _raise_errors(self._control.pipeline(commands))
 
     def unpublish(self, keys: Sequence[bytes], peer: str) -> None:
         """Remove `peer` from the holders of `keys`."""
         for start in range(0, len(keys), BATCH_KEYS):
-            _raise_errors(self._control.pipeline([("ZREM", self.rkey(k), peer)
-                                                  for k in keys[start : start + BATCH_KEYS]]))
+            commands: list[tuple[Any, ...]] = []
+            for key in keys[start : start + BATCH_KEYS]:
+                commands += [("ZREM", self.rkey(key), peer), ("HDEL", self.rkey(key) + b":at", peer)]
+            _raise_errors(self._control.pipeline(commands))
 
-    def holders(self, keys: Sequence[bytes]) -> list[list[str]]:
-        """The live holders of each key, most recently published first: one round trip."""
+    def lookup(self, keys: Sequence[bytes]) -> list[list[Holder]]:
+        """The live holders of each key, most recently published first, with their placements: one round trip."""
         if not keys:
             return []
         now = _now_ms()
-        replies = _raise_errors(self._control.pipeline([("ZREVRANGEBYSCORE", self.rkey(k), "+inf", f"({now}")
-                                                        for k in keys]))
-        return [[bytes(m).decode("utf-8", "replace") for m in reply] if isinstance(reply, list) else []
-                for reply in replies]
+        commands: list[tuple[Any, ...]] = []
+        for key in keys:
+            commands += [("ZREVRANGEBYSCORE", self.rkey(key), "+inf", f"({now}"), ("HGETALL", self.rkey(key) + b":at")]
+        replies = _raise_errors(self._control.pipeline(commands))
+        out: list[list[Holder]] = []
+        for members, placed in zip(replies[::2], replies[1::2]):
+            at = {bytes(k): bytes(v) for k, v in placed.items()} if isinstance(placed, dict) else {}
+            out.append([Holder(bytes(m).decode("utf-8", "replace"), at.get(bytes(m)))
+                        for m in (members if isinstance(members, list) else [])])
+        return out
+
+    def holders(self, keys: Sequence[bytes]) -> list[list[str]]:
+        """The addresses of the live holders of each key, most recently published first: one round trip."""
+        return [[holder.address for holder in found] for found in self.lookup(keys)]
 
     def check(self) -> None:
         """Return if the index answers; raise `ControlError` otherwise."""

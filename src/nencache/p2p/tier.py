@@ -1,12 +1,15 @@
 """`PeerTier`: other peers' memory as a byte tier, found through the P2P index.
 
-`contains_prefix` asks the index for the holders of the keys in one round trip, then asks the
-chosen holder (EXISTS) that it still has them; `get` fetches straight from the holders. `put`
-publishes keys only: no chunk bytes leave this process on store (peers fetch them from this
-cache's `PeerEndpoint`). Evicted, deleted and cleared keys are unpublished; a background thread
-refreshes the entries of the keys still held every `ttl / 3`. A dead or slow index or peer is never
-an error: calls answer misses, failures are counted, and while the index is down a background
-probe (exponential backoff) waits for it to come back, then republishes everything held.
+`contains_prefix` asks the index for the holders of the keys in one round trip, then makes sure the
+chosen holder still has them: where the index gave the chunks' placements in a holder's shared pool
+that is mapped here, by reading the pages' generations, else by asking it (EXISTS). `get` copies
+placed chunks straight out of that pool, and fetches the rest from the holders. `put` publishes keys
+(with their placements where this cache's pool is shared) only: no chunk bytes leave this process on
+store (peers fetch them from this cache's `PeerEndpoint`). Evicted, deleted and cleared keys are
+unpublished; a background thread refreshes the entries of the keys still held every `ttl / 3`. A
+dead or slow index or peer is never an error: calls answer misses, failures are counted, and while
+the index is down a background probe (exponential backoff) waits for it to come back, then
+republishes everything held.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 from nencache.p2p.client import PeerClients
-from nencache.p2p.index import PeerIndex
+from nencache.p2p.index import Holder, PeerIndex
 from nencache.tiers.base import Distance, TierStats
 from nencache.tiers.resp import ReplyError
 from nencache.net.warn import ThrottledWarning
@@ -30,7 +33,9 @@ _INDEX_FAILURES = (OSError, ReplyError)
 
 
 class PreparedChunks(Protocol):
-    def prepare(self, keys: Sequence[bytes]) -> None: ...
+    def prepare(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Ready `keys` to be served; where each sits in the shared pool (packed placements; None: not shared)."""
+        ...
 
 
 class Endpoint(Protocol):
@@ -51,20 +56,21 @@ class PeerTier:
     """A byte tier over peers. See the module docstring."""
 
     name = "p2p"
-    checks_payload = False
+    checks_payload = True  # `PeerClients` checks every blob (or its shared pool vouches for it)
     publish_only = True  # `put` publishes keys; peers fetch the bytes from this cache's endpoint
     distance = Distance.PEER
 
     def __init__(self, index: PeerIndex, endpoint: Endpoint, clients: PeerClients, *, ttl: float) -> None:
         self.index, self.endpoint, self.clients = index, endpoint, clients
         clients.on_failure = lambda: self._stats.add(errors=1)
+        clients.on_corrupt = lambda count: self._stats.add(corrupt=count)
         self.address = endpoint.address
         self._interval = ttl / 3
         self._stats = TierStats()
         self._lock = threading.Lock()
-        self._published: set[bytes] = set()
+        self._published: dict[bytes, bytes | None] = {}  # key -> its placement in this cache's shared pool
         self._gone: set[bytes] = set()  # evicted keys waiting to be unpublished
-        self._holders: dict[bytes, tuple[float, list[str]]] = {}
+        self._holders: dict[bytes, tuple[float, list[Holder]]] = {}
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._up = True
@@ -88,8 +94,10 @@ class PeerTier:
         while run < len(holders) and holders[run]:
             run += 1
         confirmed = 0
-        for peer, start, end in self._segments(holders[:run]):  # one EXISTS per holder, usually one holder
-            found = self.clients.exists(peer, keys[start:end])
+        for peer, start, end in self._segments(holders[:run]):  # usually one holder
+            found = self.clients.confirm(peer, [_placement(one, peer) for one in holders[start:end]])
+            if found < end - start:
+                found += self.clients.exists(peer, keys[start + found : end])
             confirmed = start + found
             if found < end - start:
                 break
@@ -107,9 +115,10 @@ class PeerTier:
             wanted: dict[str, list[int]] = {}
             for i, found in enumerate(candidates):
                 if out[i] is None and found and len(found) > attempt:
-                    wanted.setdefault(found[attempt], []).append(i)
+                    wanted.setdefault(found[attempt].address, []).append(i)
             for peer, positions in wanted.items():
-                for i, blob in zip(positions, self.clients.get(peer, [keys[i] for i in positions])):
+                placements = [_placement(candidates[i], peer) for i in positions]
+                for i, blob in zip(positions, self.clients.get(peer, [keys[i] for i in positions], placements)):
                     out[i] = blob
         hits = sum(b is not None for b in out)
         self._stats.add(hits=hits, misses=len(keys) - hits, read_bytes=sum(len(b) for b in out if b is not None),
@@ -122,23 +131,24 @@ class PeerTier:
     def put(self, items: Sequence[tuple[bytes, Blob]]) -> None:
         """Publish the keys of chunks this cache now holds (values are ignored: peers fetch them here)."""
         keys = [bytes(k) for k, _ in items]
-        self.endpoint.store.prepare(keys)
+        placements = self.endpoint.store.prepare(keys)
         with self._lock:
-            self._published.update(keys)
+            self._published.update(zip(keys, placements))
             self._gone.difference_update(keys)
         self._stats.add(stored_chunks=len(keys))
-        self._index_call(lambda: self.index.publish(keys, self.address), None)
+        self._index_call(lambda: self.index.publish(keys, self.address, placements), None)
 
     def delete(self, keys: Sequence[bytes]) -> None:
         keys = [bytes(k) for k in keys]
         with self._lock:
-            self._published.difference_update(keys)
+            for key in keys:
+                self._published.pop(key, None)
             self._gone.difference_update(keys)
         self._index_call(lambda: self.index.unpublish(keys, self.address), None)
 
     def clear(self) -> None:
         with self._lock:
-            keys = list(self._published | self._gone)
+            keys = [*self._published, *self._gone]
         self.delete(keys)
 
     def flush(self) -> None:
@@ -166,19 +176,20 @@ class PeerTier:
         """Told by the memory tier when it evicts `key`: unpublished in the background."""
         with self._lock:
             if key in self._published:
-                self._published.discard(key)
+                del self._published[key]
                 self._gone.add(key)
         self._wake.set()
 
     # --- lookups ---------------------------------------------------------------------------------
-    def _lookup(self, keys: Sequence[bytes]) -> list[list[str]]:
+    def _lookup(self, keys: Sequence[bytes]) -> list[list[Holder]]:
         """Usable holders of each key (not this peer, not a peer being skipped): one index round trip."""
         if not keys:
             return []
-        found = self._index_call(lambda: self.index.holders(keys), None)
+        found = self._index_call(lambda: self.index.lookup(keys), None)
         if found is None:
             return [[] for _ in keys]
-        holders = [[p for p in peers if p != self.address and self.clients.usable(p)] for peers in found]
+        holders = [[h for h in peers if h.address != self.address and self.clients.usable(h.address)]
+                   for peers in found]
         expires = time.monotonic() + _HOLDERS_TTL
         with self._lock:
             if len(self._holders) + len(keys) > _MAX_HOLDERS:
@@ -188,21 +199,21 @@ class PeerTier:
                     self._holders[bytes(key)] = (expires, peers)
         return holders
 
-    def _cached_holders(self, keys: Sequence[bytes]) -> list[list[str] | None]:
+    def _cached_holders(self, keys: Sequence[bytes]) -> list[list[Holder] | None]:
         now = time.monotonic()
         with self._lock:
             cached = [self._holders.get(bytes(k)) for k in keys]
         return [c[1] if c is not None and c[0] > now else None for c in cached]
 
     @staticmethod
-    def _segments(holders: list[list[str]]) -> list[tuple[str, int, int]]:
+    def _segments(holders: list[list[Holder]]) -> list[tuple[str, int, int]]:
         """(peer, start, end): consecutive keys served by one peer, keeping the current peer while it can."""
         out: list[tuple[str, int, int]] = []
         for i, peers in enumerate(holders):
-            if out and out[-1][0] in peers:
+            if out and any(h.address == out[-1][0] for h in peers):
                 out[-1] = (out[-1][0], out[-1][1], i + 1)
             else:
-                out.append((peers[0], i, i + 1))
+                out.append((peers[0].address, i, i + 1))
         return out
 
     # --- the index: health, refresh, unpublish ---------------------------------------------------
@@ -234,9 +245,9 @@ class PeerTier:
 
     def _republish(self) -> None:
         with self._lock:
-            keys = list(self._published)
+            keys, placements = list(self._published), list(self._published.values())
         if keys:
-            self._index_call(lambda: self.index.publish(keys, self.address), None)
+            self._index_call(lambda: self.index.publish(keys, self.address, placements), None)
 
     def _run(self) -> None:
         """Refresh held keys every `ttl / 3`, unpublish evicted ones, probe the index while it is down."""
@@ -262,3 +273,8 @@ class PeerTier:
             if time.monotonic() >= next_refresh:
                 self._republish()
                 next_refresh = time.monotonic() + self._interval
+
+
+def _placement(holders: list[Holder] | None, peer: str) -> bytes | None:
+    """Where `peer` said the chunk sits in its shared pool, if it is among `holders` and said so."""
+    return next((h.placement for h in holders or () if h.address == peer), None)

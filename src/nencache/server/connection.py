@@ -38,6 +38,7 @@ from nencache.server.store import Namespace, NamespaceLimitError
 log = logging.getLogger("nencache.server")
 MAX_INFLIGHT = 32  # requests of one connection being answered at once
 ADMISSION_WAIT = 0.25  # seconds a PUT waits for room to receive a body before it is answered BUSY
+INLINE_REPLY_BYTES = 4 << 20  # GET replies at most this large may be answered in the reader loop (see `_inline`)
 T = TypeVar("T")
 
 
@@ -177,9 +178,22 @@ class Connection:
                 await self._reply(frame, started, count=self.store.exists(space, keys) if space else 0)
             else:
                 await self._slots.acquire()
-                task = asyncio.create_task(self._answer(op, frame, namespace, keys, started))
+                answer = self._answer(op, frame, namespace, keys, started)
+                if self._inline(op, frame.count):
+                    await answer  # answered at once, without a task and a turn of the event loop
+                    return
+                task = asyncio.create_task(answer)
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+
+    def _inline(self, op: Op, count: int) -> bool:
+        """Whether a read can be answered in the reader loop itself: memory only (no disk read to wait for),
+        nothing else of this connection in flight, and a reply small enough for the socket's send buffer
+        (LOCATE's always is), so that the reader loop never waits on a client that pipelines a large body
+        behind it."""
+        if self.store.disk_root is not None or self._tasks:
+            return False
+        return op is Op.LOCATE or (op is Op.GET and count * self.limits.max_chunk_bytes <= INLINE_REPLY_BYTES)
 
     async def _auth(self, frame: Frame, token: bytes, started: float) -> None:
         expected = self.server.token
@@ -192,7 +206,8 @@ class Connection:
         await self._reply(frame, started, body=[json.dumps(hello).encode()])
 
     async def _answer(self, op: Op, frame: Frame, namespace: bytes, keys: list[bytes], started: float) -> None:
-        """EXISTS (with a disk tier), GET, DELETE and CLEAR, answered beside the reader loop."""
+        """EXISTS (with a disk tier), GET, LOCATE, DELETE and CLEAR, answered beside the reader loop (in the
+        loop itself where `_inline` allows)."""
         try:
             space = await self._namespace(namespace, create=False)
             if op is Op.GET:
