@@ -67,8 +67,9 @@ class Fp8Codec(InPlaceSectionCodec):
 
         def write(codes: torch.Tensor) -> None:
             fp8 = codes.view(_FP8)
-            for layer in range(layers):
-                fp8[layer].copy_((chunk[layer].float() * inv[layer]).clamp_(-_MAX, _MAX))
+            for layer in range(layers):  # keys and values apart: fp32 temporaries of a quarter of a layer's bytes
+                for part in (0, 1):
+                    fp8[layer, part].copy_((chunk[layer, part].float() * inv[layer, part]).clamp_(-_MAX, _MAX))
 
         return [scale], 0, write
 
