@@ -151,7 +151,13 @@ def quantize_into(codes: torch.Tensor, x: torch.Tensor, low: torch.Tensor, step:
         codes[i].copy_(torch.addcmul(bias[i], x[i].float(), inv[i]).round_().clamp_(0, levels))
 
 
-def layer_blocks(layers: int, per_layer: int, budget: int = 1 << 17) -> list[slice]:
+# The block of the in-place decoders (int8, fp8): about a layer of a 256-token chunk. Blocks of 2**19 values
+# kept 6 MiB more resident after decoding (torch's casting buffers, which glibc keeps); see benchmarks/RESULTS.md,
+# "memory: lab notes on resident bytes".
+IN_PLACE_BLOCK = 1 << 17
+
+
+def layer_blocks(layers: int, per_layer: int, budget: int = 1 << 19) -> list[slice]:
     """Slices of about `budget` elements over the layer axis: decoders work block by block, paying torch's
     per-call overhead a few times per chunk rather than per layer, with any temporaries still cache-sized."""
     step = max(1, budget // max(1, per_layer))
@@ -178,7 +184,8 @@ def unpack_nibbles(packed: torch.Tensor, width: int) -> torch.Tensor:
 
 __all__ = [
     "FLOAT_DTYPES", "MAX_DECODED_BYTES", "affine_params", "dequantize", "bad_param", "build_blob",
-    "InPlaceSectionCodec", "check_chunk", "check_header", "check_key", "chunk_header", "pack_nibbles", "quantize_into", "read_sections", "section_bytes", "unpack_nibbles",
+    "IN_PLACE_BLOCK", "InPlaceSectionCodec", "check_chunk", "check_header", "check_key", "chunk_header",
+    "pack_nibbles", "quantize_into", "read_sections", "section_bytes", "unpack_nibbles",
 ]
 
 

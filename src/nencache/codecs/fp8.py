@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from nencache.codecs.common import (
-    CodesWriter, InPlaceSectionCodec, Spec,
+    IN_PLACE_BLOCK, CodesWriter, InPlaceSectionCodec, Spec,
     bad_param, check_header, layer_blocks, read_sections, section_bytes,
 )
 from nencache.errors import LayoutError
@@ -58,8 +58,10 @@ class Fp8Codec(InPlaceSectionCodec):
         layers, _, tokens, heads, head_dim = chunk.shape
         if tokens == 0:
             return [torch.ones(layers, 2, heads)], 0, lambda codes: None
-        # max |x| as max(max x, -min x): two reductions, no chunk-sized |x| temporary
-        absmax = torch.maximum(chunk.amax(dim=(2, 4)), chunk.amin(dim=(2, 4)).neg()).float()  # [layers, 2, heads]
+        absmax = torch.empty(layers, 2, heads, dtype=chunk.dtype)
+        for layer in range(layers):  # |x| of one layer at a time: no chunk-sized temporary
+            torch.amax(chunk[layer].abs(), dim=(1, 3), out=absmax[layer])
+        absmax = absmax.float()  # [layers, 2, heads]
         if not torch.isfinite(absmax).all():
             raise LayoutError("chunk contains NaN or inf values; lossy codecs need finite KV (use raw for these)")
         scale = (absmax / _MAX).clamp_min(_TINY)
@@ -67,9 +69,8 @@ class Fp8Codec(InPlaceSectionCodec):
 
         def write(codes: torch.Tensor) -> None:
             fp8 = codes.view(_FP8)
-            for layer in range(layers):  # keys and values apart: fp32 temporaries of a quarter of a layer's bytes
-                for part in (0, 1):
-                    fp8[layer, part].copy_((chunk[layer, part].float() * inv[layer, part]).clamp_(-_MAX, _MAX))
+            for layer in range(layers):
+                fp8[layer].copy_((chunk[layer].float() * inv[layer]).clamp_(-_MAX, _MAX))
 
         return [scale], 0, write
 
@@ -84,7 +85,7 @@ class Fp8Codec(InPlaceSectionCodec):
         scale, codes = sections
         layers, _, tokens, heads, head_dim = codes.shape
         scale = (scale * 256.0)[:, :, None, :, None]
-        for block in layer_blocks(layers, 2 * tokens * heads * head_dim):
+        for block in layer_blocks(layers, 2 * tokens * heads * head_dim, IN_PLACE_BLOCK):
             torch.mul(_e4m3_as_fp16(codes[block]), scale[block], out=out[block])  # in fp32, rounded once
 
     def max_encoded_size(self, layout: KVLayout, num_tokens: int) -> int:

@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from nencache.codecs.common import (
-    CodesWriter, InPlaceSectionCodec, Spec,
+    IN_PLACE_BLOCK, CodesWriter, InPlaceSectionCodec, Spec,
     affine_params, bad_param, check_header, layer_blocks, quantize_into, read_sections,
     section_bytes,
 )
@@ -111,7 +111,7 @@ class Int8Codec(InPlaceSectionCodec):
         layers, _, tokens, heads, head_dim = codes.shape
         klo, kst = key_low.float()[:, None], key_step.float()[:, None]
         vlo, vst = val_low.float()[..., None], val_step.float()[..., None]
-        for block in layer_blocks(layers, tokens * heads * head_dim):
+        for block in layer_blocks(layers, tokens * heads * head_dim, IN_PLACE_BLOCK):
             # fp32 `low + step * code`, rounded once into the output
             torch.addcmul(klo[block], codes[block, 0], kst[block], out=out[block, 0])
             torch.addcmul(vlo[block], codes[block, 1], vst[block], out=out[block, 1])
