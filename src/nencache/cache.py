@@ -32,7 +32,7 @@ from nencache.stats import CacheCounters
 from nencache.store import Store, Want
 from nencache.tiers.base import Tier
 from nencache.tiers.disk_io import disk_path
-from nencache.tiers.memory import MemoryTier
+from nencache.tiers.memory import Fill, MemoryTier
 from nencache.writer import LowerTier
 
 
@@ -174,8 +174,7 @@ class KVCache:
             raise LayoutError(f"kv_start={kv_start} must be a multiple of chunk_size ({self.chunk_size}) between 0 "
                               f"and the {tokens} tokens given")
         self.layout.check(kv, tokens - kv_start)
-        return self._store_spans(prompt, lambda target, s, e: copy_into(target, kv[:, :, s - kv_start : e - kv_start]),
-                                 first=kv_start)
+        return self._store_spans(prompt, lambda s, e: kv[:, :, s - kv_start : e - kv_start], first=kv_start)
 
     def store_layers(self, token_ids: TokenIds | Prompt, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
                      salt: str | bytes | None = None) -> int:
@@ -193,7 +192,7 @@ class KVCache:
                 copy_into(target[index, 0], k[:, start:end].transpose(0, 1))
                 copy_into(target[index, 1], v[:, start:end].transpose(0, 1))
 
-        return self._store_spans(prompt, fill)
+        return self._store_spans(prompt, lambda start, end: lambda target: fill(target, start, end))
 
     def retrieve(self, token_ids: TokenIds | Prompt, *, salt: str | bytes | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
@@ -363,7 +362,9 @@ class KVCache:
             raise LayoutError(f"layer KV is {tuple(tensor.shape)} {tensor.dtype}; expected {expected} {self.layout.dtype}")
         return tensor
 
-    def _store_spans(self, prompt: Prompt, fill: Callable[[torch.Tensor, int, int], object], first: int = 0) -> int:
+    def _store_spans(self, prompt: Prompt, chunk: Callable[[int, int], Fill], first: int = 0) -> int:
+        """Store the chunks of `prompt` from `first` on; `chunk(start, end)` gives each one's `Fill` (the
+        chunk itself when the caller has it as one tensor: a codec then encodes it without a staging copy)."""
         started = time.perf_counter()
         spans = prompt.spans if self.config.save_unfull_chunk else prompt.spans[: prompt.full]
         new = 0
@@ -372,8 +373,7 @@ class KVCache:
             if span.end <= first:
                 continue  # the caller vouches for this prefix
             try:
-                stored = self._store.put(span.key, span.end - span.start,
-                                         lambda target, s=span: fill(target, s.start, s.end), deadline)
+                stored = self._store.put(span.key, span.end - span.start, chunk(span.start, span.end), deadline)
             except PoolExhaustedError as exc:
                 skipped = sum(1 for s in spans[index:] if s.end > first and s.key not in self.memory)
                 self._counters.add(store_failures=1, store_skipped_chunks=skipped)

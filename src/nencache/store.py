@@ -38,7 +38,7 @@ from nencache.errors import CorruptChunkError, PoolExhaustedError, TierError
 from nencache.format import KEY_SIZE, parse_header, split_blob
 from nencache.layout import KVLayout
 from nencache.tiers.base import Tier
-from nencache.tiers.memory import ChunkLease, MemoryTier
+from nencache.tiers.memory import ChunkLease, Fill, MemoryTier
 from nencache.writer import LowerTier, TierSink, WriteBehind, WritePolicy
 from nencache.net.warn import WarnOnce
 
@@ -46,7 +46,6 @@ log = logging.getLogger("nencache")
 T = TypeVar("T")
 _RAW = RawCodec()
 FETCH_BATCH_BYTES = 32 << 20  # chunks read from a lower tier per batch (their buffers are reused batch to batch)
-Fill = Callable[[torch.Tensor], object]
 Blob = bytes | bytearray | memoryview
 
 
@@ -267,7 +266,7 @@ class Store:
         return self.writer.deadline() if self.writer is not None else 0.0
 
     def put(self, key: bytes, num_tokens: int, fill: Fill, deadline: float) -> bool:
-        """Copy one chunk into the pool (`fill` writes it) and queue it for the lower tiers. False if it
+        """Copy one chunk into the pool (`fill` writes it, or is it) and queue it for the lower tiers. False if it
         was already held.
 
         A pool whose every page is pinned (pending writes, readers) gets room from the write-behind's

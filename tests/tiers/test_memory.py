@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nencache.errors import PoolExhaustedError, TierError
+from nencache.codecs import get_codec
+from nencache.errors import LayoutError, PoolExhaustedError, TierError
 from nencache.layout import KVLayout
 from nencache.pool import MemoryPool
 from nencache.tiers.memory import MemoryTier, raw_page_bytes
@@ -69,3 +70,45 @@ def test_oversized_blob_is_refused_and_changes_nothing() -> None:
     with pytest.raises(TierError, match="larger than a pool page"):
         tier.put([(make_key(0), make_blob(make_key(0), tokens=64))])
     assert len(tier) == 0 and tier.pool.free_pages == 4
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8", "zstd+int8"])
+def test_codec_pages_hold_the_codecs_own_blob_and_read_into_any_view(name: str) -> None:
+    """In-place codecs (int8, fp8) encode into the page and decode into the reader's view; the others
+    through a blob. Either way the page holds exactly `encode`'s bytes and reads give exactly `decode`'s."""
+    codec = get_codec(name)
+    page = codec.max_encoded_size(LAYOUT, 8)
+    tier = MemoryTier(MemoryPool(4 * page, page), LAYOUT, codec)
+    whole = torch.randn(LAYOUT.shape(16), generator=torch.Generator().manual_seed(3)).to(LAYOUT.dtype)
+    sources = [whole[:, :, :8], whole[:, :, 8:]]  # strided views, read where they are
+    for i, source in enumerate(sources):
+        assert tier.put_tensor(make_key(i), source)
+    for i, source in enumerate(sources):
+        lease = tier.lease(make_key(i), count=False)
+        assert bytes(lease.blob()) == codec.encode(source.contiguous(), make_key(i))
+        lease.release()
+    canvas = torch.zeros(LAYOUT.num_layers, 2, 20, LAYOUT.num_kv_heads, LAYOUT.head_dim, dtype=LAYOUT.dtype)
+    assert tier.read_into(make_key(0), canvas[:, :, 1:9])
+    assert tier.read_many([make_key(1)], [canvas[:, :, 10:18]]) == 1
+    for i, (start, source) in enumerate(zip((1, 10), sources)):
+        expected = codec.decode(codec.encode(source.contiguous(), make_key(i)))
+        assert torch.equal(canvas[:, :, start : start + 8], expected)
+    assert not canvas[:, :, [0, 9, 18, 19]].any()
+    as_fp32 = torch.zeros(LAYOUT.shape(8), dtype=torch.float32)  # not the layout's dtype: decoded, then converted
+    assert tier.read_into(make_key(0), as_fp32)
+    assert torch.equal(as_fp32, canvas[:, :, 1:9].float())
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+def test_a_chunk_a_codec_refuses_evicts_nothing(name: str) -> None:
+    codec = get_codec(name)
+    page = codec.max_encoded_size(LAYOUT, 4)
+    tier = MemoryTier(MemoryPool(2 * page, page), LAYOUT, codec)
+    tier.put_tensor(make_key(0), chunk(0))
+    tier.put_tensor(make_key(1), chunk(1))
+    bad = chunk(2)
+    bad[0, 1, 2, 0, 3] = float("inf")
+    with pytest.raises(LayoutError, match="NaN or inf"):
+        tier.put_filled(make_key(2), 4, lambda target: target.copy_(bad))
+    assert make_key(0) in tier and make_key(1) in tier and make_key(2) not in tier
+    assert tier.stats().evicted_chunks == 0 and tier.pool.free_pages == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -31,4 +32,23 @@ class Codec(Protocol):
 
     def max_encoded_size(self, layout: KVLayout, num_tokens: int) -> int:
         """Upper bound of `len(encode(chunk))` for a chunk of this layout and token count."""
+        ...
+
+
+@runtime_checkable
+class EncodesInPlace(Protocol):
+    """A codec that writes its blob straight into a buffer the caller reserves, and decodes straight into
+    the caller's tensor: no chunk-sized blob, code or decoded temporaries, whose memory the process's
+    allocator would otherwise keep resident after each chunk. The memory tier uses it when its codec has it.
+    """
+
+    def encode_into(self, chunk: torch.Tensor, reserve: Callable[[int], torch.Tensor], key: bytes = NO_KEY) -> int:
+        """Encode `chunk` into the uint8 tensor `reserve(nbytes)` returns (called once, after the chunk
+        was checked, so a bad chunk raises before anything is reserved); return the blob's size."""
+        ...
+
+    def decode_into(self, blob: bytes | bytearray | memoryview, out: torch.Tensor,
+                    expected_key: bytes | None = None) -> None:
+        """Decode `blob` into the CPU tensor `out` (its shape and dtype, any strides); `CorruptChunkError` for
+        damaged bytes, `LayoutError` if `out` does not match the chunk. A writable `blob` is read in place."""
         ...

@@ -9,13 +9,13 @@ tensors again.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
 
 from nencache.errors import CorruptChunkError, LayoutError
-from nencache.format import KEY_SIZE, NO_KEY, ChunkHeader, split_blob
+from nencache.format import HEADER_SIZE, KEY_SIZE, NO_KEY, ChunkHeader, split_blob
 from nencache.layout import CODE_DTYPES, DTYPE_CODES
 
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
@@ -52,19 +52,28 @@ def section_bytes(spec: Spec) -> int:
     return total
 
 
+def check_key(key: object) -> None:
+    if not isinstance(key, bytes) or len(key) != KEY_SIZE:
+        raise LayoutError(f"a chunk key is {KEY_SIZE} bytes (see nencache.keys), got {key!r:.40}")
+
+
+def chunk_header(chunk: torch.Tensor, codec_id: int, size: int, crc: int, key: bytes, codec_param: int) -> ChunkHeader:
+    """The header of `chunk` encoded into `size` payload bytes of checksum `crc`."""
+    layers, _, tokens, heads, head_dim = chunk.shape
+    return ChunkHeader(codec_id, DTYPE_CODES[chunk.dtype], layers, heads, head_dim, tokens, size, crc, key,
+                       0, codec_param)
+
+
 def build_blob(chunk: torch.Tensor, codec_id: int, sections: Sequence[torch.Tensor], key: bytes = NO_KEY,
                codec_param: int = 0) -> bytes:
     """Header + the raw bytes of `sections`, back to back (one copy of each)."""
-    if not isinstance(key, bytes) or len(key) != KEY_SIZE:
-        raise LayoutError(f"a chunk key is {KEY_SIZE} bytes (see nencache.keys), got {key!r:.40}")
+    check_key(key)
     views = [memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()) for t in sections if t.numel()]
     crc, size = 0, 0
     for view in views:
         crc = zlib.crc32(view, crc)
         size += len(view)
-    layers, _, tokens, heads, head_dim = chunk.shape
-    header = ChunkHeader(codec_id, DTYPE_CODES[chunk.dtype], layers, heads, head_dim, tokens, size, crc, key,
-                         0, codec_param)
+    header = chunk_header(chunk, codec_id, size, crc, key, codec_param)
     return b"".join([header.pack(), *views])
 
 
@@ -94,12 +103,17 @@ def bad_param(name: str, value: int) -> CorruptChunkError:
     return CorruptChunkError(f"{name} chunk has codec parameter {value:#x}, which {name} never writes")
 
 
-def read_sections(payload: memoryview, spec: Spec) -> list[torch.Tensor]:
-    """Cut `payload` into tensors of `spec`; raise `CorruptChunkError` if its size does not match."""
+def read_sections(payload: memoryview, spec: Spec, copy: bool = True) -> list[torch.Tensor]:
+    """Cut `payload` into tensors of `spec`; raise `CorruptChunkError` if its size does not match.
+
+    With `copy=False` (a writable `payload` only) the tensors are views of it: valid while it is."""
     expected = section_bytes(spec)
     if expected != len(payload):
         raise CorruptChunkError(f"payload is {len(payload)} bytes, but a chunk of this shape needs {expected}")
-    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if expected else torch.empty(0, dtype=torch.uint8)
+    if not expected:
+        data = torch.empty(0, dtype=torch.uint8)
+    else:
+        data = torch.frombuffer(bytearray(payload) if copy or payload.readonly else payload, dtype=torch.uint8)
     out, offset = [], 0
     for dtype, shape in spec:
         count = 1
@@ -137,6 +151,12 @@ def quantize_into(codes: torch.Tensor, x: torch.Tensor, low: torch.Tensor, step:
         codes[i].copy_(torch.addcmul(bias[i], x[i].float(), inv[i]).round_().clamp_(0, levels))
 
 
+# The block of the in-place decoders (int8, fp8): about a layer of a 256-token chunk. Blocks of 2**19 values
+# kept 6 MiB more resident after decoding (torch's casting buffers, which glibc keeps); see benchmarks/RESULTS.md,
+# "memory: lab notes on resident bytes".
+IN_PLACE_BLOCK = 1 << 17
+
+
 def layer_blocks(layers: int, per_layer: int, budget: int = 1 << 19) -> list[slice]:
     """Slices of about `budget` elements over the layer axis: decoders work block by block, paying torch's
     per-call overhead a few times per chunk rather than per layer, with any temporaries still cache-sized."""
@@ -164,7 +184,8 @@ def unpack_nibbles(packed: torch.Tensor, width: int) -> torch.Tensor:
 
 __all__ = [
     "FLOAT_DTYPES", "MAX_DECODED_BYTES", "affine_params", "dequantize", "bad_param", "build_blob",
-    "check_chunk", "check_header", "pack_nibbles", "quantize_into", "read_sections", "section_bytes", "unpack_nibbles",
+    "IN_PLACE_BLOCK", "InPlaceSectionCodec", "check_chunk", "check_header", "check_key", "chunk_header",
+    "pack_nibbles", "quantize_into", "read_sections", "section_bytes", "unpack_nibbles",
 ]
 
 
@@ -188,3 +209,84 @@ class SectionCodec:
 
     def decode(self, blob: bytes | bytearray | memoryview, expected_key: bytes | None = None) -> torch.Tensor:
         return self.decode_payload(*split_blob(blob, expected_key))
+
+
+Reserve = Callable[[int], torch.Tensor]
+CodesWriter = Callable[[torch.Tensor], None]
+
+
+class InPlaceSectionCodec(SectionCodec):
+    """A section codec whose last section, the codes (nearly all of a blob's bytes), is written straight into
+    a buffer the caller reserves (`encode_into`) and decoded straight into the caller's tensor (`decode_into`).
+
+    Neither makes a chunk-sized temporary (blob, codes, decoded chunk): the working memory of a chunk is its
+    small grid parameters plus the decoders' and quantizers' per-layer-block temporaries, so what the
+    process's allocator keeps of it stays small however many chunks pass through.
+    """
+
+    __slots__ = ()
+
+    def payload_spec(self, shape: torch.Size) -> Spec:
+        """The payload's sections for a chunk of `shape` (dtypes of the right sizes; the codes last)."""
+        raise NotImplementedError
+
+    def encode_parts(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int, CodesWriter]:
+        """The sections before the codes, the header's codec parameter, and a writer of the codes into a
+        tensor of the last section's dtype and shape. Raises for a chunk it cannot encode before writing."""
+        raise NotImplementedError
+
+    def payload_sections(self, header: ChunkHeader, payload: memoryview, copy: bool) -> list[torch.Tensor]:
+        """The sections of a checked payload (`read_sections`), after vetting the header for this codec."""
+        raise NotImplementedError
+
+    def decode_sections_into(self, sections: list[torch.Tensor], out: torch.Tensor) -> None:
+        """Write the chunk `sections` hold into `out` (its shape and dtype, any strides, CPU)."""
+        raise NotImplementedError
+
+    def encode_sections(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+        head, param, write = self.encode_parts(chunk)
+        dtype, shape = self.payload_spec(chunk.shape)[-1]
+        codes = torch.empty(shape, dtype=dtype)
+        write(codes)
+        return [*head, codes], param
+
+    def encode_into(self, chunk: torch.Tensor, reserve: Reserve, key: bytes = NO_KEY) -> int:
+        check_key(key)
+        chunk = check_chunk(chunk)
+        head, param, write = self.encode_parts(chunk)
+        spec = self.payload_spec(chunk.shape)
+        size = section_bytes(spec)
+        dest = reserve(HEADER_SIZE + size)
+        payload = dest[HEADER_SIZE : HEADER_SIZE + size]
+        offset = 0
+        for section in head:
+            data = section.contiguous().reshape(-1).view(torch.uint8)
+            payload[offset : offset + data.numel()].copy_(data)
+            offset += data.numel()
+        dtype, shape = spec[-1]
+        write(payload[offset:].view(dtype).view(shape))
+        crc = zlib.crc32(memoryview(payload.numpy())) if size else 0
+        header = chunk_header(chunk, self.codec_id, size, crc, key, param).pack()
+        dest[:HEADER_SIZE].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+        return HEADER_SIZE + size
+
+    def decode_payload(self, header: ChunkHeader, payload: memoryview) -> torch.Tensor:
+        """Decode a checked payload (used by the lossless wrappers after decompressing)."""
+        sections = self.payload_sections(header, payload, copy=True)
+        out = torch.empty(_decoded_shape(header), dtype=CODE_DTYPES[header.dtype_code])
+        self.decode_sections_into(sections, out)
+        return out
+
+    def decode_into(self, blob: bytes | bytearray | memoryview, out: torch.Tensor,
+                    expected_key: bytes | None = None) -> None:
+        header, payload = split_blob(blob, expected_key)
+        sections = self.payload_sections(header, payload, copy=False)
+        shape, dtype = _decoded_shape(header), CODE_DTYPES[header.dtype_code]
+        if tuple(out.shape) != shape or out.dtype != dtype or out.device.type != "cpu":
+            raise LayoutError(f"chunk decodes to {shape} {dtype}; got an output of {tuple(out.shape)} {out.dtype} "
+                              f"on {out.device}: pass a CPU tensor of the chunk's shape and dtype")
+        self.decode_sections_into(sections, out)
+
+
+def _decoded_shape(header: ChunkHeader) -> tuple[int, int, int, int, int]:
+    return (header.num_layers, 2, header.num_tokens, header.num_kv_heads, header.head_dim)

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from nencache.codecs.common import (
-    SectionCodec,
+    IN_PLACE_BLOCK, CodesWriter, InPlaceSectionCodec, Spec,
     bad_param, check_header, layer_blocks, read_sections, section_bytes,
 )
 from nencache.errors import LayoutError
@@ -42,41 +42,51 @@ def _e4m3_as_fp16(codes: torch.Tensor) -> torch.Tensor:
 
 
 @dataclasses.dataclass(slots=True)
-class Fp8Codec(SectionCodec):
+class Fp8Codec(InPlaceSectionCodec):
     """float8 e4m3 codes, scaled per (layer, K/V, head) so the chunk's largest value maps to 448."""
 
     name: ClassVar[str] = "fp8"
     codec_id: ClassVar[int] = 2
     lossy: ClassVar[bool] = True
 
-    def encode_sections(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int]:
-        """The payload sections of `chunk` and the header's codec parameter (always 0)."""
+    def payload_spec(self, shape: torch.Size) -> Spec:
+        layers, _, tokens, heads, head_dim = shape
+        return _spec(layers, tokens, heads, head_dim)
+
+    def encode_parts(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int, CodesWriter]:
+        """The scales of `chunk`, the header's codec parameter (always 0) and the writer of its codes."""
         layers, _, tokens, heads, head_dim = chunk.shape
-        codes = torch.empty(chunk.shape, dtype=torch.uint8)
         if tokens == 0:
-            return [torch.ones(layers, 2, heads), codes], 0
-        absmax = chunk.abs().amax(dim=(2, 4)).float()  # [layers, 2, heads]
+            return [torch.ones(layers, 2, heads)], 0, lambda codes: None
+        absmax = torch.empty(layers, 2, heads, dtype=chunk.dtype)
+        for layer in range(layers):  # |x| of one layer at a time: no chunk-sized temporary
+            torch.amax(chunk[layer].abs(), dim=(1, 3), out=absmax[layer])
+        absmax = absmax.float()  # [layers, 2, heads]
         if not torch.isfinite(absmax).all():
             raise LayoutError("chunk contains NaN or inf values; lossy codecs need finite KV (use raw for these)")
         scale = (absmax / _MAX).clamp_min(_TINY)
         inv = scale.reciprocal()[:, :, None, :, None]
-        fp8 = codes.view(_FP8)
-        for layer in range(layers):
-            fp8[layer].copy_((chunk[layer].float() * inv[layer]).clamp_(-_MAX, _MAX))
-        return [scale, codes], 0
 
-    def decode_payload(self, header: ChunkHeader, payload: memoryview) -> torch.Tensor:
-        """Decode a checked payload (used by the lossless wrappers after decompressing)."""
-        dtype = check_header(header, self.codec_id, self.name)
+        def write(codes: torch.Tensor) -> None:
+            fp8 = codes.view(_FP8)
+            for layer in range(layers):
+                fp8[layer].copy_((chunk[layer].float() * inv[layer]).clamp_(-_MAX, _MAX))
+
+        return [scale], 0, write
+
+    def payload_sections(self, header: ChunkHeader, payload: memoryview, copy: bool) -> list[torch.Tensor]:
+        check_header(header, self.codec_id, self.name)
         if header.codec_param != 0:
             raise bad_param(self.name, header.codec_param)
         layers, tokens, heads, head_dim = header.num_layers, header.num_tokens, header.num_kv_heads, header.head_dim
-        scale, codes = read_sections(payload, _spec(layers, tokens, heads, head_dim))
+        return read_sections(payload, _spec(layers, tokens, heads, head_dim), copy)
+
+    def decode_sections_into(self, sections: list[torch.Tensor], out: torch.Tensor) -> None:
+        scale, codes = sections
+        layers, _, tokens, heads, head_dim = codes.shape
         scale = (scale * 256.0)[:, :, None, :, None]
-        out = torch.empty((layers, 2, tokens, heads, head_dim), dtype=dtype)
-        for block in layer_blocks(layers, 2 * tokens * heads * head_dim):
+        for block in layer_blocks(layers, 2 * tokens * heads * head_dim, IN_PLACE_BLOCK):
             torch.mul(_e4m3_as_fp16(codes[block]), scale[block], out=out[block])  # in fp32, rounded once
-        return out
 
     def max_encoded_size(self, layout: KVLayout, num_tokens: int) -> int:
         return HEADER_SIZE + section_bytes(_spec(layout.num_layers, num_tokens, layout.num_kv_heads, layout.head_dim))

@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from nencache.codecs.common import (
-    SectionCodec,
+    IN_PLACE_BLOCK, CodesWriter, InPlaceSectionCodec, Spec,
     affine_params, bad_param, check_header, layer_blocks, quantize_into, read_sections,
     section_bytes,
 )
@@ -62,22 +62,25 @@ def _fp16_params(lo: torch.Tensor, hi: torch.Tensor, bf16_step: torch.Tensor
 
 
 @dataclasses.dataclass(slots=True)
-class Int8Codec(SectionCodec):
+class Int8Codec(InPlaceSectionCodec):
     """8-bit codes on fp16 (or bf16) grids: keys per channel over the chunk, values per token and head."""
 
     name: ClassVar[str] = "int8"
     codec_id: ClassVar[int] = 1
     lossy: ClassVar[bool] = True
 
-    def encode_sections(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int]:
-        """The payload sections of `chunk` and the header's codec parameter (1: fp16 grid parameters,
-        0: bf16 ones, for chunks whose parameters fp16 cannot hold as well)."""
+    def payload_spec(self, shape: torch.Size) -> Spec:
+        layers, _, tokens, heads, head_dim = shape
+        return _spec(layers, tokens, heads, head_dim)
+
+    def encode_parts(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int, CodesWriter]:
+        """The grid parameters of `chunk`, the header's codec parameter (1: fp16 grid parameters, 0: bf16
+        ones, for chunks whose parameters fp16 cannot hold as well) and the writer of its codes."""
         layers, _, tokens, heads, head_dim = chunk.shape
-        codes = torch.empty(chunk.shape, dtype=torch.uint8)
         if tokens == 0:
             zeros = torch.zeros(layers, heads, head_dim, dtype=torch.bfloat16)
             none = torch.empty(layers, 0, heads, dtype=torch.bfloat16)
-            return [zeros, zeros, none, none, codes], 0
+            return [zeros, zeros, none, none], 0, lambda codes: None
         keys, values = chunk[:, 0], chunk[:, 1]
         key_lo, key_hi = keys.amin(1).float(), keys.amax(1).float()
         val_lo, val_hi = values.amin(-1).float(), values.amax(-1).float()
@@ -88,27 +91,30 @@ class Int8Codec(SectionCodec):
         fp16_vals = _fp16_params(val_lo, val_hi, val_step) if fp16_keys is not None else None
         if fp16_vals is not None:
             (key_low, key_step), (val_low, val_step), param = fp16_keys, fp16_vals, 1
-        quantize_into(codes[:, 0], keys, key_low[:, None], key_step[:, None], _LEVELS)
-        quantize_into(codes[:, 1], values, val_low[..., None], val_step[..., None], _LEVELS)
-        return [key_low, key_step, val_low, val_step, codes], param
 
-    def decode_payload(self, header: ChunkHeader, payload: memoryview) -> torch.Tensor:
-        """Decode a checked payload (used by the lossless wrappers after decompressing)."""
-        dtype = check_header(header, self.codec_id, self.name)
+        def write(codes: torch.Tensor) -> None:
+            quantize_into(codes[:, 0], keys, key_low[:, None], key_step[:, None], _LEVELS)
+            quantize_into(codes[:, 1], values, val_low[..., None], val_step[..., None], _LEVELS)
+
+        return [key_low, key_step, val_low, val_step], param, write
+
+    def payload_sections(self, header: ChunkHeader, payload: memoryview, copy: bool) -> list[torch.Tensor]:
+        check_header(header, self.codec_id, self.name)
         param_dtype = _PARAM_DTYPES.get(header.codec_param)
         if param_dtype is None:
             raise bad_param(self.name, header.codec_param)
         layers, tokens, heads, head_dim = header.num_layers, header.num_tokens, header.num_kv_heads, header.head_dim
-        key_low, key_step, val_low, val_step, codes = read_sections(
-            payload, _spec(layers, tokens, heads, head_dim, param_dtype))
-        out = torch.empty((layers, 2, tokens, heads, head_dim), dtype=dtype)
+        return read_sections(payload, _spec(layers, tokens, heads, head_dim, param_dtype), copy)
+
+    def decode_sections_into(self, sections: list[torch.Tensor], out: torch.Tensor) -> None:
+        key_low, key_step, val_low, val_step, codes = sections
+        layers, _, tokens, heads, head_dim = codes.shape
         klo, kst = key_low.float()[:, None], key_step.float()[:, None]
         vlo, vst = val_low.float()[..., None], val_step.float()[..., None]
-        for block in layer_blocks(layers, tokens * heads * head_dim):
-            # fp32 `low + step * code`, rounded once into the output: no fp32 temporaries
+        for block in layer_blocks(layers, tokens * heads * head_dim, IN_PLACE_BLOCK):
+            # fp32 `low + step * code`, rounded once into the output
             torch.addcmul(klo[block], codes[block, 0], kst[block], out=out[block, 0])
             torch.addcmul(vlo[block], codes[block, 1], vst[block], out=out[block, 1])
-        return out
 
     def max_encoded_size(self, layout: KVLayout, num_tokens: int) -> int:
         return HEADER_SIZE + section_bytes(_spec(layout.num_layers, num_tokens, layout.num_kv_heads, layout.head_dim))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from nencache.codecs import Codec, RawCodec
+from nencache.codecs.base import EncodesInPlace
 from nencache.codecs.raw import header_for
 from nencache.copy import as_numpy, copy_into
 from nencache.errors import LayoutError, PoolExhaustedError, TierError
@@ -30,6 +31,10 @@ from nencache.policy.base import EvictionPolicy
 from nencache.policy.index import PolicyIndex
 from nencache.pool import MemoryPool
 from nencache.tiers.base import Distance, TierStats
+
+Fill = Callable[[torch.Tensor], object] | torch.Tensor
+"""A chunk for the pool: a callable that writes it into the `[layers, 2, tokens, heads, dim]` tensor it is
+given, or the chunk itself (any strides, any device)."""
 
 
 def raw_page_bytes(layout: KVLayout, num_tokens: int) -> int:
@@ -85,6 +90,8 @@ class MemoryTier:
         self.layout = layout
         self.codec: Codec = codec or RawCodec()
         self._raw = self.codec.zero_copy
+        # Encodes into the page and decodes into the reader's tensor: no chunk-sized temporaries kept around.
+        self._in_place = not self._raw and isinstance(self.codec, EncodesInPlace)
         self._index: PolicyIndex[Entry] = PolicyIndex(policy)
         self._lock = threading.Lock()
         self._stats = TierStats(capacity_bytes=pool.capacity_bytes)
@@ -93,13 +100,15 @@ class MemoryTier:
     # --- the tensor path used by KVCache -------------------------------------------------------
     def put_tensor(self, key: bytes, chunk: torch.Tensor) -> bool:
         """Copy a chunk (any strides, any device) into a page. False if the key was already held."""
-        return self.put_filled(key, chunk.shape[2], lambda target: copy_into(target, chunk))
+        return self.put_filled(key, chunk.shape[2], chunk)
 
-    def put_filled(self, key: bytes, num_tokens: int, fill: Callable[[torch.Tensor], object]) -> bool:
-        """Store a chunk that `fill` writes into the `[layers, 2, tokens, heads, dim]` tensor it is given.
+    def put_filled(self, key: bytes, num_tokens: int, fill: Fill) -> bool:
+        """Store a chunk that `fill` writes into the `[layers, 2, tokens, heads, dim]` tensor it is given,
+        or the chunk `fill` is (any strides, any device).
 
-        With the raw codec that tensor is the pool page itself (one copy, no allocation). False if the
-        key was already held (then `fill` is not called).
+        With the raw codec that tensor is the pool page itself (one copy, no allocation). A codec reads a
+        chunk given as a CPU tensor of the layout's dtype where it is; otherwise it is first copied into
+        a chunk-sized staging tensor. False if the key was already held (then `fill` is not called).
         """
         lease = self.store_filled(key, num_tokens, fill)
         if lease is None:
@@ -107,7 +116,7 @@ class MemoryTier:
         lease.release()
         return True
 
-    def store_filled(self, key: bytes, num_tokens: int, fill: Callable[[torch.Tensor], object]) -> ChunkLease | None:
+    def store_filled(self, key: bytes, num_tokens: int, fill: Fill) -> ChunkLease | None:
         """`put_filled`, returning the new chunk already pinned (release it), or None if the key was held.
 
         The pin is taken before the chunk becomes visible, so no other thread can evict it first: a
@@ -120,6 +129,11 @@ class MemoryTier:
         assert self.layout is not None, "put_filled needs a layout"
         started = time.perf_counter()
         shape = self.layout.shape(num_tokens)
+        if isinstance(fill, torch.Tensor):
+            source = fill
+            fill = lambda target: copy_into(target, source)  # noqa: E731
+        else:
+            source = None
         if self._raw:
             nbytes = self.layout.nbytes(num_tokens)
             page = self._take_page(HEADER_SIZE + nbytes)
@@ -128,10 +142,24 @@ class MemoryTier:
             except BaseException:
                 self.pool.release(page)
                 raise
+        elif self._in_place:
+            chunk = self._staged(shape, source, fill)
+            taken: list[int] = []
+
+            def reserve(size: int) -> torch.Tensor:
+                taken.append(self._take_page(size))
+                return self.pool.page(taken[-1])
+
+            try:
+                nbytes = self.codec.encode_into(chunk, reserve, key)  # type: ignore[attr-defined]
+            except BaseException:
+                for page in taken:
+                    self.pool.release(page)
+                raise
+            del chunk
+            page = taken[0]
         else:
-            chunk = torch.empty(shape, dtype=self.layout.dtype)
-            fill(chunk)
-            blob = self.codec.encode(chunk, key)
+            blob = self.codec.encode(self._staged(shape, source, fill), key)
             nbytes = len(blob)
             page = self._take_page(nbytes)
             as_numpy(self.pool.page(page))[:nbytes] = np.frombuffer(blob, dtype=np.uint8)
@@ -155,7 +183,7 @@ class MemoryTier:
             return False
         started = time.perf_counter()
         try:
-            copy_into(out, entry.view if entry.view is not None else self._as_tensor(entry, key))
+            self._copy_out(entry, key, out)
         finally:
             self.pool.release(entry.page)
         with self._stats.lock:
@@ -182,7 +210,7 @@ class MemoryTier:
         read = 0
         try:
             for key, entry, out in zip(keys, entries, outs):
-                copy_into(out, entry.view if entry.view is not None else self._as_tensor(entry, key))
+                self._copy_out(entry, key, out)
                 read += entry.nbytes
         finally:
             for entry in entries:
@@ -309,6 +337,28 @@ class MemoryTier:
         """The stored bytes of an entry (a blob's whole bytes; a raw chunk's tensor bytes, after its header slot)."""
         start = 0 if entry.is_blob else HEADER_SIZE
         return self.pool.page(entry.page)[start : start + entry.nbytes]
+
+    def _staged(self, shape: torch.Size, source: torch.Tensor | None, fill: Callable[[torch.Tensor], object]
+                ) -> torch.Tensor:
+        """The chunk to encode: `source` itself when a codec can read it where it is (a CPU tensor of the
+        layout's dtype and shape), else a new tensor `fill` writes."""
+        assert self.layout is not None
+        if source is not None and source.device.type == "cpu" and source.dtype == self.layout.dtype \
+                and tuple(source.shape) == tuple(shape):
+            return source
+        chunk = torch.empty(shape, dtype=self.layout.dtype)
+        fill(chunk)
+        return chunk
+
+    def _copy_out(self, entry: Entry, key: bytes, out: torch.Tensor) -> None:
+        """Copy a pinned chunk into `out`: a raw chunk's view copied, a blob decoded (straight into `out`
+        when the codec can and `out` is a CPU tensor of the layout's dtype)."""
+        if entry.view is not None:
+            copy_into(out, entry.view)
+        elif self._in_place and entry.is_blob and out.device.type == "cpu" and out.dtype == self.layout.dtype:
+            self.codec.decode_into(memoryview(self.payload(entry).numpy()), out, key)  # type: ignore[attr-defined]
+        else:
+            copy_into(out, self._as_tensor(entry, key))
 
     def _as_tensor(self, entry: Entry, key: bytes) -> torch.Tensor:
         page = self.payload(entry)
