@@ -197,6 +197,8 @@ class PeerTier:
             for key, peers in zip(keys, holders):
                 if peers:
                     self._holders[bytes(key)] = (expires, peers)
+                else:  # the index no longer lists a holder: a read must not use an older answer
+                    self._holders.pop(bytes(key), None)
         return holders
 
     def _cached_holders(self, keys: Sequence[bytes]) -> list[list[Holder] | None]:
