@@ -36,8 +36,8 @@ from _results import median, paired_ratio, table, write_section  # noqa: E402
 
 from nencache.codecs.raw import header_for, tensor_bytes  # noqa: E402
 from nencache.format import ChunkHeader  # noqa: E402
-from nencache.tiers.disk import DiskTier  # noqa: E402
-from nencache.tiers.disk_io import round_up  # noqa: E402
+from nencache.tiers.disk.tier import DiskTier  # noqa: E402
+from nencache.tiers.disk.io import round_up  # noqa: E402
 
 SHAPE = (30, 2, 256, 3, 64)  # SmolLM2-135M: layers, K/V, tokens, kv heads, head dim
 ROOT = Path(__file__).resolve().parent.parent

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import command_line, median, paired_ratio, table, write_section  # noqa: E402
 
 from nencache.format import HEADER_SIZE, ChunkHeader, checksum, split_blob  # noqa: E402
-from nencache.tiers.redis import RedisTier  # noqa: E402
+from nencache.tiers.redis.tier import RedisTier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LMCACHE_PY = ROOT / ".venv-lmcache" / "bin" / "python"

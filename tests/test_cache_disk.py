@@ -76,7 +76,7 @@ def test_a_burst_the_pool_can_hold_reaches_a_slow_disk_whole_and_survives_a_rest
     only because it is, and a restart finds every prompt."""
     import time
 
-    from nencache.tiers.disk import DiskTier
+    from nencache.tiers.disk.tier import DiskTier
     from nencache.tiers.memory import raw_page_bytes
 
     real_put = DiskTier.put

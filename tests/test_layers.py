@@ -26,10 +26,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cache", ("nencache.cache", "nencache.pinned", "nencache.metrics")),  # the token-keyed API
     ("assembly", ("nencache.assemble",)),  # config -> tiers -> store, the peer endpoint included
     # `nencache serve`, and the peer endpoint that serves a cache's memory tier over the same protocol
-    ("server", ("nencache.server", "nencache.p2p.endpoint")),
+    ("server", ("nencache.server", "nencache.p2p")),  # p2p/: the peer endpoint, a small server
     ("core", ("nencache.store", "nencache.writer", "nencache.stats")),  # the one chunk store
     ("parts", ("nencache.policy", "nencache.tiers", "nencache.net", "nencache.codecs", "nencache.compat",
-               "nencache.p2p", "nencache.config_loader")),  # p2p/: the peer tier (client side) and its index
+               "nencache.config_loader")),
     ("ground floor", ("nencache.pool", "nencache.keys", "nencache.format", "nencache.layout", "nencache.config",
                       "nencache.errors", "nencache.sizes", "nencache.copy", "nencache.cpu_dtype")),
 ]

@@ -28,14 +28,14 @@ Eviction = Callable[[], EvictionPolicy] | None
 
 
 def _disk(config: CacheConfig, namespace: str, eviction: Eviction) -> Tier:
-    from nencache.tiers.disk import DiskTier
+    from nencache.tiers.disk.tier import DiskTier
 
     return DiskTier(str(config.tiers.disk.path), namespace, int(config.tiers.disk.size), io_threads=config.tiers.io_threads,
                     eviction=eviction() if eviction is not None else None)
 
 
 def _redis(config: CacheConfig, namespace: str) -> Tier:
-    from nencache.tiers.redis import RedisTier
+    from nencache.tiers.redis.tier import RedisTier
 
     return RedisTier(str(config.tiers.remote.url), namespace, timeout=config.tiers.remote.timeout, ttl=config.tiers.remote.ttl,
                      key_prefix=config.tiers.remote.key_prefix)
@@ -106,11 +106,11 @@ def memory_tier(config: CacheConfig, layout: KVLayout, page_tokens: int, *, evic
 def peer_tier(config: CacheConfig, namespace: str, memory: MemoryTier, layout: KVLayout) -> Tier:
     """The peer tier (`enable_p2p`): its endpoint serves `memory` to peers from now on, and evictions
     from `memory` are unpublished."""
-    from nencache.p2p.client import PeerClients
+    from nencache.tiers.peer.client import PeerClients
     from nencache.p2p.endpoint import PeerEndpoint
-    from nencache.p2p.index import PeerIndex
+    from nencache.tiers.peer.index import PeerIndex
     from nencache.net.shared_pool import region_of
-    from nencache.p2p.tier import PeerTier
+    from nencache.tiers.peer.tier import PeerTier
 
     if not config.p2p.index_url:
         raise ConfigError("enable_p2p needs p2p_index_url, the Redis URL (e.g. redis://127.0.0.1:6379) of the index "

@@ -31,7 +31,7 @@ from nencache.policy.live import CachePolicies
 from nencache.stats import CacheCounters
 from nencache.store import Store, Want
 from nencache.tiers.base import Tier
-from nencache.tiers.disk_io import disk_path
+from nencache.tiers.disk.io import disk_path
 from nencache.tiers.memory import Fill, MemoryTier
 from nencache.writer import LowerTier
 

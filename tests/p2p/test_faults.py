@@ -12,7 +12,7 @@ from nencache.codecs import RawCodec
 from nencache.errors import ConfigError
 from nencache.format import HEADER_SIZE
 from nencache.keys import chunk_keys
-from nencache.p2p.index import PeerIndex
+from nencache.tiers.peer.index import PeerIndex
 from nencache.server.server import BackgroundServer
 from nencache.server.settings import ServerSettings
 from nencache.tiers.remote import ServerTier

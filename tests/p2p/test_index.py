@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from nencache.p2p.index import Holder, PeerIndex
-from nencache.tiers.redis_url import parse_url
-from nencache.tiers.resp import Connection
+from nencache.tiers.peer.index import Holder, PeerIndex
+from nencache.tiers.redis.url import parse_url
+from nencache.tiers.redis.resp import Connection
 from tests.redis_util import RedisServer
 
 pytestmark = pytest.mark.redis

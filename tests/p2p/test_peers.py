@@ -12,10 +12,10 @@ import torch
 
 from nencache import KVCache
 from nencache.keys import chunk_keys
-from nencache.p2p.index import PeerIndex
+from nencache.tiers.peer.index import PeerIndex
 from nencache.tiers.memory import raw_page_bytes
-from nencache.tiers.redis_url import parse_url
-from nencache.tiers.resp import Connection
+from nencache.tiers.redis.url import parse_url
+from nencache.tiers.redis.resp import Connection
 from tests.p2p.util import CHUNK, LAYOUT, MODEL, PeerProcess, compute_kv, config, tokens
 from tests.redis_util import RedisServer
 

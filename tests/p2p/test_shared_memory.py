@@ -13,7 +13,7 @@ import nencache.net.shared_pool as shared
 from nencache import KVCache
 from nencache.keys import chunk_keys
 from nencache.net.shared import Placement, Spot
-from nencache.p2p.tier import PeerTier
+from nencache.tiers.peer.tier import PeerTier
 from tests.p2p.util import CHUNK, LAYOUT, MODEL, PeerProcess, compute_kv, config, tokens
 from tests.redis_util import RedisServer
 
@@ -102,7 +102,7 @@ class SocketCalls:
     """Counts the requests B's peer clients send to a holder (EXISTS, LOCATE+copy, GET)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import nencache.p2p.client as client
+        import nencache.tiers.peer.client as client
 
         self.calls: list[str] = []
         for name in ("count_present", "read_shared", "fetch"):
@@ -161,7 +161,7 @@ def test_a_page_reused_between_the_lookup_and_the_copy_is_a_miss_never_the_other
     """B has A's pool mapped and the index's placement of the chunk; before B copies it, A evicts the chunk
     and refills its one page with another: the generation moved, so the copy is refused and the chunk is
     asked of A (gone there: a miss). The other chunk's bytes never reach the engine."""
-    import nencache.p2p.client as client
+    import nencache.tiers.peer.client as client
 
     prefix, other = tokens(200, CHUNK), tokens(95_000, CHUNK)
     a, b = _placed_pair(redis_server, a_pages=1)

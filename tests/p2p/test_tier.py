@@ -20,7 +20,7 @@ import torch
 from nencache.assemble import build_store
 from nencache.config import CacheConfig
 from nencache.layout import KVLayout
-from nencache.p2p.tier import PeerTier
+from nencache.tiers.peer.tier import PeerTier
 from nencache.tiers.base import Tier, TierStats
 from nencache.tiers.memory import MemoryTier, raw_page_bytes
 from tests.redis_util import RedisServer

@@ -14,7 +14,7 @@ from nencache.policy.registry import SIM_POLICIES, make_policy
 from nencache.policy.s3fifo import S3FifoPolicy
 from nencache.policy.simulate import SimConfig, simulate
 from nencache.pool import MemoryPool
-from nencache.tiers.disk_index import LruIndex
+from nencache.tiers.disk.index import LruIndex
 from nencache.tiers.memory import MemoryTier
 
 from tests.policy.conftest import make_trace

@@ -242,7 +242,7 @@ def test_ping_does_not_extend_the_auth_deadline(tmp_path: Path) -> None:
 
 def test_a_put_never_waits_on_a_stalled_disk_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from nencache.server.server import BackgroundServer
-    from nencache.tiers.disk import DiskTier
+    from nencache.tiers.disk.tier import DiskTier
     from tests.server.conftest import small_settings
 
     gate = threading.Event()
@@ -295,7 +295,7 @@ def test_namespaces_differing_only_in_case_never_share_chunks(tmp_path: Path) ->
 def test_a_slow_disk_is_answered_from_memory_and_read_in_the_background(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from nencache.server.server import BackgroundServer
-    from nencache.tiers.disk import DiskTier
+    from nencache.tiers.disk.tier import DiskTier
     from tests.server.conftest import small_settings
 
     real_get = DiskTier.get

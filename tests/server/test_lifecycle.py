@@ -17,7 +17,7 @@ from nencache.cache import KVCache
 from nencache.config import CacheConfig
 from nencache.layout import KVLayout
 from nencache.net.protocol import Op
-from nencache.tiers.disk import DiskTier
+from nencache.tiers.disk.tier import DiskTier
 from nencache.tiers.remote import ServerTier
 from tests.server.util import ServerProcess, chunk_blob, raw_connect, read_frame, request, wait_for
 from tests.tiers.contract import make_blob, make_key

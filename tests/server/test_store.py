@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nencache.server.store import ChunkStore
-from nencache.tiers.disk import DiskTier
+from nencache.tiers.disk.tier import DiskTier
 from tests.server.conftest import small_settings
 from tests.server.util import chunk_blob
 from tests.tiers.contract import make_key

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from nencache.errors import ClosedError, ConfigError
-from nencache.tiers import disk_io
-from nencache.tiers.disk import DiskTier
+from nencache.tiers.disk.tier import io as disk_io
+from nencache.tiers.disk.tier import DiskTier
 from tests.tiers.contract import TierContract
 
 NS = "ab12"
@@ -262,7 +262,7 @@ def test_restart_in_a_new_process_is_bit_exact(tmp_path: Path) -> None:
         t.put([(key(i), blob(i)) for i in range(10)])
     proc = child("""
         import sys
-        from nencache.tiers.disk import DiskTier
+        from nencache.tiers.disk.tier import DiskTier
         with DiskTier(sys.argv[1], "ab12", 1 << 30) as t:
             got = t.get([key(i) for i in range(11)])
             ok = all(bytes(g) == blob(i) for i, g in enumerate(got[:10])) and got[10] is None
@@ -276,7 +276,7 @@ def test_kill_9_while_writing_serves_no_torn_chunk_and_keeps_flushed_ones(tmp_pa
     report = tmp_path / "flushed.txt"
     proc = child("""
         import sys
-        from nencache.tiers.disk import DiskTier
+        from nencache.tiers.disk.tier import DiskTier
         t = DiskTier(sys.argv[1], "ab12", 1 << 40)
         with open(sys.argv[2], "a") as report:
             done = 0
@@ -311,7 +311,7 @@ def test_kill_9_while_writing_serves_no_torn_chunk_and_keeps_flushed_ones(tmp_pa
 def test_two_processes_share_a_directory_without_serving_a_bad_chunk(tmp_path: Path) -> None:
     script = """
         import json, os, random, sys, time
-        from nencache.tiers.disk import DiskTier
+        from nencache.tiers.disk.tier import DiskTier
         root, me = sys.argv[1], sys.argv[2]
         rng = random.Random(me)
         t = DiskTier(root, "ab12", 1_500_000)
@@ -371,7 +371,7 @@ def _index_matches_files(t: DiskTier) -> None:
 
 def test_a_get_racing_an_eviction_never_brings_back_a_deleted_chunk(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from nencache.tiers import disk as disk_module
+    from nencache.tiers.disk.tier import tier as disk_module
 
     size = len(blob(2))
     t = DiskTier(tmp_path, NS, 3 * size + 100)
@@ -405,7 +405,7 @@ def test_a_get_racing_an_eviction_never_brings_back_a_deleted_chunk(tmp_path: Pa
 def test_threads_racing_gets_against_evictions_keep_index_and_files_in_step(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The eviction race, scaled: every read pauses between its bytes and the index while puts evict."""
-    from nencache.tiers import disk as disk_module
+    from nencache.tiers.disk.tier import tier as disk_module
 
     real_read = disk_module.read_chunk
     monkeypatch.setattr(disk_module, "read_chunk",
@@ -450,7 +450,7 @@ def test_threads_racing_gets_against_evictions_keep_index_and_files_in_step(
 
 
 def _tamper_checkpoint(directory: Path, change: Callable[[bytes, int], int]) -> None:
-    from nencache.tiers.disk_index import load_checkpoint, save_checkpoint
+    from nencache.tiers.disk.index import load_checkpoint, save_checkpoint
 
     entries = load_checkpoint(directory)
     assert entries, "no checkpoint to tamper with"
@@ -473,7 +473,7 @@ def test_a_checkpoint_with_wrong_sizes_is_caught_at_start_and_disk_size_holds(tm
 
 def test_a_checkpoint_size_missed_at_start_is_corrected_by_the_first_read(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from nencache.tiers import disk_index
+    from nencache.tiers.disk.tier import index as disk_index
 
     monkeypatch.setattr(disk_index, "START_CHECKS", 0, raising=False)  # the start-up sample sees nothing
     blobs = {i: blob(i, 50_000) for i in range(10)}

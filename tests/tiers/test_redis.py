@@ -18,9 +18,9 @@ import pytest
 import redis
 
 from nencache.errors import ClosedError, ConfigError, TierError
-from nencache.tiers.redis import RedisTier, key_slot
-from nencache.tiers.redis_url import parse_url
-from nencache.tiers.resp import Connection
+from nencache.tiers.redis.tier import RedisTier, key_slot
+from nencache.tiers.redis.url import parse_url
+from nencache.tiers.redis.resp import Connection
 from tests.redis_util import RedisServer, free_port, make_certificate, start_cluster, start_server
 from tests.tiers.contract import TierContract, make_blob, make_key
 
@@ -332,7 +332,7 @@ _WRITER = """
 import sys
 sys.path.insert(0, sys.argv[3])
 from tests.tiers.contract import make_blob, make_key
-from nencache.tiers.redis import RedisTier
+from nencache.tiers.redis.tier import RedisTier
 tier = RedisTier(sys.argv[1], sys.argv[2])
 tier.put([(make_key(i), make_blob(make_key(i), tokens=300, seed=i)) for i in range(12)])
 assert tier.stats().stored_chunks == 12 and tier.is_up, tier.stats()

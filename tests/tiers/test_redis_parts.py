@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from nencache.tiers.redis import RedisTier
-from nencache.tiers.redis_parts import part_count, part_key
+from nencache.tiers.redis.tier import RedisTier
+from nencache.tiers.redis.parts import part_count, part_key
 from tests.redis_util import RedisServer
 from tests.tiers.contract import TierContract, make_blob, make_key
 from tests.tiers.test_redis import items, raw, rkey

@@ -18,7 +18,7 @@ from typing import Any
 from nencache.codecs import RawCodec
 from nencache.errors import ConfigError
 from nencache.format import HEADER_SIZE, parse_header
-from nencache.p2p.client import peer_address
+from nencache.tiers.peer.client import peer_address
 from nencache.net.protocol import Code, ProtocolError
 from nencache.server.server import BackgroundServer
 from nencache.server.settings import ServerSettings

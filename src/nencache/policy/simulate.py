@@ -33,7 +33,7 @@ from nencache.policy.registry import OBSERVING, PolicyContext, check_policy, mak
 from nencache.policy.wrappers import MeteredPolicy
 from nencache.policy.trace import Trace
 from nencache.pool import MemoryPool
-from nencache.tiers.disk_index import LruIndex
+from nencache.tiers.disk.index import LruIndex
 from nencache.tiers.memory import MemoryTier
 
 

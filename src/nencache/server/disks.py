@@ -24,7 +24,7 @@ from pathlib import Path
 from nencache.errors import ConfigError, TierError
 from nencache.format import KEY_SIZE
 from nencache.tiers.base import Distance, TierStats
-from nencache.tiers.disk import DiskTier
+from nencache.tiers.disk.tier import DiskTier
 
 Blob = bytes | bytearray | memoryview
 _HEX = re.compile(r"[0-9a-f]{1,128}")

@@ -153,7 +153,7 @@ def embedded_defaults(loaded: LoadedConfig) -> tuple[CacheConfig, str]:
 
 def disk_tier_available() -> bool:
     try:
-        from nencache.tiers.disk import DiskTier  # noqa: F401
+        from nencache.tiers.disk.tier import DiskTier  # noqa: F401
     except ImportError:
         return False
     return True

@@ -55,8 +55,8 @@ def _timed(call: Callable[[], object]) -> float:
 
 
 def run(ctx: BenchContext) -> SuiteResult:
-    from nencache.tiers.disk import DiskTier
-    from nencache.tiers.disk_index import chunk_name
+    from nencache.tiers.disk.tier import DiskTier
+    from nencache.tiers.disk.index import chunk_name
     from nencache.assemble import remote_tier
 
     result = SuiteResult("latency", "Single small-chunk access latency per tier")

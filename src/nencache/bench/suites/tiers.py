@@ -76,8 +76,8 @@ def _cpu(ctx: BenchContext, rows: _Rows) -> None:
 
 
 def _disk(ctx: BenchContext, rows: _Rows, notes: list[str]) -> None:
-    from nencache.tiers.disk import DiskTier
-    from nencache.tiers.disk_io import round_up
+    from nencache.tiers.disk.tier import DiskTier
+    from nencache.tiers.disk.io import round_up
 
     work, where = ctx.disk_dir()
     try:

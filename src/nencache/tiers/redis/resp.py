@@ -4,7 +4,7 @@ Large values are sent straight from the caller's buffers (`sendmsg`) and receive
 final buffers (`recv_into`); every socket operation has a timeout. Error replies inside a pipeline come
 back as `ReplyError` objects in place; transport failures raise `OSError` (`ConnectionError`,
 `TimeoutError`, `ssl.SSLError`, `ProtocolError`). Everything else (topology, control commands)
-uses redis-py; see `nencache.tiers.redis_control` and benchmarks/RESULTS.md for why this one stays.
+uses redis-py; see `nencache.tiers.redis.control` and benchmarks/RESULTS.md for why this one stays.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from typing import Self, TypeAlias
 
 from nencache.net.buffers import BufferPool
-from nencache.tiers.redis_url import Address, RedisTarget
+from nencache.tiers.redis.url import Address, RedisTarget
 
 Arg: TypeAlias = "bytes | bytearray | memoryview | str | int"
 Reply: TypeAlias = "None | int | bytes | memoryview | list[Reply] | ReplyError"

@@ -3,7 +3,7 @@
 Standalone: every key goes to the one server. Cluster: keys are spread over hash slots (no shared hash
 tag, so chunks use every node's memory); commands are grouped per node and each node gets one
 pipeline, all nodes written before any reply is read. The slot -> node table, health checks and every
-control command come from redis-py (`RedisClient.control`, see `nencache.tiers.redis_control`); only
+control command come from redis-py (`RedisClient.control`, see `nencache.tiers.redis.control`); only
 the pipelines themselves run on the hand-written RESP client. Failures surface as `OSError` or
 `ReplyError`; the caller decides what they mean.
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from nencache.tiers.redis_control import RedisControl, key_slot
-from nencache.tiers.redis_url import Address, RedisTarget
-from nencache.tiers.resp import Arg, Command, Connection, ConnectionPool, Reply
+from nencache.tiers.redis.control import RedisControl, key_slot
+from nencache.tiers.redis.url import Address, RedisTarget
+from nencache.tiers.redis.resp import Arg, Command, Connection, ConnectionPool, Reply
 
 Into = Callable[[list[int]], "memoryview | None"]
 WINDOW_BYTES = 4 << 20  # bytes of replies outstanding per server in a windowed exchange

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from nencache.errors import CorruptChunkError
 from nencache.format import HEADER_SIZE, parse_header
-from nencache.tiers.resp import RECV_BUFFERS
+from nencache.tiers.redis.resp import RECV_BUFFERS
 
 Part = tuple[int, int]  # (chunk index, part number)
 _ABSENT = memoryview(b"")

@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
-from nencache.p2p.client import PeerClients
-from nencache.p2p.index import Holder, PeerIndex
+from nencache.tiers.peer.client import PeerClients
+from nencache.tiers.peer.index import Holder, PeerIndex
 from nencache.tiers.base import Distance, TierStats
-from nencache.tiers.resp import ReplyError
+from nencache.tiers.redis.resp import ReplyError
 from nencache.net.warn import ThrottledWarning
 
 log = logging.getLogger("nencache.p2p")

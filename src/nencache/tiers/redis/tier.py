@@ -2,12 +2,12 @@
 
 Keys are `<key_prefix>:<namespace>:` + the 16-byte chunk key; values are the shared byte format,
 checked (header, key, CRC) on the way back. Chunks over `segment_bytes` (2 MiB) are stored in parts
-under `key`, `key#1`, `key#2`, ... (`nencache.tiers.redis_parts`). `contains_prefix` and `put` are one
+under `key`, `key#1`, `key#2`, ... (`nencache.tiers.redis.parts`). `contains_prefix` and `put` are one
 pipelined round trip per server; `get` streams pipelined GETs with a few MiB in flight per server. These
-three run on the hand-written RESP client (`nencache.tiers.resp`: values sent from and received into
+three run on the hand-written RESP client (`nencache.tiers.redis.resp`: values sent from and received into
 the caller's buffers), measured at more than 1.2x redis-py with hiredis in benchmarks/RESULTS.md;
 `delete`, `clear`, health probes and the cluster's topology (MOVED/ASK, failover) go through redis-py
-(`nencache.tiers.redis_control`). Redis being
+(`nencache.tiers.redis.control`). Redis being
 down, slow or killed never raises: the call is counted as an error, the tier is marked down, and
 until a background probe (exponential backoff, capped at `retry_cap`) reaches Redis again every call
 is an immediate miss (puts are dropped and counted).
@@ -26,18 +26,18 @@ from nencache.format import HEADER_SIZE, parse_header, split_blob
 from nencache.net.retry import FIRST_RETRY, Reconnector
 from nencache.net.warn import ThrottledWarning
 from nencache.tiers.base import Distance, TierStats
-from nencache.tiers.redis_client import Plan, RedisClient
-from nencache.tiers.redis_control import key_slot
-from nencache.tiers.redis_parts import Assembly, part_count, part_key, split_parts
-from nencache.tiers.redis_url import parse_url
-from nencache.tiers.resp import Reply, ReplyError
+from nencache.tiers.redis.client import Plan, RedisClient
+from nencache.tiers.redis.control import key_slot
+from nencache.tiers.redis.parts import Assembly, part_count, part_key, split_parts
+from nencache.tiers.redis.url import parse_url
+from nencache.tiers.redis.resp import Reply, ReplyError
 
 __all__ = ["RedisTier", "key_slot"]
 
 log = logging.getLogger("nencache.redis")
 
 _FAILURES = (OSError, ReplyError)
-SEGMENT_BYTES = 2 << 20  # larger chunks are stored in parts of this size (see nencache.tiers.redis_parts)
+SEGMENT_BYTES = 2 << 20  # larger chunks are stored in parts of this size (see nencache.tiers.redis.parts)
 _SCAN_COUNT = 1000
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nencache.errors import ConfigError
-from nencache.tiers.redis_control import ControlError, RedisControl
-from nencache.tiers.redis_url import parse_url
+from nencache.tiers.redis.control import ControlError, RedisControl
+from nencache.tiers.redis.url import parse_url
 
 BATCH_KEYS = 2048  # keys per pipeline when publishing many
 

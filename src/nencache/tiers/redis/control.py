@@ -3,7 +3,7 @@
 Cluster topology (slot -> primary, reloaded after MOVED/ASK and after a failover), health checks, SCAN
 and UNLINK, and the P2P index's sorted sets go through redis-py (with hiredis when installed): a
 maintained client owns the cluster protocol. Only the bulk GET/SET/EXISTS pipelines of `RedisTier`
-use the hand-written RESP client (`nencache.tiers.resp`), which benchmarks/RESULTS.md ("tiers: remote
+use the hand-written RESP client (`nencache.tiers.redis.resp`), which benchmarks/RESULTS.md ("tiers: remote
 (Redis clients)") measures at more than 1.2x redis-py on chunk-sized values.
 
 Calls fail fast (no retries of their own, one for a cluster while it re-reads its topology): the tier
@@ -27,7 +27,7 @@ try:
 except ImportError as exc:  # the `redis` extra
     raise ImportError("the Redis tier and the P2P index need redis-py: pip install 'nencache[redis]'") from exc
 
-from nencache.tiers.redis_url import Address, RedisTarget
+from nencache.tiers.redis.url import Address, RedisTarget
 
 __all__ = ["SLOTS", "ControlError", "ControlReplyError", "RedisControl", "key_slot"]
 

@@ -29,9 +29,9 @@ from nencache.errors import ClosedError, ConfigError
 from nencache.policy.base import EvictionPolicy
 from nencache.policy.index import PolicyIndex
 from nencache.tiers.base import Distance, TierStats
-from nencache.tiers.disk_faults import FULL_ERRNOS, DiskFaults
-from nencache.tiers.disk_index import CHECKPOINT, SUFFIX, LruIndex, chunk_name, save_checkpoint, scan
-from nencache.tiers.disk_io import (
+from nencache.tiers.disk.faults import FULL_ERRNOS, DiskFaults
+from nencache.tiers.disk.index import CHECKPOINT, SUFFIX, LruIndex, chunk_name, save_checkpoint, scan
+from nencache.tiers.disk.io import (
     BadChunkFile,
     ChunkWriter,
     ReadBuffers,
