@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from nencache.errors import ClosedError, ConfigError
-from nencache.tiers.disk.tier import io as disk_io
+from nencache.tiers.disk import io as disk_io
 from nencache.tiers.disk.tier import DiskTier
 from tests.tiers.contract import TierContract
 
@@ -371,7 +371,7 @@ def _index_matches_files(t: DiskTier) -> None:
 
 def test_a_get_racing_an_eviction_never_brings_back_a_deleted_chunk(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from nencache.tiers.disk.tier import tier as disk_module
+    from nencache.tiers.disk import tier as disk_module
 
     size = len(blob(2))
     t = DiskTier(tmp_path, NS, 3 * size + 100)
@@ -405,7 +405,7 @@ def test_a_get_racing_an_eviction_never_brings_back_a_deleted_chunk(tmp_path: Pa
 def test_threads_racing_gets_against_evictions_keep_index_and_files_in_step(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The eviction race, scaled: every read pauses between its bytes and the index while puts evict."""
-    from nencache.tiers.disk.tier import tier as disk_module
+    from nencache.tiers.disk import tier as disk_module
 
     real_read = disk_module.read_chunk
     monkeypatch.setattr(disk_module, "read_chunk",
@@ -473,7 +473,7 @@ def test_a_checkpoint_with_wrong_sizes_is_caught_at_start_and_disk_size_holds(tm
 
 def test_a_checkpoint_size_missed_at_start_is_corrected_by_the_first_read(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from nencache.tiers.disk.tier import index as disk_index
+    from nencache.tiers.disk import index as disk_index
 
     monkeypatch.setattr(disk_index, "START_CHECKS", 0, raising=False)  # the start-up sample sees nothing
     blobs = {i: blob(i, 50_000) for i in range(10)}
