@@ -91,7 +91,8 @@ class MemoryTier:
         self.codec: Codec = codec or RawCodec()
         self._raw = self.codec.zero_copy
         # Encodes into the page and decodes into the reader's tensor: no chunk-sized temporaries kept around.
-        self._in_place = not self._raw and isinstance(self.codec, EncodesInPlace)
+        self._in_place: EncodesInPlace | None = (
+            self.codec if not self._raw and isinstance(self.codec, EncodesInPlace) else None)
         self._index: PolicyIndex[Entry] = PolicyIndex(policy)
         self._lock = threading.Lock()
         self._stats = TierStats(capacity_bytes=pool.capacity_bytes)
@@ -142,7 +143,7 @@ class MemoryTier:
             except BaseException:
                 self.pool.release(page)
                 raise
-        elif self._in_place:
+        elif self._in_place is not None:
             chunk = self._staged(shape, source, fill)
             taken: list[int] = []
 
@@ -151,7 +152,7 @@ class MemoryTier:
                 return self.pool.page(taken[-1])
 
             try:
-                nbytes = self.codec.encode_into(chunk, reserve, key)  # type: ignore[attr-defined]
+                nbytes = self._in_place.encode_into(chunk, reserve, key)
             except BaseException:
                 for page in taken:
                     self.pool.release(page)
@@ -355,8 +356,9 @@ class MemoryTier:
         when the codec can and `out` is a CPU tensor of the layout's dtype)."""
         if entry.view is not None:
             copy_into(out, entry.view)
-        elif self._in_place and entry.is_blob and out.device.type == "cpu" and out.dtype == self.layout.dtype:
-            self.codec.decode_into(memoryview(self.payload(entry).numpy()), out, key)  # type: ignore[attr-defined]
+        elif (self._in_place is not None and entry.is_blob and out.device.type == "cpu"
+              and out.dtype == self.layout.dtype):
+            self._in_place.decode_into(memoryview(self.payload(entry).numpy()), out, key)
         else:
             copy_into(out, self._as_tensor(entry, key))
 
