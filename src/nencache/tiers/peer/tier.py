@@ -46,6 +46,8 @@ class Endpoint(Protocol):
     store: PreparedChunks
 
     def close(self) -> None: ...
+
+
 _FIRST_RETRY = 0.25
 _RETRY_CAP = 2.0
 _HOLDERS_TTL = 5.0  # seconds holders found by a lookup are reused by the retrieve that follows it
@@ -122,7 +124,7 @@ class PeerTier:
                     out[i] = blob
         hits = sum(b is not None for b in out)
         self._stats.add(hits=hits, misses=len(keys) - hits, read_bytes=sum(len(b) for b in out if b is not None),
-                    read_seconds=time.perf_counter() - started)
+                        read_seconds=time.perf_counter() - started)
         with self._lock:
             for key in keys:
                 self._holders.pop(key, None)
