@@ -240,7 +240,8 @@ def test_lower_tier_reads_come_in_batches_and_stop_at_the_first_gap(monkeypatch)
     import nencache.cache
     import nencache.store
 
-    monkeypatch.setattr(nencache.store, "FETCH_BATCH_BYTES", 2 * LAYOUT.nbytes(CHUNK))
+    # batches are sized by the bytes read: two chunks' blobs (header included)
+    monkeypatch.setattr(nencache.store, "FETCH_BATCH_BYTES", 2 * (LAYOUT.nbytes(CHUNK) + HEADER_SIZE))
     lower = CountingTier(byte_tier())
     with make_cache(lower, local_cpu=False) as cache:
         ids = list(range(10 * CHUNK))

@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("parts", ("nencache.policy", "nencache.tiers", "nencache.net", "nencache.codecs", "nencache.compat",
                "nencache.config_loader")),
     ("ground floor", ("nencache.pool", "nencache.keys", "nencache.format", "nencache.layout", "nencache.config",
-                      "nencache.errors", "nencache.sizes", "nencache.copy", "nencache.cpu_dtype")),
+                      "nencache.errors", "nencache.sizes", "nencache.copy", "nencache.cpu_dtype", "nencache.workers")),
 ]
 ENGINES = ("transformers", "vllm", "sglang")
 

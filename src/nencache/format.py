@@ -74,9 +74,9 @@ class ChunkHeader:
         )
 
 
-def checksum(payload: bytes | bytearray | memoryview) -> int:
-    """CRC-32 (zlib's polynomial and values) of the payload."""
-    return _payload_crc32(payload)
+def checksum(payload: bytes | bytearray | memoryview, value: int = 0) -> int:
+    """CRC-32 (zlib's polynomial and values) of the payload; `value` is the CRC of what came before it."""
+    return _payload_crc32(payload, value)
 
 
 def parse_header(blob: bytes | bytearray | memoryview) -> ChunkHeader:

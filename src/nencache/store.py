@@ -23,7 +23,6 @@ The store knows no URL scheme, no config file and no concrete tier (`nencache.as
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,12 +32,14 @@ from typing import Any, TypeVar
 import torch
 
 from nencache.codecs import RawCodec, decode_any
+from nencache.codecs.base import EncodesInPlace, WarmsUp
 from nencache.copy import as_numpy, copy_into
-from nencache.errors import CorruptChunkError, PoolExhaustedError, TierError
+from nencache.errors import CorruptChunkError, LayoutError, PoolExhaustedError, TierError
 from nencache.format import KEY_SIZE, parse_header, split_blob
 from nencache.layout import KVLayout
 from nencache.tiers.base import Tier
 from nencache.tiers.memory import ChunkLease, Fill, MemoryTier
+from nencache.workers import Workers, core_threads
 from nencache.writer import LowerTier, TierSink, WriteBehind, WritePolicy
 from nencache.net.warn import WarnOnce
 
@@ -105,15 +106,27 @@ class Store:
         self._per_tier: dict[str, StoreCounters] = {one.tier.name: StoreCounters() for one in self.lower}
         self._inflight: dict[bytes, Future[Any]] = {}
         self._io: ThreadPoolExecutor | None = None
-        self._decoders: ThreadPoolExecutor | None = None  # apart from _io: prefetch tasks wait on decodes
+        self._decoders = Workers(core_threads(), "nencache-decode")  # apart from _io: prefetch tasks wait on decodes
+        self._encoders = Workers(2 * core_threads(), "nencache-encode")  # the write-behind's, apart from reads'
         self._fetcher: ThreadPoolExecutor | None = None  # reads the next batch of a fetch ahead
         self._closed = False
-        sink = TierSink(self.lower, self.tier_failed, after_write=None if keep_in_memory else self._forget_staged)
+        sink = TierSink(self.lower, self.tier_failed, after_write=None if keep_in_memory else self._forget_staged,
+                        each=self._encoders.map)
         self.writer: WriteBehind[ChunkLease] | None = (
             WriteBehind(sink, policy, sync=sink.sync) if self.lower and policy is not None else None)
-        # Map the pool's pages in the background: stores then never pay first-touch page faults.
-        self.prefault = threading.Thread(target=memory.pool.prefault, name="nencache-prefault", daemon=True)
+        # Compile the codecs' loops and map the pool's pages in the background: stores then never wait for
+        # either (first-touch page faults included).
+        self.prefault = threading.Thread(target=self._prepare, name="nencache-prefault", daemon=True)
         self.prefault.start()
+
+    def _prepare(self) -> None:
+        for codec in (self.memory.codec, *(one.codec for one in self.lower)):
+            if isinstance(codec, WarmsUp):
+                try:
+                    codec.warm_up()
+                except Exception as exc:  # the first chunk compiles the loops instead, and fails there if it must
+                    self.warn("warm-up", f"could not prepare codec {codec.name} ({exc}); its first chunk will")
+        self.memory.pool.prefault()
 
     # --- lookups -------------------------------------------------------------------------------------
     def contains_prefix(self, keys: Sequence[bytes]) -> int:
@@ -174,7 +187,9 @@ class Store:
         fetched: set[bytes] = set()
         if not self.lower or not wants:
             return fetched
-        per_batch = max(1, FETCH_BATCH_BYTES // max(1, self._layout().nbytes(max(w.num_tokens for w in wants))))
+        tokens, first = max(w.num_tokens for w in wants), self.lower[0].codec
+        chunk_bytes = self._layout().nbytes(tokens) if first is None else first.max_encoded_size(self._layout(), tokens)
+        per_batch = max(1, FETCH_BATCH_BYTES // max(1, chunk_bytes))  # by the bytes the first tier reads
         batches = [list(wants[i : i + per_batch]) for i in range(0, len(wants), per_batch)]
         ahead: Future[Any] | None = self._read_ahead(batches[0])
         for index, batch in enumerate(batches):
@@ -189,7 +204,7 @@ class Store:
                 else:
                     blobs = self.guard(lower.tier, lambda t=lower.tier, w=wanted: t.get([x.key for x in w]), None)
                 hits = [(want, blob) for want, blob in zip(wanted, blobs or ()) if blob is not None]
-                landed = self._each(lambda hit, l=lower: self._land(l, *hit), hits)
+                landed = self._decoders.map(lambda hit, l=lower: self._land(l, *hit), hits)
                 served = [want.key for (want, _), ok in zip(hits, landed) if ok]
                 fetched.update(served)
                 if served:
@@ -361,9 +376,11 @@ class Store:
         self._closed = True
         if self.writer is not None:
             self.writer.close()
-        for pool in (self._io, self._decoders, self._fetcher):
+        for pool in (self._io, self._fetcher):
             if pool is not None:
                 pool.shutdown(wait=True)
+        self._decoders.shutdown()
+        self._encoders.shutdown()
         self.prefault.join()
         self.memory.close()
         for lower in self.lower:
@@ -400,17 +417,47 @@ class Store:
 
     def _land(self, lower: LowerTier, want: Want, blob: Any) -> bool:
         """Decode one fetched chunk, copy it into its `out` and promote it; False if it was corrupt."""
-        chunk = self._decode(lower, want, blob)
+        if want.out is not None and want.out.device.type == "cpu" and self._in_place(lower, blob) is not None:
+            chunk: torch.Tensor | None = self._decode_into(lower, want, blob)
+        else:
+            chunk = self._decode(lower, want, blob)
+            if chunk is not None and want.out is not None:
+                copy_into(want.out, chunk)
         if chunk is None:
             return False
-        if want.out is not None:
-            copy_into(want.out, chunk)
         if want.out is None or self.keep_in_memory:  # without keep_in_memory, only prefetches stage in the pool
             try:
                 self.memory.put_tensor(want.key, chunk)
             except PoolExhaustedError:
                 pass  # served, just not promoted
         return True
+
+    @staticmethod
+    def _in_place(lower: LowerTier, blob: Any) -> EncodesInPlace | None:
+        """`lower`'s codec if it decodes `blob` straight into a tensor (the codec wrote it, unwrapped)."""
+        codec = lower.codec
+        if codec is None or not isinstance(codec, EncodesInPlace):
+            return None
+        try:
+            header = parse_header(blob)
+        except CorruptChunkError:
+            return None  # `_decode` counts it
+        return codec if header.codec_id == codec.codec_id and header.wrapper_id == 0 else None
+
+    def _decode_into(self, lower: LowerTier, want: Want, blob: Any) -> torch.Tensor | None:
+        """Decode `blob` straight into `want.out` (no decoded copy in between); None if it was corrupt."""
+        assert want.out is not None
+        codec = self._in_place(lower, blob)
+        assert codec is not None
+        layout = self._layout()
+        try:
+            if tuple(want.out.shape) != layout.shape(want.num_tokens) or want.out.dtype != layout.dtype:
+                raise LayoutError(f"out is {tuple(want.out.shape)} {want.out.dtype}, not this layout's chunk")
+            codec.decode_into(blob, want.out, expected_key=want.key)
+            return want.out
+        except (CorruptChunkError, LayoutError) as exc:  # the header claims another chunk than was asked for
+            self._corrupt(lower.tier, want.key, CorruptChunkError(str(exc)))
+            return None
 
     def _decode(self, lower: LowerTier, want: Want, blob: Any) -> torch.Tensor | None:
         try:
@@ -461,16 +508,6 @@ class Store:
             except PoolExhaustedError:
                 if writer is None or not writer.make_room(deadline, progress):
                     raise
-
-    def _each(self, fn: Callable[[Any], bool], items: list[Any]) -> list[bool]:
-        """`fn` over `items`, on the decode threads when there are several (decoders and copies release the GIL)."""
-        if len(items) < 2:
-            return [fn(item) for item in items]
-        with self._lock:
-            if self._decoders is None:
-                self._decoders = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
-                                                    thread_name_prefix="nencache-decode")
-        return list(self._decoders.map(fn, items))
 
     def _wait_inflight(self, keys: list[bytes]) -> None:
         with self._lock:

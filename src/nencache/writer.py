@@ -30,9 +30,14 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Generic, Protocol, TypeVar
 
+import numpy as np
+import torch
+
 from nencache.codecs import Codec
+from nencache.codecs.base import EncodesInPlace
 from nencache.errors import ConfigError
 from nencache.tiers.base import Tier
+from nencache.tiers.disk.io import aligned_array
 from nencache.tiers.memory import ChunkLease
 
 log = logging.getLogger("nencache.writer")
@@ -270,8 +275,16 @@ class LowerTier:
     codec: Codec | None
 
 
+# `each(fn, items)`: `[fn(item) for item in items]`, maybe on several threads (the store's encoders)
+Each = Callable[[Callable[[list[ChunkLease]], int], Sequence[list[ChunkLease]]], list[int]]
+
+
 class TierSink:
     """The `write` of the store's write-behind: pinned chunks, encoded once per codec, into every lower tier.
+
+    When some tier takes an encoded copy, the batch's chunks go through `each` one by one: on several threads,
+    one chunk is encoded while another's bytes go out. Otherwise the batch goes to the tiers whole (a disk
+    tier then writes its chunks on its own I/O threads, a remote tier pipelines them).
 
     A `publish_only` tier is told the keys (empty values), nothing is encoded for it. `after_write(key)`
     runs for each chunk once every tier was asked (a store that only stages chunks then lets the pool
@@ -279,14 +292,22 @@ class TierSink:
     """
 
     def __init__(self, tiers: Sequence[LowerTier], on_error: Callable[[Tier, BaseException], None],
-                 after_write: Callable[[bytes], None] | None = None) -> None:
+                 after_write: Callable[[bytes], None] | None = None, each: Each | None = None) -> None:
         self.tiers = list(tiers)
         self._on_error = on_error
         self._after_write = after_write
+        self._each: Each = each or (lambda fn, items: [fn(item) for item in items])
+        self._encodes = any(not one.tier.publish_only and one.codec is not None and not one.codec.zero_copy
+                            for one in self.tiers)
 
     def __call__(self, batch: list[ChunkLease]) -> int:
         """Write `batch`; how many chunks some tier did not take (at most one count per chunk and tier,
         at most the batch)."""
+        if not self._encodes:
+            return self._write(batch)
+        return sum(self._each(self._write, [[lease] for lease in batch]))
+
+    def _write(self, batch: list[ChunkLease]) -> int:
         encoded: dict[str, list[tuple[bytes, object]]] = {}
         failed = 0
         for lower in self.tiers:
@@ -323,7 +344,17 @@ class TierSink:
     @staticmethod
     def _encode(codec: Codec | None, lease: ChunkLease) -> bytes | memoryview:
         """The chunk in `codec`'s bytes (None: the blob it is); a raw chunk goes out as its own pool page,
-        header stamped in front."""
+        header stamped in front. A codec that encodes in place writes into a page-aligned buffer, which a
+        disk tier's direct I/O writes where it is (a `bytes` blob is copied into an aligned one first)."""
         if codec is None or (codec.zero_copy and not lease.entry.is_blob):
             return lease.blob()
+        if isinstance(codec, EncodesInPlace) and not lease.entry.is_blob:
+            reserved: list[np.ndarray] = []
+
+            def reserve(nbytes: int) -> torch.Tensor:
+                reserved.append(aligned_array(nbytes))
+                return torch.from_numpy(reserved[-1])
+
+            size = codec.encode_into(lease.tensor(), reserve, lease.key)
+            return memoryview(reserved[0])[:size]
         return codec.encode(lease.tensor(), lease.key)

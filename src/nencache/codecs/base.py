@@ -52,3 +52,11 @@ class EncodesInPlace(Protocol):
         """Decode `blob` into the CPU tensor `out` (its shape and dtype, any strides); `CorruptChunkError` for
         damaged bytes, `LayoutError` if `out` does not match the chunk. A writable `blob` is read in place."""
         ...
+
+
+@runtime_checkable
+class WarmsUp(Protocol):
+    """A codec with work to do once per process before its first chunk (compiling its loops): the store does
+    it in the background at start-up, so that no request waits for it."""
+
+    def warm_up(self) -> None: ...

@@ -8,14 +8,13 @@ tensors again.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
 
 from nencache.errors import CorruptChunkError, LayoutError
-from nencache.format import HEADER_SIZE, KEY_SIZE, NO_KEY, ChunkHeader, split_blob
+from nencache.format import HEADER_SIZE, KEY_SIZE, NO_KEY, ChunkHeader, checksum, split_blob
 from nencache.layout import CODE_DTYPES, DTYPE_CODES
 
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
@@ -71,7 +70,7 @@ def build_blob(chunk: torch.Tensor, codec_id: int, sections: Sequence[torch.Tens
     views = [memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()) for t in sections if t.numel()]
     crc, size = 0, 0
     for view in views:
-        crc = zlib.crc32(view, crc)
+        crc = checksum(view, crc)
         size += len(view)
     header = chunk_header(chunk, codec_id, size, crc, key, codec_param)
     return b"".join([header.pack(), *views])
@@ -265,7 +264,7 @@ class InPlaceSectionCodec(SectionCodec):
             offset += data.numel()
         dtype, shape = spec[-1]
         write(payload[offset:].view(dtype).view(shape))
-        crc = zlib.crc32(memoryview(payload.numpy())) if size else 0
+        crc = checksum(memoryview(payload.numpy())) if size else 0
         header = chunk_header(chunk, self.codec_id, size, crc, key, param).pack()
         dest[:HEADER_SIZE].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
         return HEADER_SIZE + size

@@ -1,0 +1,139 @@
+"""Fused loops of the int8 codec, compiled by numba: a chunk's grid ranges, its codes, and its decoding.
+
+torch runs each step of a quantizer as its own pass over the chunk (convert to fp32, multiply-add,
+round, clamp, narrow), each with a chunk-sized or layer-sized temporary; these loops read the chunk
+once per step they need (ranges, then codes) and write the result in place, at memory speed. They
+release the GIL and run on one core each, so several chunks encode or decode at once on the store's
+threads. `benchmarks/RESULTS.md` ("codecs: fused int8 loops") has the speeds beside torch's.
+
+A chunk is `[layers, 2, tokens, kv_heads, head_dim]` with each token's heads and head_dims back to back
+(any strides for layers, keys/values and tokens: a slice of an engine's KV cache is read where it is).
+Elements are fp32, or fp16/bf16 handled as their 16-bit patterns (numba has no bf16 type, and no fp16
+arrays); the arithmetic is the torch codec's, operation for operation (fp32 fused multiply-add for the
+codes, `low + step * code` rounded once for the decoded values), so blobs and decoded chunks are the
+same bit for bit.
+
+numba is imported on first use and the loops are compiled for each element type then, and cached on
+disk (numba's `cache=True`): nothing happens at import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from nencache.errors import LayoutError
+
+_BITS = {torch.bfloat16: np.int16, torch.float16: np.uint16}  # 16-bit types seen as patterns, told apart by sign
+_lock = threading.Lock()
+_LOOPS: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class FlatChunk:
+    """A chunk tensor as numba sees it: its storage as one flat array and where each part starts.
+
+    Element `[l, kind, t, h, d]` is `data[base + l * layer + kind * kind_stride + t * token + h * head_dim + d]`.
+    """
+
+    data: np.ndarray
+    base: int
+    layer: int
+    kind_stride: int
+    token: int
+    shape: tuple[int, int, int, int, int]
+
+
+def supports(tensor: torch.Tensor) -> bool:
+    """Whether the loops take `tensor`: a CPU fp32/fp16/bf16 chunk whose heads and head_dims are back to back."""
+    if tensor.device.type != "cpu" or tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    _, _, _, heads, head_dim = tensor.shape
+    return (tensor.stride(4) == 1 or head_dim == 1) and (tensor.stride(3) == head_dim or heads == 1)
+
+
+def flat(tensor: torch.Tensor) -> FlatChunk:
+    """`tensor` (see `supports`) as a `FlatChunk` over its own storage (no copy: writes land in it)."""
+    if not supports(tensor):
+        raise LayoutError(f"the int8 loops take CPU fp32/fp16/bf16 chunks with heads and head_dims back to back, "
+                          f"got {tensor.dtype} on {tensor.device} with strides {tensor.stride()}")
+    layers, _, tokens, heads, head_dim = tensor.shape
+    strides = [tensor.stride(i) if tensor.shape[i] > 1 else 0 for i in range(3)]
+    span = 1 + sum((n - 1) * s for n, s in zip(tensor.shape, (*strides, head_dim, 1)) if n > 0)
+    if tensor.numel() == 0:
+        span = 0
+    storage = tensor.as_strided((span,), (1,), tensor.storage_offset())
+    bits = _BITS.get(tensor.dtype)
+    data = storage.numpy() if bits is None else storage.view(torch.int16).numpy().view(bits)
+    return FlatChunk(data, 0, strides[0], strides[1], strides[2], (layers, 2, tokens, heads, head_dim))
+
+
+def ranges(chunk: FlatChunk) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """fp32 min and max of each group: the key channels over the tokens (`[layers, heads, head_dim]`), then
+    the value tokens and heads over head_dim (`[layers, tokens, heads]`), flat; None if the chunk holds a NaN
+    or an infinity."""
+    layers, _, tokens, heads, head_dim = chunk.shape
+    split = layers * heads * head_dim
+    lo = np.empty(split + layers * tokens * heads, np.float32)
+    hi = np.empty_like(lo)
+    finite = _loops().ranges(chunk.data, chunk.base, chunk.layer, chunk.kind_stride, chunk.token, layers, tokens,
+                             heads, head_dim, lo[:split].reshape(layers, heads * head_dim),
+                             hi[:split].reshape(layers, heads * head_dim), lo[split:].reshape(layers, tokens, heads),
+                             hi[split:].reshape(layers, tokens, heads))
+    return (torch.from_numpy(lo), torch.from_numpy(hi)) if finite else None
+
+
+def grid_params(lo: torch.Tensor, hi: torch.Tensor, levels: int
+                ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+    """Each group's grid `(min, step)` covering fp32 `[lo, hi]` (1-D) in `levels` steps: bf16 (min rounded
+    down, step up: `nencache.codecs.common.affine_params`), and fp16 rounded the same way, or None where fp16
+    cannot hold some group at least as finely as bf16 (out of range, subnormal step, constant group)."""
+    count = lo.numel()
+    low_bf, step_bf = torch.empty(count, dtype=torch.bfloat16), torch.empty(count, dtype=torch.bfloat16)
+    low_h, step_h = torch.empty(count, dtype=torch.float16), torch.empty(count, dtype=torch.float16)
+    finite, fits = _loops().grid_params(
+        _f32(lo), _f32(hi), np.float32(levels), *(t.view(torch.int16).numpy().view(np.uint16)
+                                                  for t in (low_bf, step_bf, low_h, step_h)))
+    if not finite:
+        raise LayoutError("chunk values span more than fp32 can scale; use the raw codec for this chunk")
+    return (low_bf, step_bf), ((low_h, step_h) if fits else None)
+
+
+def quantize(chunk: FlatChunk, key_bias: torch.Tensor, key_inv: torch.Tensor, val_bias: torch.Tensor,
+             val_inv: torch.Tensor, levels: int, codes: torch.Tensor) -> None:
+    """Write `clamp(rint(fma(x, inv, bias)), 0, levels)` of every element into the contiguous uint8 `codes`
+    (`[layers, 2, tokens, heads, head_dim]`): `inv`/`bias` fp32 per key channel `[layers, heads, head_dim]`
+    and per value token and head `[layers, tokens, heads]`."""
+    layers, _, tokens, heads, head_dim = chunk.shape
+    _loops().quantize(chunk.data, chunk.base, chunk.layer, chunk.kind_stride, chunk.token, layers, tokens, heads,
+                        head_dim, _f32(key_bias), _f32(key_inv), _f32(val_bias), _f32(val_inv), np.float32(levels),
+                        codes.view(-1).numpy())
+
+
+def dequantize(codes: torch.Tensor, key_low: torch.Tensor, key_step: torch.Tensor, val_low: torch.Tensor,
+               val_step: torch.Tensor, out: FlatChunk) -> None:
+    """Write `low + step * code` (fp32, rounded once into `out`'s type) of contiguous uint8 `codes` into `out`;
+    `low`/`step` fp32 per key channel `[layers, heads, head_dim]` and per value token and head
+    `[layers, tokens, heads]`."""
+    layers, _, tokens, heads, head_dim = out.shape
+    _loops().dequantize(codes.reshape(-1).numpy(), _f32(key_low), _f32(key_step), _f32(val_low), _f32(val_step),
+                          out.data, out.base, out.layer, out.kind_stride, out.token, layers, tokens, heads, head_dim)
+
+
+def _f32(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.float().contiguous().reshape(-1).numpy()
+
+
+def _loops() -> Any:
+    """The compiled loops: `nencache.codecs.int8_loops`, imported (with numba) on first use."""
+    global _LOOPS
+    if _LOOPS is None:
+        with _lock:
+            if _LOOPS is None:
+                _LOOPS = importlib.import_module("nencache.codecs.int8_loops")
+    return _LOOPS
