@@ -107,13 +107,14 @@ class Store:
         self._inflight: dict[bytes, Future[Any]] = {}
         self._io: ThreadPoolExecutor | None = None
         self._decoders = Workers(core_threads(), "nencache-decode")  # apart from _io: prefetch tasks wait on decodes
-        self._encoders = Workers(2 * core_threads(), "nencache-encode")  # the write-behind's, apart from reads'
+        # the write-behind's, apart from reads': encodes take turns on the cores, the other threads write
+        self._encoders = Workers(4 * core_threads(), "nencache-encode")
         self._fetcher: ThreadPoolExecutor | None = None  # reads the next batch of a fetch ahead
         self._closed = False
         sink = TierSink(self.lower, self.tier_failed, after_write=None if keep_in_memory else self._forget_staged,
                         each=self._encoders.map)
         self.writer: WriteBehind[ChunkLease] | None = (
-            WriteBehind(sink, policy, sync=sink.sync) if self.lower and policy is not None else None)
+            WriteBehind(sink, policy, sync=sink.sync, batch=sink.batch) if self.lower and policy is not None else None)
         # Compile the codecs' loops and map the pool's pages in the background: stores then never wait for
         # either (first-touch page faults included).
         self.prefault = threading.Thread(target=self._prepare, name="nencache-prefault", daemon=True)

@@ -1,7 +1,7 @@
 """`Workers`: a thread pool started on first use, for the store's CPU work on several chunks at once.
 
-Decoders and encoders (numba loops, torch copies) release the GIL, so chunks of one call run side by side,
-one per core; a single chunk runs inline, with no hand-off.
+Decoders and encoders (numba loops, torch copies) and file writes release the GIL, so chunks of one call
+run side by side; a single chunk runs inline, with no hand-off.
 """
 
 from __future__ import annotations

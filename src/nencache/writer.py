@@ -39,6 +39,7 @@ from nencache.errors import ConfigError
 from nencache.tiers.base import Tier
 from nencache.tiers.disk.io import aligned_array
 from nencache.tiers.memory import ChunkLease
+from nencache.workers import core_threads
 
 log = logging.getLogger("nencache.writer")
 
@@ -297,8 +298,12 @@ class TierSink:
         self._on_error = on_error
         self._after_write = after_write
         self._each: Each = each or (lambda fn, items: [fn(item) for item in items])
+        self._cores = threading.BoundedSemaphore(core_threads())
         self._encodes = any(not one.tier.publish_only and one.codec is not None and not one.codec.zero_copy
                             for one in self.tiers)
+        # chunks the write-behind hands over at once: encoding threads idle while a batch's last writes finish,
+        # so a sink that encodes takes larger batches (benchmarks/RESULTS.md, "disk: fused int8 loops")
+        self.batch = 64 if self._encodes else 16
 
     def __call__(self, batch: list[ChunkLease]) -> int:
         """Write `batch`; how many chunks some tier did not take (at most one count per chunk and tier,
@@ -318,7 +323,8 @@ class TierSink:
             items = encoded.get(form)
             if items is None:
                 try:
-                    items = [(lease.key, self._encode(lower.codec, lease)) for lease in batch]
+                    with self._cores:  # encodes share the cores; the threads beyond them wait on writes
+                        items = [(lease.key, self._encode(lower.codec, lease)) for lease in batch]
                 except Exception as exc:
                     self._on_error(lower.tier, exc)
                     failed += len(batch)

@@ -4,7 +4,8 @@ torch runs each step of a quantizer as its own pass over the chunk (convert to f
 round, clamp, narrow), each with a chunk-sized or layer-sized temporary; these loops read the chunk
 once per step they need (ranges, then codes) and write the result in place, at memory speed. They
 release the GIL and run on one core each, so several chunks encode or decode at once on the store's
-threads. `benchmarks/RESULTS.md` ("codecs: fused int8 loops") has the speeds beside torch's.
+threads. `benchmarks/RESULTS.md` has their speeds ("codecs: encode and decode speed"), and beside
+torch's ("compare trees: codec_speed.py").
 
 A chunk is `[layers, 2, tokens, kv_heads, head_dim]` with each token's heads and head_dims back to back
 (any strides for layers, keys/values and tokens: a slice of an engine's KV cache is read where it is).
@@ -14,7 +15,8 @@ codes, `low + step * code` rounded once for the decoded values), so blobs and de
 same bit for bit.
 
 numba is imported on first use and the loops are compiled for each element type then, and cached on
-disk (numba's `cache=True`): nothing happens at import.
+disk (numba's `cache=True`): nothing happens at import. The one difference from torch: a value group
+holding zeros of both signs gets -0 as its minimum and +0 as its maximum (torch's amin/amax return either).
 """
 
 from __future__ import annotations
