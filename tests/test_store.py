@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from nencache.codecs import RawCodec
+from nencache.codecs import get_codec
 from nencache.errors import PoolExhaustedError
 from nencache.layout import KVLayout
 from nencache.pool import MemoryPool
@@ -35,10 +35,11 @@ def key(i: int) -> bytes:
     return i.to_bytes(16, "little")
 
 
-def make_store(*tiers: DictTier, pages: int = 16, policy: WritePolicy | None = WritePolicy()) -> Store:
+def make_store(*tiers: DictTier, pages: int = 16, policy: WritePolicy | None = WritePolicy(),
+               codec: str = "raw") -> Store:
     page = raw_page_bytes(LAYOUT, TOKENS)
     memory = MemoryTier(MemoryPool(pages * page, page), LAYOUT)
-    return Store(memory, [LowerTier(t, RawCodec()) for t in tiers], layout=LAYOUT, policy=policy)
+    return Store(memory, [LowerTier(t, get_codec(codec)) for t in tiers], layout=LAYOUT, policy=policy)
 
 
 def put(store: Store, i: int) -> bool:
@@ -102,9 +103,10 @@ def test_a_failing_tier_is_counted_for_that_tier_warned_once_and_is_a_miss(caplo
     store.close()
 
 
-def test_a_corrupt_chunk_is_dropped_counted_and_never_served() -> None:
-    disk = DictTier("disk")
-    store = make_store(disk)
+@pytest.mark.parametrize("codec", ["raw", "int8", "fp8"])  # int8 and fp8 decode straight into `out`
+def test_a_corrupt_chunk_is_dropped_counted_and_never_served(codec: str) -> None:
+    disk = DictTier("disk")  # a tier that leaves the payload's checksum to the store
+    store = make_store(disk, codec=codec)
     put(store, 1)
     assert store.flush(10)
     store.memory.clear()

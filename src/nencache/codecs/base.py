@@ -48,9 +48,11 @@ class EncodesInPlace(Protocol):
         ...
 
     def decode_into(self, blob: bytes | bytearray | memoryview, out: torch.Tensor,
-                    expected_key: bytes | None = None) -> None:
+                    expected_key: bytes | None = None, verify: bool = True) -> None:
         """Decode `blob` into the CPU tensor `out` (its shape and dtype, any strides); `CorruptChunkError` for
-        damaged bytes, `LayoutError` if `out` does not match the chunk. A writable `blob` is read in place."""
+        damaged bytes, `LayoutError` if `out` does not match the chunk. A writable `blob` is read in place.
+        `verify=False` skips the payload's checksum, for bytes a tier already checked (the header, length
+        and key are checked still)."""
         ...
 
 

@@ -277,8 +277,8 @@ class InPlaceSectionCodec(SectionCodec):
         return out
 
     def decode_into(self, blob: bytes | bytearray | memoryview, out: torch.Tensor,
-                    expected_key: bytes | None = None) -> None:
-        header, payload = split_blob(blob, expected_key)
+                    expected_key: bytes | None = None, verify: bool = True) -> None:
+        header, payload = split_blob(blob, expected_key, verify)
         sections = self.payload_sections(header, payload, copy=False)
         shape, dtype = _decoded_shape(header), CODE_DTYPES[header.dtype_code]
         if tuple(out.shape) != shape or out.dtype != dtype or out.device.type != "cpu":
