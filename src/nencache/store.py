@@ -122,9 +122,9 @@ class Store:
 
     def _prepare(self) -> None:
         for codec in (self.memory.codec, *(one.codec for one in self.lower)):
-            if isinstance(codec, WarmsUp):
+            if isinstance(codec, WarmsUp) and self.layout is not None:
                 try:
-                    codec.warm_up()
+                    codec.warm_up(self.layout.dtype)
                 except Exception as exc:  # the first chunk compiles the loops instead, and fails there if it must
                     self.warn("warm-up", f"could not prepare codec {codec.name} ({exc}); its first chunk will")
         self.memory.pool.prefault()
@@ -418,8 +418,9 @@ class Store:
 
     def _land(self, lower: LowerTier, want: Want, blob: Any) -> bool:
         """Decode one fetched chunk, copy it into its `out` and promote it; False if it was corrupt."""
-        if want.out is not None and want.out.device.type == "cpu" and self._in_place(lower, blob) is not None:
-            chunk: torch.Tensor | None = self._decode_into(lower, want, blob)
+        in_place = self._in_place(lower, blob) if want.out is not None and want.out.device.type == "cpu" else None
+        if in_place is not None:
+            chunk: torch.Tensor | None = self._decode_into(lower, in_place, want, blob)
         else:
             chunk = self._decode(lower, want, blob)
             if chunk is not None and want.out is not None:
@@ -445,11 +446,10 @@ class Store:
             return None  # `_decode` counts it
         return codec if header.codec_id == codec.codec_id and header.wrapper_id == 0 else None
 
-    def _decode_into(self, lower: LowerTier, want: Want, blob: Any) -> torch.Tensor | None:
-        """Decode `blob` straight into `want.out` (no decoded copy in between); None if it was corrupt."""
+    def _decode_into(self, lower: LowerTier, codec: EncodesInPlace, want: Want, blob: Any) -> torch.Tensor | None:
+        """Decode `blob` straight into `want.out` (no decoded copy in between); None if it was corrupt, and
+        then `want.out` is untouched (the checks come before the first value is written)."""
         assert want.out is not None
-        codec = self._in_place(lower, blob)
-        assert codec is not None
         layout = self._layout()
         try:
             if tuple(want.out.shape) != layout.shape(want.num_tokens) or want.out.dtype != layout.dtype:

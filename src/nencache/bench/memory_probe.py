@@ -17,7 +17,7 @@ import torch
 
 from nencache.bench.context import SMOLLM2
 from nencache.cache import KVCache
-from nencache.codecs import RawCodec, get_codec
+from nencache.codecs import get_codec
 from nencache.config import CacheConfig
 from nencache.tiers.memory import raw_page_bytes
 

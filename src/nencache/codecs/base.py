@@ -61,4 +61,6 @@ class WarmsUp(Protocol):
     """A codec with work to do once per process before its first chunk (compiling its loops): the store does
     it in the background at start-up, so that no request waits for it."""
 
-    def warm_up(self) -> None: ...
+    def warm_up(self, dtype: torch.dtype) -> None:
+        """Prepare for chunks of `dtype` (only that one: each element type is compiled code of its own)."""
+        ...

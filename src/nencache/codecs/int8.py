@@ -55,11 +55,10 @@ class Int8Codec(InPlaceSectionCodec):
         layers, _, tokens, heads, head_dim = shape
         return _spec(layers, tokens, heads, head_dim)
 
-    def warm_up(self) -> None:
-        """Compile (or load from numba's cache) the loops for every element type."""
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            chunk = torch.linspace(-1, 1, 16, dtype=dtype).view(1, 2, 2, 2, 2)
-            self.decode_into(self.encode(chunk), torch.empty_like(chunk))
+    def warm_up(self, dtype: torch.dtype) -> None:
+        """Compile (or load from numba's cache) the loops for chunks of `dtype`."""
+        chunk = torch.linspace(-1, 1, 16, dtype=dtype).view(1, 2, 2, 2, 2)
+        self.decode_into(self.encode(chunk), torch.empty_like(chunk))
 
     def encode_parts(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int, CodesWriter]:
         """The grid parameters of `chunk`, the header's codec parameter (1: fp16 grid parameters, 0: bf16
