@@ -150,9 +150,9 @@ def quantize_into(codes: torch.Tensor, x: torch.Tensor, low: torch.Tensor, step:
         codes[i].copy_(torch.addcmul(bias[i], x[i].float(), inv[i]).round_().clamp_(0, levels))
 
 
-# The block of the in-place decoders (int8, fp8): about a layer of a 256-token chunk. Blocks of 2**19 values
-# kept 6 MiB more resident after decoding (torch's casting buffers, which glibc keeps); see benchmarks/RESULTS.md,
-# "memory: lab notes on resident bytes".
+# The block of fp8's in-place decoder (int8 decodes in compiled loops, with no temporaries): about a layer of a
+# 256-token chunk. Blocks of 2**19 values kept 6 MiB more resident after decoding (torch's casting buffers, which
+# glibc keeps); see benchmarks/RESULTS.md, "memory: lab notes on resident bytes".
 IN_PLACE_BLOCK = 1 << 17
 
 

@@ -133,13 +133,13 @@ def _from_key(data, key):
 # reduction (a value group's range), so those compare `order_key`s, integers. `ranges` reports NaNs and
 # infinities from the bit patterns (its ranges are discarded then), so it may assume there are none.
 @numba.njit(nogil=True, cache=True, fastmath={"nnan", "ninf", "nsz"})
-def ranges(x, base, s_layer, s_kind, s_token, layers, tokens, heads, head_dim,
+def ranges(x, s_layer, s_kind, s_token, layers, tokens, heads, head_dim,
            key_lo, key_hi, val_lo, val_hi):
     width = heads * head_dim
     bad = np.uint32(0)
     for layer in range(layers):
         lo, hi = key_lo[layer], key_hi[layer]
-        start = base + layer * s_layer
+        start = layer * s_layer
         first = x[start:start + width]
         for c in range(width):
             lo[c] = load(first, c)
@@ -169,13 +169,13 @@ def ranges(x, base, s_layer, s_kind, s_token, layers, tokens, heads, head_dim,
 
 
 @numba.njit(nogil=True, cache=True)
-def quantize(x, base, s_layer, s_kind, s_token, layers, tokens, heads, head_dim,
+def quantize(x, s_layer, s_kind, s_token, layers, tokens, heads, head_dim,
              key_bias, key_inv, val_bias, val_inv, levels, codes):
     width = heads * head_dim
     zero = np.float32(0)
     out = 0
     for layer in range(layers):
-        start = base + layer * s_layer
+        start = layer * s_layer
         inv, bias = key_inv[layer * width:(layer + 1) * width], key_bias[layer * width:(layer + 1) * width]
         for t in range(tokens):
             row, dest = x[start + t * s_token:start + t * s_token + width], codes[out:out + width]
@@ -198,11 +198,11 @@ def quantize(x, base, s_layer, s_kind, s_token, layers, tokens, heads, head_dim,
 
 @numba.njit(nogil=True, cache=True)
 def dequantize(codes, key_low, key_step, val_low, val_step,
-               y, base, s_layer, s_kind, s_token, layers, tokens, heads, head_dim):
+               y, s_layer, s_kind, s_token, layers, tokens, heads, head_dim):
     width = heads * head_dim
     at = 0
     for layer in range(layers):
-        start = base + layer * s_layer
+        start = layer * s_layer
         low, step = key_low[layer * width:(layer + 1) * width], key_step[layer * width:(layer + 1) * width]
         for t in range(tokens):
             row, src = y[start + t * s_token:start + t * s_token + width], codes[at:at + width]
@@ -215,9 +215,9 @@ def dequantize(codes, key_low, key_step, val_low, val_step,
                 first = start + t * s_token + h * head_dim
                 row, src = y[first:first + head_dim], codes[at:at + head_dim]
                 group = (layer * tokens + t) * heads + h
-                base_value, scale = val_low[group], val_step[group]
+                low_value, scale = val_low[group], val_step[group]
                 for d in range(head_dim):
-                    store(row, d, base_value + np.float32(src[d]) * scale)
+                    store(row, d, low_value + np.float32(src[d]) * scale)
                 at += head_dim
 
 

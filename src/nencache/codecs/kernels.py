@@ -40,11 +40,10 @@ _LOOPS: Any = None
 class FlatChunk:
     """A chunk tensor as numba sees it: its storage as one flat array and where each part starts.
 
-    Element `[l, kind, t, h, d]` is `data[base + l * layer + kind * kind_stride + t * token + h * head_dim + d]`.
+    Element `[l, kind, t, h, d]` is `data[l * layer + kind * kind_stride + t * token + h * head_dim + d]`.
     """
 
     data: np.ndarray
-    base: int
     layer: int
     kind_stride: int
     token: int
@@ -72,7 +71,7 @@ def flat(tensor: torch.Tensor) -> FlatChunk:
     storage = tensor.as_strided((span,), (1,), tensor.storage_offset())
     bits = _BITS.get(tensor.dtype)
     data = storage.numpy() if bits is None else storage.view(torch.int16).numpy().view(bits)
-    return FlatChunk(data, 0, strides[0], strides[1], strides[2], (layers, 2, tokens, heads, head_dim))
+    return FlatChunk(data, strides[0], strides[1], strides[2], (layers, 2, tokens, heads, head_dim))
 
 
 def ranges(chunk: FlatChunk) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -83,7 +82,7 @@ def ranges(chunk: FlatChunk) -> tuple[torch.Tensor, torch.Tensor] | None:
     split = layers * heads * head_dim
     lo = np.empty(split + layers * tokens * heads, np.float32)
     hi = np.empty_like(lo)
-    finite = _loops().ranges(chunk.data, chunk.base, chunk.layer, chunk.kind_stride, chunk.token, layers, tokens,
+    finite = _loops().ranges(chunk.data, chunk.layer, chunk.kind_stride, chunk.token, layers, tokens,
                              heads, head_dim, lo[:split].reshape(layers, heads * head_dim),
                              hi[:split].reshape(layers, heads * head_dim), lo[split:].reshape(layers, tokens, heads),
                              hi[split:].reshape(layers, tokens, heads))
@@ -112,7 +111,7 @@ def quantize(chunk: FlatChunk, key_bias: torch.Tensor, key_inv: torch.Tensor, va
     (`[layers, 2, tokens, heads, head_dim]`): `inv`/`bias` fp32 per key channel `[layers, heads, head_dim]`
     and per value token and head `[layers, tokens, heads]`."""
     layers, _, tokens, heads, head_dim = chunk.shape
-    _loops().quantize(chunk.data, chunk.base, chunk.layer, chunk.kind_stride, chunk.token, layers, tokens, heads,
+    _loops().quantize(chunk.data, chunk.layer, chunk.kind_stride, chunk.token, layers, tokens, heads,
                         head_dim, _f32(key_bias), _f32(key_inv), _f32(val_bias), _f32(val_inv), np.float32(levels),
                         codes.view(-1).numpy())
 
@@ -124,7 +123,7 @@ def dequantize(codes: torch.Tensor, key_low: torch.Tensor, key_step: torch.Tenso
     `[layers, tokens, heads]`."""
     layers, _, tokens, heads, head_dim = out.shape
     _loops().dequantize(codes.reshape(-1).numpy(), _f32(key_low), _f32(key_step), _f32(val_low), _f32(val_step),
-                          out.data, out.base, out.layer, out.kind_stride, out.token, layers, tokens, heads, head_dim)
+                          out.data, out.layer, out.kind_stride, out.token, layers, tokens, heads, head_dim)
 
 
 def _f32(tensor: torch.Tensor) -> np.ndarray:
