@@ -1,9 +1,11 @@
 """Encode and decode speed of the quantizing codecs on real-shaped KV, beside a plain copy of the same bytes.
 
 One 256-token chunk of SmolLM2-135M KV (30 layers, 3 KV heads, head_dim 64, bf16: 5.9 MB), read as an
-engine hands it over (a token slice of a larger cache), for int8 and fp8:
+engine hands it over (a token slice of a larger cache), for int8, fp8 and int4:
 
-- `encode` to a blob (bytes), `decode_into` an engine-shaped tensor (a token slice of a larger one);
+- `encode` to a blob (bytes), `decode_into` an engine-shaped tensor (a token slice of a larger one); a
+  codec without `decode_into` (in older trees) decodes to a new tensor that is then copied there, as the
+  store did with it;
 - on the main thread, and on two worker threads at once (as the write-behind and the fetch threads run
   them: torch's intra-op threads behave differently there);
 - `copy_` of the chunk into a preallocated tensor: the floor, so the ratio "codec / copy" is the share
@@ -34,7 +36,7 @@ from nencache.bench.context import SMOLLM2  # noqa: E402
 from nencache.bench.kv import smooth_kv  # noqa: E402
 from nencache.codecs import get_codec  # noqa: E402
 
-CODECS = ("int8", "fp8")
+CODECS = ("int8", "fp8", "int4")
 CALLS = 15
 
 
@@ -78,8 +80,9 @@ def main() -> None:
         for name in CODECS:
             codec = get_codec(name)
             blob = codec.encode(chunk)
-            codec.decode_into(blob, target)  # first calls (compiling, paging code in) off the clock
-            cases = {"encode": lambda c=codec: c.encode(chunk), "decode_into": lambda c=codec, b=blob: c.decode_into(b, target)}
+            decode_into = getattr(codec, "decode_into", None) or (lambda b, out, c=codec: out.copy_(c.decode(b)))
+            decode_into(blob, target)  # first calls (compiling, paging code in) off the clock
+            cases = {"encode": lambda c=codec: c.encode(chunk), "decode_into": lambda d=decode_into, b=blob: d(b, target)}
             for operation, fn in cases.items():
                 for threads, seconds in (("main", per_call(fn)), ("2 workers", on_two_threads(fn))):
                     results.setdefault((name, operation, threads), []).append(seconds)

@@ -19,7 +19,7 @@ from nencache.layout import KVLayout
 from tests.codecs.helpers import synthetic_kv
 
 KEY = bytes(range(16))
-IN_PLACE = ["int8", "fp8"]
+IN_PLACE = ["int8", "fp8", "int4"]
 
 # sha256 (first 16 bytes) of `encode(x, KEY)` as these codecs wrote it when each chunk was encoded whole
 # (codes in their own tensor, then joined behind the header): the format must not move.
@@ -34,6 +34,11 @@ GOLDEN = {
     ("fp8", "torch.bfloat16-3x96"): "73e1bf8c1a0bd6febdb2d4a3a5543c2a",
     ("fp8", "constant-groups"): "9582f92dde96abdd346077bf45dd2155",
     ("fp8", "empty"): "f0ccbcc152ef7f90245a580ce66d3dea",
+    ("int4", "torch.float32-3x96"): "fc88b549c7a8386d3ad2786cecba7d2f",
+    ("int4", "torch.float16-3x96"): "33070931cef6806c52c903e0fb9ac2d8",
+    ("int4", "torch.bfloat16-3x96"): "343f9a98f596c470a68bf392ecc2ebda",
+    ("int4", "constant-groups"): "a405e3fad39ca7cec0f8f7f4be849be0",
+    ("int4", "empty"): "b0549f60b29fea1fe3fbd5bb69e39093",
 }
 
 

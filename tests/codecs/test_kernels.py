@@ -140,17 +140,21 @@ def test_importing_nencache_and_its_codecs_does_not_import_numba() -> None:
     assert out.strip() == "False"
 
 
-def test_a_cache_prepares_int8s_loops_at_start_up_for_its_own_dtype_only() -> None:
-    code = """
+@pytest.mark.parametrize(("codec", "dtype", "compiled"), [("int8", "float16", "uint16"), ("int4", "bfloat16", "int16")])
+def test_a_cache_prepares_its_codecs_loops_at_start_up_for_its_own_dtype_only(codec: str, dtype: str,
+                                                                               compiled: str) -> None:
+    """fp16 elements are seen as uint16 patterns, bf16 ones as int16: only the layout's type is compiled."""
+    code = f"""
 import sys, torch
 from nencache.cache import KVCache
 from nencache.config import CacheConfig
 from nencache.layout import KVLayout
-layout = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype=torch.float16)
-with KVCache(CacheConfig(chunk_size=4, cpu_size=1 << 20, cpu_codec="int8", pin_memory=False), layout, "m") as cache:
+layout = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype=torch.{dtype})
+config = CacheConfig(chunk_size=4, cpu_size=1 << 20, cpu_codec="{codec}", pin_memory=False)
+with KVCache(config, layout, "m") as cache:
     cache._prefault.join()  # the start-up work: the codec's warm-up, then the pool's pages
-    loops = sys.modules["nencache.codecs.int8_loops"]
+    loops = sys.modules["nencache.codecs.{codec}_loops"]
     print(sorted(str(signature[0].dtype) for signature in loops.quantize.signatures))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['uint16']"  # fp16 elements, seen as 16-bit patterns; no other type compiled
+    assert out.strip() == f"['{compiled}']"

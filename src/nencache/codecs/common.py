@@ -139,17 +139,6 @@ def affine_params(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> tuple[torc
     return low, step
 
 
-def quantize_into(codes: torch.Tensor, x: torch.Tensor, low: torch.Tensor, step: torch.Tensor, levels: int) -> None:
-    """Write the codes of `x` on the grid `low + step * q` (q in [0, levels]) into uint8 `codes`.
-
-    Loops over the leading (layer) dim so the fp32 temporaries stay small and in cache.
-    """
-    inv = step.float().reciprocal()
-    bias = -low.float() * inv
-    for i in range(x.shape[0]):
-        codes[i].copy_(torch.addcmul(bias[i], x[i].float(), inv[i]).round_().clamp_(0, levels))
-
-
 # The block of fp8's in-place decoder (int8 decodes in compiled loops, with no temporaries): about a layer of a
 # 256-token chunk. Blocks of 2**19 values kept 6 MiB more resident after decoding (torch's casting buffers, which
 # glibc keeps); see benchmarks/RESULTS.md, "memory: lab notes on resident bytes".
@@ -161,11 +150,6 @@ def layer_blocks(layers: int, per_layer: int, budget: int = 1 << 19) -> list[sli
     per-call overhead a few times per chunk rather than per layer, with any temporaries still cache-sized."""
     step = max(1, budget // max(1, per_layer))
     return [slice(start, min(layers, start + step)) for start in range(0, layers, step)]
-
-
-def dequantize(codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """fp32 `low + step * codes` (params as fp32, broadcast against the codes)."""
-    return torch.addcmul(low, codes.float(), step)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -182,9 +166,9 @@ def unpack_nibbles(packed: torch.Tensor, width: int) -> torch.Tensor:
 
 
 __all__ = [
-    "FLOAT_DTYPES", "MAX_DECODED_BYTES", "affine_params", "dequantize", "bad_param", "build_blob",
+    "FLOAT_DTYPES", "MAX_DECODED_BYTES", "affine_params", "bad_param", "build_blob",
     "IN_PLACE_BLOCK", "InPlaceSectionCodec", "check_chunk", "check_header", "check_key", "chunk_header",
-    "pack_nibbles", "quantize_into", "read_sections", "section_bytes", "unpack_nibbles",
+    "pack_nibbles", "read_sections", "section_bytes", "unpack_nibbles",
 ]
 
 
@@ -225,8 +209,8 @@ class InPlaceSectionCodec(SectionCodec):
 
     __slots__ = ()
 
-    def payload_spec(self, shape: torch.Size) -> Spec:
-        """The payload's sections for a chunk of `shape` (dtypes of the right sizes; the codes last)."""
+    def payload_spec(self, shape: torch.Size, dtype: torch.dtype) -> Spec:
+        """The payload's sections for a chunk of `shape` and `dtype` (dtypes of the right sizes; the codes last)."""
         raise NotImplementedError
 
     def encode_parts(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int, CodesWriter]:
@@ -238,13 +222,14 @@ class InPlaceSectionCodec(SectionCodec):
         """The sections of a checked payload (`read_sections`), after vetting the header for this codec."""
         raise NotImplementedError
 
-    def decode_sections_into(self, sections: list[torch.Tensor], out: torch.Tensor) -> None:
-        """Write the chunk `sections` hold into `out` (its shape and dtype, any strides, CPU)."""
+    def decode_sections_into(self, header: ChunkHeader, sections: list[torch.Tensor], out: torch.Tensor) -> None:
+        """Write the chunk `sections` (of a payload with `header`) hold into `out` (its shape and dtype, any
+        strides, CPU)."""
         raise NotImplementedError
 
     def encode_sections(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int]:
         head, param, write = self.encode_parts(chunk)
-        dtype, shape = self.payload_spec(chunk.shape)[-1]
+        dtype, shape = self.payload_spec(chunk.shape, chunk.dtype)[-1]
         codes = torch.empty(shape, dtype=dtype)
         write(codes)
         return [*head, codes], param
@@ -253,7 +238,7 @@ class InPlaceSectionCodec(SectionCodec):
         check_key(key)
         chunk = check_chunk(chunk)
         head, param, write = self.encode_parts(chunk)
-        spec = self.payload_spec(chunk.shape)
+        spec = self.payload_spec(chunk.shape, chunk.dtype)
         size = section_bytes(spec)
         dest = reserve(HEADER_SIZE + size)
         payload = dest[HEADER_SIZE : HEADER_SIZE + size]
@@ -273,7 +258,7 @@ class InPlaceSectionCodec(SectionCodec):
         """Decode a checked payload (used by the lossless wrappers after decompressing)."""
         sections = self.payload_sections(header, payload, copy=True)
         out = torch.empty(_decoded_shape(header), dtype=CODE_DTYPES[header.dtype_code])
-        self.decode_sections_into(sections, out)
+        self.decode_sections_into(header, sections, out)
         return out
 
     def decode_into(self, blob: bytes | bytearray | memoryview, out: torch.Tensor,
@@ -284,7 +269,7 @@ class InPlaceSectionCodec(SectionCodec):
         if tuple(out.shape) != shape or out.dtype != dtype or out.device.type != "cpu":
             raise LayoutError(f"chunk decodes to {shape} {dtype}; got an output of {tuple(out.shape)} {out.dtype} "
                               f"on {out.device}: pass a CPU tensor of the chunk's shape and dtype")
-        self.decode_sections_into(sections, out)
+        self.decode_sections_into(header, sections, out)
 
 
 def _decoded_shape(header: ChunkHeader) -> tuple[int, int, int, int, int]:

@@ -49,7 +49,7 @@ class Fp8Codec(InPlaceSectionCodec):
     codec_id: ClassVar[int] = 2
     lossy: ClassVar[bool] = True
 
-    def payload_spec(self, shape: torch.Size) -> Spec:
+    def payload_spec(self, shape: torch.Size, dtype: torch.dtype) -> Spec:
         layers, _, tokens, heads, head_dim = shape
         return _spec(layers, tokens, heads, head_dim)
 
@@ -81,7 +81,7 @@ class Fp8Codec(InPlaceSectionCodec):
         layers, tokens, heads, head_dim = header.num_layers, header.num_tokens, header.num_kv_heads, header.head_dim
         return read_sections(payload, _spec(layers, tokens, heads, head_dim), copy)
 
-    def decode_sections_into(self, sections: list[torch.Tensor], out: torch.Tensor) -> None:
+    def decode_sections_into(self, header: ChunkHeader, sections: list[torch.Tensor], out: torch.Tensor) -> None:
         scale, codes = sections
         layers, _, tokens, heads, head_dim = codes.shape
         scale = (scale * 256.0)[:, :, None, :, None]

@@ -31,12 +31,11 @@ from typing import ClassVar
 
 import torch
 
+from nencache.codecs import kernels
 from nencache.codecs.common import (
-    SectionCodec,
-    affine_params, bad_param, check_header, dequantize, layer_blocks, pack_nibbles, quantize_into,
-    read_sections, section_bytes, unpack_nibbles,
+    CodesWriter, InPlaceSectionCodec, Spec, bad_param, check_header, read_sections, section_bytes,
 )
-from nencache.errors import ConfigError
+from nencache.errors import ConfigError, LayoutError
 from nencache.format import HEADER_SIZE, ChunkHeader
 from nencache.layout import KVLayout
 
@@ -73,10 +72,11 @@ class _Params:
 
 
 @dataclasses.dataclass(slots=True)
-class Int4Codec(SectionCodec):
+class Int4Codec(InPlaceSectionCodec):
     """4-bit codes: keys per channel in groups of `key_group` tokens (0 = the whole chunk), values per
     token in groups of `value_group` channels (0 = the whole head; used only if it divides head_dim);
-    the first `exact_tokens` tokens of each chunk kept as they are."""
+    the first `exact_tokens` tokens of each chunk kept as they are. The loops over the chunk are
+    `nencache.codecs.kernels`."""
 
     key_group: int = 0
     value_group: int = 0
@@ -97,61 +97,64 @@ class Int4Codec(SectionCodec):
         value = self.value_group if 0 < self.value_group < head_dim and head_dim % self.value_group == 0 else 0
         return _Params(key, value, exact)
 
-    def encode_sections(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int]:
-        """The payload sections of `chunk` and the header's codec parameter."""
+    def payload_spec(self, shape: torch.Size, dtype: torch.dtype) -> Spec:
+        layers, _, tokens, heads, head_dim = shape
+        return self._params(tokens, head_dim).spec(dtype, layers, tokens, heads, head_dim)
+
+    def warm_up(self, dtype: torch.dtype) -> None:
+        """Compile (or load from numba's cache) the loops for chunks of `dtype`."""
+        chunk = torch.linspace(-1, 1, 24, dtype=dtype).view(1, 2, 3, 2, 2)
+        self.decode_into(self.encode(chunk), torch.empty_like(chunk))
+
+    def encode_parts(self, chunk: torch.Tensor) -> tuple[list[torch.Tensor], int, CodesWriter]:
+        """The exact tokens and the grid parameters of `chunk`, the header's codec parameter and the writer of
+        its packed codes."""
         layers, _, tokens, heads, head_dim = chunk.shape
         params = self._params(tokens, head_dim)
-        exact, chunk, tokens = chunk[:, :, :params.exact], chunk[:, :, params.exact:], tokens - params.exact
-        if tokens == 0:
-            spec = params.spec(chunk.dtype, layers, params.exact, heads, head_dim)[1:]
-            return [exact, *(torch.empty(shape, dtype=dt) for dt, shape in spec)], params.pack()
-        g, v = params.key_count(tokens), params.value_count(head_dim)
-        keys = chunk[:, 0]
-        if g * (params.key or tokens) != tokens:  # a partial last group: repeat the last token into it
-            pad = g * params.key - tokens
-            keys = torch.cat([keys, keys[:, -1:].expand(layers, pad, heads, head_dim)], dim=1)
-        keys = keys.reshape(layers, g, -1, heads, head_dim)
-        key_low, key_step = affine_params(keys.amin(2).float(), keys.amax(2).float(), _LEVELS)
-        key_codes = torch.empty(keys.shape, dtype=torch.uint8)
-        quantize_into(key_codes, keys, key_low[:, :, None], key_step[:, :, None], _LEVELS)
-        values = chunk[:, 1].reshape(layers, tokens, heads, v, -1)
-        val_low, val_step = affine_params(values.amin(-1).float(), values.amax(-1).float(), _LEVELS)
-        val_codes = torch.empty(values.shape, dtype=torch.uint8)
-        quantize_into(val_codes, values, val_low[..., None], val_step[..., None], _LEVELS)
-        codes = torch.empty((layers, 2, tokens, heads, (head_dim + 1) // 2), dtype=torch.uint8)
-        codes[:, 0] = pack_nibbles(key_codes.reshape(layers, -1, heads, head_dim)[:, :tokens])
-        codes[:, 1] = pack_nibbles(val_codes.reshape(layers, tokens, heads, head_dim))
-        return [exact, key_low, key_step, val_low, val_step, codes], params.pack()
+        exact, body, rest = chunk[:, :, :params.exact], chunk[:, :, params.exact:], tokens - params.exact
+        spec = params.spec(chunk.dtype, layers, tokens, heads, head_dim)
+        if rest == 0:
+            return [exact, *(torch.empty(shape, dtype=dt) for dt, shape in spec[1:-1])], params.pack(), lambda c: None
+        key_group, value_group = params.key or rest, params.value or head_dim
+        source = kernels.flat(body if kernels.supports(body) else body.contiguous())
+        lo_hi = kernels.grouped_ranges(source, key_group, value_group)
+        if lo_hi is None:
+            raise LayoutError("chunk contains NaN or inf values; lossy codecs need finite KV (use raw for these)")
+        (low, step), _ = kernels.grid_params(*lo_hi, _LEVELS)
+        inv = step.float().reciprocal()
+        bias = -low.float() * inv
+        split = layers * params.key_count(rest) * heads * head_dim
+        sections = [low[:split], step[:split], low[split:], step[split:]]
+        parts = [t.view(shape) for t, (_, shape) in zip(sections, spec[1:-1])]
 
-    def decode_payload(self, header: ChunkHeader, payload: memoryview) -> torch.Tensor:
-        """Decode a checked payload (used by the lossless wrappers after decompressing)."""
+        def write(codes: torch.Tensor) -> None:
+            kernels.quantize_packed(source, key_group, value_group, bias[:split], inv[:split], bias[split:],
+                                    inv[split:], _LEVELS, codes)
+
+        return [exact, *parts], params.pack(), write
+
+    def payload_sections(self, header: ChunkHeader, payload: memoryview, copy: bool) -> list[torch.Tensor]:
         dtype = check_header(header, self.codec_id, self.name)
         layers, tokens, heads, head_dim = header.num_layers, header.num_tokens, header.num_kv_heads, header.head_dim
         params = _Params.unpack(header.codec_param)
         rest = tokens - params.exact
         if rest < 0 or 0 < rest <= params.key or params.value and (head_dim % params.value or params.value >= head_dim):
             raise bad_param(self.name, header.codec_param)
-        exact, key_low, key_step, val_low, val_step, codes = read_sections(
-            payload, params.spec(dtype, layers, tokens, heads, head_dim))
-        out = torch.empty((layers, 2, tokens, heads, head_dim), dtype=dtype)
+        return read_sections(payload, params.spec(dtype, layers, tokens, heads, head_dim), copy)
+
+    def decode_sections_into(self, header: ChunkHeader, sections: list[torch.Tensor], out: torch.Tensor) -> None:
+        params = _Params.unpack(header.codec_param)
+        exact, key_low, key_step, val_low, val_step, codes = sections
         out[:, :, :params.exact] = exact
+        rest = header.num_tokens - params.exact
         if rest == 0:
-            return out
-        g, v = params.key_count(rest), params.value_count(head_dim)
-        padded = g * (params.key or rest)
-        klo, kst = key_low.float()[:, :, None], key_step.float()[:, :, None]
-        vlo, vst = val_low.float()[..., None], val_step.float()[..., None]
+            return
         body = out[:, :, params.exact:]
-        for block in layer_blocks(layers, 2 * padded * heads * head_dim):
-            n = block.stop - block.start
-            key_codes = unpack_nibbles(codes[block, 0], head_dim)
-            if padded != rest:
-                key_codes = torch.nn.functional.pad(key_codes, (0, 0, 0, 0, 0, padded - rest))
-            keys = dequantize(key_codes.reshape(n, g, -1, heads, head_dim), klo[block], kst[block])
-            body[block, 0] = keys.reshape(n, padded, heads, head_dim)[:, :rest]
-            val_codes = unpack_nibbles(codes[block, 1], head_dim).reshape(n, rest, heads, v, -1)
-            body[block, 1] = dequantize(val_codes, vlo[block], vst[block]).reshape(n, rest, heads, head_dim)
-        return out
+        target = body if kernels.supports(body) else torch.empty(body.shape, dtype=body.dtype)
+        kernels.dequantize_packed(codes, params.key or rest, params.value or header.head_dim, key_low, key_step,
+                                  val_low, val_step, kernels.flat(target))
+        if target is not body:
+            body.copy_(target)
 
     def max_encoded_size(self, layout: KVLayout, num_tokens: int) -> int:
         params = self._params(num_tokens, layout.head_dim)

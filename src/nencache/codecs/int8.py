@@ -51,7 +51,7 @@ class Int8Codec(InPlaceSectionCodec):
     codec_id: ClassVar[int] = 1
     lossy: ClassVar[bool] = True
 
-    def payload_spec(self, shape: torch.Size) -> Spec:
+    def payload_spec(self, shape: torch.Size, dtype: torch.dtype) -> Spec:
         layers, _, tokens, heads, head_dim = shape
         return _spec(layers, tokens, heads, head_dim)
 
@@ -95,7 +95,7 @@ class Int8Codec(InPlaceSectionCodec):
         layers, tokens, heads, head_dim = header.num_layers, header.num_tokens, header.num_kv_heads, header.head_dim
         return read_sections(payload, _spec(layers, tokens, heads, head_dim, param_dtype), copy)
 
-    def decode_sections_into(self, sections: list[torch.Tensor], out: torch.Tensor) -> None:
+    def decode_sections_into(self, header: ChunkHeader, sections: list[torch.Tensor], out: torch.Tensor) -> None:
         key_low, key_step, val_low, val_step, codes = sections
         target = out if kernels.supports(out) else torch.empty(out.shape, dtype=out.dtype)
         kernels.dequantize(codes, key_low, key_step, val_low, val_step, kernels.flat(target))

@@ -1,4 +1,4 @@
-"""Fused loops of the int8 codec, compiled by numba: a chunk's grid ranges, its codes, and its decoding.
+"""Fused loops of the int8 and int4 codecs, compiled by numba: a chunk's grid ranges, its codes, and its decoding.
 
 torch runs each step of a quantizer as its own pass over the chunk (convert to fp32, multiply-add,
 round, clamp, narrow), each with a chunk-sized or layer-sized temporary; these loops read the chunk
@@ -13,6 +13,9 @@ Elements are fp32, or fp16/bf16 handled as their 16-bit patterns (numba has no b
 arrays); the arithmetic is the torch codec's, operation for operation (fp32 fused multiply-add for the
 codes, `low + step * code` rounded once for the decoded values), so blobs and decoded chunks are the
 same bit for bit.
+
+The int4 functions (`grouped_ranges`, `quantize_packed`, `dequantize_packed`) take the int4 codec's groups
+(keys over `key_group` tokens, values over `value_group` channels) and its codes packed two a byte.
 
 numba is imported on first use and the loops are compiled for each element type then, and cached on
 disk (numba's `cache=True`): nothing happens at import. The one difference from torch: a value group
@@ -33,7 +36,7 @@ from nencache.errors import LayoutError
 
 _BITS = {torch.bfloat16: np.int16, torch.float16: np.uint16}  # 16-bit types seen as patterns, told apart by sign
 _lock = threading.Lock()
-_LOOPS: Any = None
+_LOOPS: dict[str, Any] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +64,7 @@ def supports(tensor: torch.Tensor) -> bool:
 def flat(tensor: torch.Tensor) -> FlatChunk:
     """`tensor` (see `supports`) as a `FlatChunk` over its own storage (no copy: writes land in it)."""
     if not supports(tensor):
-        raise LayoutError(f"the int8 loops take CPU fp32/fp16/bf16 chunks with heads and head_dims back to back, "
+        raise LayoutError(f"the int8 and int4 loops take CPU fp32/fp16/bf16 chunks with heads and head_dims back to back, "
                           f"got {tensor.dtype} on {tensor.device} with strides {tensor.stride()}")
     layers, _, tokens, heads, head_dim = tensor.shape
     strides = [tensor.stride(i) if tensor.shape[i] > 1 else 0 for i in range(3)]
@@ -75,18 +78,11 @@ def flat(tensor: torch.Tensor) -> FlatChunk:
 
 
 def ranges(chunk: FlatChunk) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """fp32 min and max of each group: the key channels over the tokens (`[layers, heads, head_dim]`), then
+    """fp32 min and max of each int8 group: the key channels over the tokens (`[layers, heads, head_dim]`), then
     the value tokens and heads over head_dim (`[layers, tokens, heads]`), flat; None if the chunk holds a NaN
     or an infinity."""
-    layers, _, tokens, heads, head_dim = chunk.shape
-    split = layers * heads * head_dim
-    lo = np.empty(split + layers * tokens * heads, np.float32)
-    hi = np.empty_like(lo)
-    finite = _loops().ranges(chunk.data, chunk.layer, chunk.kind_stride, chunk.token, layers, tokens,
-                             heads, head_dim, lo[:split].reshape(layers, heads * head_dim),
-                             hi[:split].reshape(layers, heads * head_dim), lo[split:].reshape(layers, tokens, heads),
-                             hi[split:].reshape(layers, tokens, heads))
-    return (torch.from_numpy(lo), torch.from_numpy(hi)) if finite else None
+    _, _, tokens, _, head_dim = chunk.shape
+    return grouped_ranges(chunk, tokens, head_dim)  # one key group of every token, one value group per head
 
 
 def grid_params(lo: torch.Tensor, hi: torch.Tensor, levels: int
@@ -97,7 +93,7 @@ def grid_params(lo: torch.Tensor, hi: torch.Tensor, levels: int
     count = lo.numel()
     low_bf, step_bf = torch.empty(count, dtype=torch.bfloat16), torch.empty(count, dtype=torch.bfloat16)
     low_h, step_h = torch.empty(count, dtype=torch.float16), torch.empty(count, dtype=torch.float16)
-    finite, fits = _loops().grid_params(
+    finite, fits = _loops("loop_elements").grid_params(
         _f32(lo), _f32(hi), np.float32(levels), *(t.view(torch.int16).numpy().view(np.uint16)
                                                   for t in (low_bf, step_bf, low_h, step_h)))
     if not finite:
@@ -111,7 +107,7 @@ def quantize(chunk: FlatChunk, key_bias: torch.Tensor, key_inv: torch.Tensor, va
     (`[layers, 2, tokens, heads, head_dim]`): `inv`/`bias` fp32 per key channel `[layers, heads, head_dim]`
     and per value token and head `[layers, tokens, heads]`."""
     layers, _, tokens, heads, head_dim = chunk.shape
-    _loops().quantize(chunk.data, chunk.layer, chunk.kind_stride, chunk.token, layers, tokens, heads,
+    _loops("int8_loops").quantize(chunk.data, chunk.layer, chunk.kind_stride, chunk.token, layers, tokens, heads,
                         head_dim, _f32(key_bias), _f32(key_inv), _f32(val_bias), _f32(val_inv), np.float32(levels),
                         codes.view(-1).numpy())
 
@@ -122,19 +118,56 @@ def dequantize(codes: torch.Tensor, key_low: torch.Tensor, key_step: torch.Tenso
     `low`/`step` fp32 per key channel `[layers, heads, head_dim]` and per value token and head
     `[layers, tokens, heads]`."""
     layers, _, tokens, heads, head_dim = out.shape
-    _loops().dequantize(codes.reshape(-1).numpy(), _f32(key_low), _f32(key_step), _f32(val_low), _f32(val_step),
+    _loops("int8_loops").dequantize(codes.reshape(-1).numpy(), _f32(key_low), _f32(key_step), _f32(val_low), _f32(val_step),
                           out.data, out.layer, out.kind_stride, out.token, layers, tokens, heads, head_dim)
+
+
+def grouped_ranges(chunk: FlatChunk, key_group: int, value_group: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """fp32 min and max of each int4 group: the key channels over each `key_group` tokens (`[layers, key groups,
+    heads, head_dim]`, the last group possibly short), then the value tokens and heads over each `value_group`
+    channels (`[layers, tokens, heads, head_dim / value_group]`), flat; None if the chunk holds a NaN or an
+    infinity."""
+    layers, _, tokens, heads, head_dim = chunk.shape
+    split = layers * -(-tokens // key_group) * heads * head_dim
+    lo = np.empty(split + layers * tokens * heads * (head_dim // value_group), np.float32)
+    hi = np.empty_like(lo)
+    finite = _loops("loop_elements").ranges(chunk.data, chunk.layer, chunk.kind_stride, chunk.token, layers, tokens,
+                                         heads, head_dim, key_group, value_group, lo[:split], hi[:split], lo[split:],
+                                         hi[split:])
+    return (torch.from_numpy(lo), torch.from_numpy(hi)) if finite else None
+
+
+def quantize_packed(chunk: FlatChunk, key_group: int, value_group: int, key_bias: torch.Tensor, key_inv: torch.Tensor,
+                    val_bias: torch.Tensor, val_inv: torch.Tensor, levels: int, codes: torch.Tensor) -> None:
+    """Write `clamp(rint(fma(x, inv, bias)), 0, levels)` (levels < 16) of every element, packed two a byte along
+    head_dim, into the contiguous uint8 `codes` (`[layers, 2, tokens, heads, ceil(head_dim / 2)]`); `inv`/`bias`
+    fp32 per group, in `grouped_ranges`'s order."""
+    layers, _, tokens, heads, head_dim = chunk.shape
+    _loops("int4_loops").quantize(chunk.data, chunk.layer, chunk.kind_stride, chunk.token, layers, tokens, heads,
+                                  head_dim, key_group, value_group, _f32(key_bias), _f32(key_inv), _f32(val_bias),
+                                  _f32(val_inv), np.float32(levels), codes.view(-1).numpy())
+
+
+def dequantize_packed(codes: torch.Tensor, key_group: int, value_group: int, key_low: torch.Tensor,
+                      key_step: torch.Tensor, val_low: torch.Tensor, val_step: torch.Tensor, out: FlatChunk) -> None:
+    """Write `low + step * code` (fp32, rounded once into `out`'s type) of contiguous packed `codes` into `out`;
+    `low`/`step` per group, in `grouped_ranges`'s order."""
+    layers, _, tokens, heads, head_dim = out.shape
+    _loops("int4_loops").dequantize(codes.reshape(-1).numpy(), key_group, value_group, _f32(key_low),
+                                    _f32(key_step), _f32(val_low), _f32(val_step), out.data, out.layer,
+                                    out.kind_stride, out.token, layers, tokens, heads, head_dim)
 
 
 def _f32(tensor: torch.Tensor) -> np.ndarray:
     return tensor.float().contiguous().reshape(-1).numpy()
 
 
-def _loops() -> Any:
-    """The compiled loops: `nencache.codecs.int8_loops`, imported (with numba) on first use."""
-    global _LOOPS
-    if _LOOPS is None:
+def _loops(name: str) -> Any:
+    """A module of compiled loops (`nencache.codecs.<name>`), imported (with numba) on first use."""
+    module = _LOOPS.get(name)
+    if module is None:
         with _lock:
-            if _LOOPS is None:
-                _LOOPS = importlib.import_module("nencache.codecs.int8_loops")
-    return _LOOPS
+            module = _LOOPS.get(name)
+            if module is None:
+                module = _LOOPS[name] = importlib.import_module(f"nencache.codecs.{name}")
+    return module
