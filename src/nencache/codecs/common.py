@@ -47,7 +47,7 @@ def section_bytes(spec: Spec) -> int:
         count = 1
         for n in shape:
             count *= n
-        total += count * torch.empty((), dtype=dtype).element_size()
+        total += count * dtype.itemsize
     return total
 
 
@@ -92,7 +92,7 @@ def check_header(header: ChunkHeader, codec_id: int, name: str) -> torch.dtype:
     if min(header.num_layers, header.num_kv_heads, header.head_dim) == 0:
         raise CorruptChunkError("chunk header has a zero layer, head or head_dim count")
     decoded = header.num_layers * 2 * header.num_tokens * header.num_kv_heads * header.head_dim
-    if decoded * torch.empty((), dtype=dtype).element_size() > MAX_DECODED_BYTES:
+    if decoded * dtype.itemsize > MAX_DECODED_BYTES:
         raise CorruptChunkError(f"chunk header claims {decoded} values, more than any chunk this build decodes")
     return dtype
 
@@ -118,7 +118,7 @@ def read_sections(payload: memoryview, spec: Spec, copy: bool = True) -> list[to
         count = 1
         for n in shape:
             count *= n
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        nbytes = count * dtype.itemsize
         out.append(data[offset:offset + nbytes].view(dtype).reshape(shape))
         offset += nbytes
     return out

@@ -35,7 +35,7 @@ def _raw_payload(header: ChunkHeader, payload: memoryview) -> torch.Tensor:
         raise CorruptChunkError(f"chunk was encoded with codec id {header.codec_id}, not raw")
     shape = (header.num_layers, 2, header.num_tokens, header.num_kv_heads, header.head_dim)
     count = shape[0] * 2 * shape[2] * shape[3] * shape[4]
-    if count * torch.empty((), dtype=dtype).element_size() != len(payload):
+    if count * dtype.itemsize != len(payload):
         raise CorruptChunkError(f"raw payload of {len(payload)} bytes does not hold a {shape} {dtype} chunk")
     if not count:
         return torch.empty(shape, dtype=dtype)
@@ -106,7 +106,7 @@ class _Wrapper:
         (size,) = _LENGTH.unpack_from(payload)
         dtype = CODE_DTYPES.get(header.dtype_code) or torch.uint8
         decoded = header.num_layers * 2 * header.num_tokens * header.num_kv_heads * header.head_dim
-        if size > 2 * decoded * torch.empty((), dtype=dtype).element_size() + 65536:
+        if size > 2 * decoded * dtype.itemsize + 65536:
             raise CorruptChunkError(f"{self.prefix} payload claims {size} bytes, more than any codec writes "
                                     "for a chunk of this shape")
         try:

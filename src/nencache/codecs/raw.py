@@ -55,7 +55,7 @@ class RawCodec:
         if dtype is None:
             raise CorruptChunkError(f"chunk has unknown dtype code {header.dtype_code}")
         shape = (header.num_layers, 2, header.num_tokens, header.num_kv_heads, header.head_dim)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if header.num_layers * 2 * header.num_tokens * header.num_kv_heads * header.head_dim * itemsize != payload_len:
             raise CorruptChunkError(f"raw payload of {payload_len} bytes does not hold a {shape} {dtype} chunk")
         return dtype, shape
