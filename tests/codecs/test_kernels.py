@@ -158,3 +158,27 @@ with KVCache(config, layout, "m") as cache:
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == f"['{compiled}']"
+
+
+def test_the_loops_compile_where_numba_has_no_writable_cache_directory() -> None:
+    """A read-only install with no writable home: numba refuses every cache directory; the loops still run."""
+    code = """
+import logging, sys, torch
+from numba.core import caching
+real = caching._CacheLocator.ensure_cache_path
+def refuse(self):
+    if "nencache-numba-" not in self.get_cache_path():
+        raise PermissionError("read-only")
+    real(self)
+caching._CacheLocator.ensure_cache_path = refuse
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
+from nencache.codecs import get_codec
+x = torch.randn(2, 2, 8, 1, 16).bfloat16()
+for name in ("int8", "int4"):
+    codec = get_codec(name)
+    out = torch.empty_like(x)
+    codec.decode_into(codec.encode(x), out)
+    print(name, float((out.float() - x.float()).abs().max()) < 0.5)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "numba cannot write its cache" in out and "int8 True" in out and "int4 True" in out

@@ -18,13 +18,16 @@ The int4 functions (`grouped_ranges`, `quantize_packed`, `dequantize_packed`) ta
 (keys over `key_group` tokens, values over `value_group` channels) and its codes packed two a byte.
 
 numba is imported on first use and the loops are compiled for each element type then, and cached on
-disk (numba's `cache=True`): nothing happens at import. The one difference from torch: a value group
+disk (numba's `cache=True`; where numba finds no writable place for that cache, in a private temporary
+directory instead, so such a process compiles them afresh): nothing happens at import. The one difference from torch: a value group
 holding zeros of both signs gets -0 as its minimum and +0 as its maximum (torch's amin/amax return either).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +38,7 @@ import torch
 from nencache.errors import LayoutError
 
 _BITS = {torch.bfloat16: np.int16, torch.float16: np.uint16}  # 16-bit types seen as patterns, told apart by sign
+log = logging.getLogger("nencache.codecs")
 _lock = threading.Lock()
 _LOOPS: dict[str, Any] = {}
 
@@ -169,5 +173,22 @@ def _loops(name: str) -> Any:
         with _lock:
             module = _LOOPS.get(name)
             if module is None:
-                module = _LOOPS[name] = importlib.import_module(f"nencache.codecs.{name}")
+                module = _LOOPS[name] = _import(f"nencache.codecs.{name}")
     return module
+
+
+def _import(module: str) -> Any:
+    """Import `module`. numba refuses to define a cached function when neither its package's directory, nor
+    NUMBA_CACHE_DIR, nor the user's cache directory can be written (a read-only install run by a user without
+    a home, say); the loops then get a private temporary cache directory: compiled afresh in this process."""
+    try:
+        return importlib.import_module(module)
+    except RuntimeError as exc:
+        if "cannot cache function" not in str(exc):
+            raise
+    numba = importlib.import_module("numba")
+    numba.config.CACHE_DIR = tempfile.mkdtemp(prefix="nencache-numba-")
+    log.warning("numba cannot write its cache of compiled code anywhere (set NUMBA_CACHE_DIR to a writable "
+                "directory to keep it between runs); the codec loops are compiled into %s for this process",
+                numba.config.CACHE_DIR)
+    return importlib.import_module(module)
