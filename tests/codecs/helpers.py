@@ -66,3 +66,18 @@ def calibrated_vq(x: torch.Tensor, bits: int = 6) -> VQCodec:
     codec = VQCodec(bits=bits, store=CodebookStore(), auto_calibrate=False)
     codec.calibrate([x])
     return codec
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bit patterns (so -0.0 differs from 0.0)."""
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(bits), b.view(bits))
+
+
+def engine_layouts(x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """`x` as an engine hands it over: contiguous, a token slice of a larger cache, each head's values strided."""
+    layers, _, tokens, heads, head_dim = x.shape
+    whole = torch.zeros(layers, 2, tokens + 9, heads, head_dim, dtype=x.dtype)
+    whole[:, :, 4 : 4 + tokens] = x
+    apart = x.transpose(3, 4).contiguous().transpose(3, 4)
+    return [("contiguous", x), ("token slice", whole[:, :, 4 : 4 + tokens]), ("heads apart", apart)]

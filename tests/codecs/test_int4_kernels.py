@@ -14,26 +14,12 @@ from nencache.errors import LayoutError
 from nencache.format import split_blob
 
 from tests.codecs import int4_reference as reference
-from tests.codecs.helpers import DTYPES, synthetic_kv
+from tests.codecs.helpers import DTYPES, engine_layouts, same_bits, synthetic_kv
 
 # (key_group, value_group, exact_tokens, head_dim): the defaults, groups, a short last key group, odd value
 # groups (the scratch-row path), an odd head_dim, no exact tokens, every token exact
 SETTINGS = [(0, 0, 1, 16), (8, 8, 1, 16), (5, 4, 2, 16), (0, 3, 1, 12), (7, 0, 1, 15), (0, 0, 0, 16),
             (0, 0, 40, 16)]
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(bits), b.view(bits))
-
-
-def layouts(x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """`x` as an engine hands it over: contiguous, a token slice of a larger cache, each head's values strided."""
-    layers, _, tokens, heads, head_dim = x.shape
-    whole = torch.zeros(layers, 2, tokens + 9, heads, head_dim, dtype=x.dtype)
-    whole[:, :, 4 : 4 + tokens] = x
-    apart = x.transpose(3, 4).contiguous().transpose(3, 4)
-    return [("contiguous", x), ("token slice", whole[:, :, 4 : 4 + tokens]), ("heads apart", apart)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -45,13 +31,13 @@ def test_sections_and_decoded_values_are_torchs_bit_for_bit(dtype: torch.dtype,
     x = synthetic_kv(layers=3, tokens=33, heads=2, head_dim=head_dim, dtype=dtype, seed=head_dim + exact)
     expected = reference.encode(x, key_group, value_group, exact)
     decoded = reference.decode(expected, 33, key_group, value_group, exact)
-    for label, chunk in layouts(x):
+    for label, chunk in engine_layouts(x):
         blob = codec.encode(chunk)
         header, payload = split_blob(blob)
         spec = codec.payload_spec(x.shape, dtype)
         for got, want in zip(read_sections(payload, spec), expected, strict=True):
             assert same_bits(got, want), label
-        for name, out in layouts(torch.full_like(x, 3.0)):
+        for name, out in engine_layouts(torch.full_like(x, 3.0)):
             codec.decode_into(blob, out)
             assert same_bits(out.contiguous(), decoded), (label, name)
 

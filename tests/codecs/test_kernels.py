@@ -116,10 +116,11 @@ def test_codes_and_decoded_values_are_torchs_bit_for_bit(dtype: torch.dtype, see
                                expected.view(torch.int16 if dtype != torch.float32 else torch.int32)), (label, name)
 
 
+@pytest.mark.parametrize("name", ["int8", "fp8"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_a_non_finite_value_anywhere_is_refused(bad: float, dtype: torch.dtype) -> None:
-    codec = get_codec("int8")
+def test_a_non_finite_value_anywhere_is_refused(name: str, bad: float, dtype: torch.dtype) -> None:
+    codec = get_codec(name)
     for where in [(0, 0, 0, 0, 0), (2, 1, 31, 1, 15), (1, 0, 7, 1, 3)]:
         x = synthetic_kv(layers=3, tokens=32, heads=2, head_dim=16, dtype=dtype)
         x[where] = bad
@@ -140,7 +141,8 @@ def test_importing_nencache_and_its_codecs_does_not_import_numba() -> None:
     assert out.strip() == "False"
 
 
-@pytest.mark.parametrize(("codec", "dtype", "compiled"), [("int8", "float16", "uint16"), ("int4", "bfloat16", "int16")])
+@pytest.mark.parametrize(("codec", "dtype", "compiled"),
+                         [("int8", "float16", "uint16"), ("int4", "bfloat16", "int16"), ("fp8", "float32", "float32")])
 def test_a_cache_prepares_its_codecs_loops_at_start_up_for_its_own_dtype_only(codec: str, dtype: str,
                                                                                compiled: str) -> None:
     """fp16 elements are seen as uint16 patterns, bf16 ones as int16: only the layout's type is compiled."""
@@ -174,11 +176,11 @@ caching._CacheLocator.ensure_cache_path = refuse
 logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
 from nencache.codecs import get_codec
 x = torch.randn(2, 2, 8, 1, 16).bfloat16()
-for name in ("int8", "int4"):
+for name in ("int8", "int4", "fp8"):
     codec = get_codec(name)
     out = torch.empty_like(x)
     codec.decode_into(codec.encode(x), out)
     print(name, float((out.float() - x.float()).abs().max()) < 0.5)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "numba cannot write its cache" in out and "int8 True" in out and "int4 True" in out
+    assert "numba cannot write its cache" in out and all(f"{name} True" in out for name in ("int8", "int4", "fp8"))

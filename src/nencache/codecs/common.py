@@ -139,19 +139,6 @@ def affine_params(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> tuple[torc
     return low, step
 
 
-# The block of fp8's in-place decoder (int8 decodes in compiled loops, with no temporaries): about a layer of a
-# 256-token chunk. Blocks of 2**19 values kept 6 MiB more resident after decoding (torch's casting buffers, which
-# glibc keeps); see benchmarks/RESULTS.md, "memory: lab notes on resident bytes".
-IN_PLACE_BLOCK = 1 << 17
-
-
-def layer_blocks(layers: int, per_layer: int, budget: int = 1 << 19) -> list[slice]:
-    """Slices of about `budget` elements over the layer axis: decoders work block by block, paying torch's
-    per-call overhead a few times per chunk rather than per layer, with any temporaries still cache-sized."""
-    step = max(1, budget // max(1, per_layer))
-    return [slice(start, min(layers, start + step)) for start in range(0, layers, step)]
-
-
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """Pack uint8 codes < 16 two per byte along the last dim (padded to even with a zero code)."""
     if q.shape[-1] % 2:
@@ -167,7 +154,7 @@ def unpack_nibbles(packed: torch.Tensor, width: int) -> torch.Tensor:
 
 __all__ = [
     "FLOAT_DTYPES", "MAX_DECODED_BYTES", "affine_params", "bad_param", "build_blob",
-    "IN_PLACE_BLOCK", "InPlaceSectionCodec", "check_chunk", "check_header", "check_key", "chunk_header",
+    "InPlaceSectionCodec", "check_chunk", "check_header", "check_key", "chunk_header",
     "pack_nibbles", "read_sections", "section_bytes", "unpack_nibbles",
 ]
 
@@ -203,8 +190,8 @@ class InPlaceSectionCodec(SectionCodec):
     a buffer the caller reserves (`encode_into`) and decoded straight into the caller's tensor (`decode_into`).
 
     Neither makes a chunk-sized temporary (blob, codes, decoded chunk): the working memory of a chunk is its
-    small grid parameters plus the decoders' and quantizers' per-layer-block temporaries, so what the
-    process's allocator keeps of it stays small however many chunks pass through.
+    small grid parameters (the compiled loops of `nencache.codecs.kernels` write codes and values in place),
+    so what the process's allocator keeps of it stays small however many chunks pass through.
     """
 
     __slots__ = ()

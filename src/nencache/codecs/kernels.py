@@ -1,4 +1,4 @@
-"""Fused loops of the int8 and int4 codecs, compiled by numba: a chunk's grid ranges, its codes, and its decoding.
+"""Fused loops of the int8, int4 and fp8 codecs, compiled by numba: a chunk's grid ranges, its codes, and its decoding.
 
 torch runs each step of a quantizer as its own pass over the chunk (convert to fp32, multiply-add,
 round, clamp, narrow), each with a chunk-sized or layer-sized temporary; these loops read the chunk
@@ -15,7 +15,8 @@ codes, `low + step * code` rounded once for the decoded values), so blobs and de
 same bit for bit.
 
 The int4 functions (`grouped_ranges`, `quantize_packed`, `dequantize_packed`) take the int4 codec's groups
-(keys over `key_group` tokens, values over `value_group` channels) and its codes packed two a byte.
+(keys over `key_group` tokens, values over `value_group` channels) and its codes packed two a byte; the fp8
+ones (`fp8_absmax`, `fp8_quantize`, `fp8_dequantize`) one scale per layer, K/V and head.
 
 numba is imported on first use and the loops are compiled for each element type then, and cached on
 disk (numba's `cache=True`; where numba finds no writable place for that cache, in a private temporary
@@ -68,7 +69,7 @@ def supports(tensor: torch.Tensor) -> bool:
 def flat(tensor: torch.Tensor) -> FlatChunk:
     """`tensor` (see `supports`) as a `FlatChunk` over its own storage (no copy: writes land in it)."""
     if not supports(tensor):
-        raise LayoutError(f"the int8 and int4 loops take CPU fp32/fp16/bf16 chunks with heads and head_dims back to back, "
+        raise LayoutError(f"the codecs' loops take CPU fp32/fp16/bf16 chunks with heads and head_dims back to back, "
                           f"got {tensor.dtype} on {tensor.device} with strides {tensor.stride()}")
     layers, _, tokens, heads, head_dim = tensor.shape
     strides = [tensor.stride(i) if tensor.shape[i] > 1 else 0 for i in range(3)]
@@ -160,6 +161,32 @@ def dequantize_packed(codes: torch.Tensor, key_group: int, value_group: int, key
     _loops("int4_loops").dequantize(codes.reshape(-1).numpy(), key_group, value_group, _f32(key_low),
                                     _f32(key_step), _f32(val_low), _f32(val_step), out.data, out.layer,
                                     out.kind_stride, out.token, layers, tokens, heads, head_dim)
+
+
+def fp8_absmax(chunk: FlatChunk) -> torch.Tensor | None:
+    """The largest magnitude of each (layer, K/V, head) over its tokens and head_dim, fp32 `[layers, 2, heads]`;
+    None if the chunk holds a NaN or an infinity."""
+    layers, _, tokens, heads, head_dim = chunk.shape
+    out = np.empty(layers * 2 * heads, np.float32)
+    finite = _loops("fp8_loops").absmax(chunk.data, chunk.layer, chunk.kind_stride, chunk.token, layers, tokens,
+                                        heads, head_dim, out)
+    return torch.from_numpy(out).view(layers, 2, heads) if finite else None
+
+
+def fp8_quantize(chunk: FlatChunk, inv: torch.Tensor, codes: torch.Tensor) -> None:
+    """Write the float8_e4m3fn bits of `clamp(x * inv, -448, 448)` (`inv` fp32 per (layer, K/V, head)) of every
+    element into the contiguous uint8 `codes` (`[layers, 2, tokens, heads, head_dim]`)."""
+    layers, _, tokens, heads, head_dim = chunk.shape
+    _loops("fp8_loops").quantize(chunk.data, chunk.layer, chunk.kind_stride, chunk.token, layers, tokens, heads,
+                                 head_dim, _f32(inv), codes.view(-1).numpy())
+
+
+def fp8_dequantize(codes: torch.Tensor, scale: torch.Tensor, out: FlatChunk) -> None:
+    """Write `float(code) * scale` (fp32, rounded once into `out`'s type) of contiguous e4m3 `codes` into `out`;
+    `scale` fp32 per (layer, K/V, head)."""
+    layers, _, tokens, heads, head_dim = out.shape
+    _loops("fp8_loops").dequantize(codes.reshape(-1).numpy(), _f32(scale), out.data, out.layer, out.kind_stride,
+                                   out.token, layers, tokens, heads, head_dim)
 
 
 def _f32(tensor: torch.Tensor) -> np.ndarray:

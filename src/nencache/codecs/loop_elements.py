@@ -108,6 +108,17 @@ def from_key(data, key):  # the element value (as fp32) of an `order_key`
     raise NotImplementedError
 
 
+def magnitude_key(data, index):  # |element| as a non-negative `order_key` (for finite values)
+    raise NotImplementedError
+
+
+@overload(magnitude_key)
+def _magnitude_key(data, index):
+    if data.dtype == types.int16 or data.dtype == types.uint16:
+        return lambda data, index: np.int32(data[index]) & np.int32(0x7FFF)
+    return lambda data, index: np.int32(f32_to_bits(data[index]) & np.uint32(0x7FFFFFFF))
+
+
 @overload(order_key)
 def _order_key(data, index):
     if data.dtype == types.int16 or data.dtype == types.uint16:
