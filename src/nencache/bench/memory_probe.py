@@ -4,7 +4,7 @@ Prints one JSON line: the resident memory (RSS) a `KVCache` adds to this process
 TOKENS tokens of SmolLM2-135M's KV in its CPU pool with `cpu_codec` CODEC, the pool sized to hold
 exactly them. Code is imported and the engine's own KV buffers exist before the baseline is taken,
 so only what the cache holds is counted: that includes the codec's code, loaded by one small chunk
-through it (int8's compiled loops, the torch kernels fp8 pages in on first use).
+through it (int8's and fp8's compiled loops: numba and the compiled code).
 """
 
 from __future__ import annotations
