@@ -98,8 +98,9 @@ def run(ctx: BenchContext) -> SuiteResult:
     result.notes.append(f"{tokens} tokens of SmolLM2-135M KV ({kv_per_token} bytes per token, bf16) held in the CPU "
                         f"tier of a fresh process, sized to hold them; resident memory after storing and reading them "
                         "back, minus before the cache existed, each side's code loaded first (NenCache's codec by "
-                        "one small chunk: the codecs' compiled loops, about 110 MiB with numba); it includes what the allocator keeps of the codecs' working memory, a fixed amount that "
-                        "weighs more the fewer tokens are held; median of "
+                        "one small chunk: the codecs' compiled loops, about 110 MiB with numba); it includes what "
+                        "the allocator keeps of the codecs' working memory, a fixed amount that weighs more the "
+                        "fewer tokens are held; median of "
                         f"{reps}. int8 and fp8 quality on this model: "
                         "benchmarks/RESULTS.md, section codecs (int8 is at the model's noise floor).")
     result.plots.append(Plot("Resident memory per cached token", "bytes", [series],
