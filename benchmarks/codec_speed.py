@@ -82,7 +82,8 @@ def main() -> None:
             blob = codec.encode(chunk)
             decode_into = getattr(codec, "decode_into", None) or (lambda b, out, c=codec: out.copy_(c.decode(b)))
             decode_into(blob, target)  # first calls (compiling, paging code in) off the clock
-            cases = {"encode": lambda c=codec: c.encode(chunk), "decode_into": lambda d=decode_into, b=blob: d(b, target)}
+            cases = {"encode": lambda c=codec: c.encode(chunk),
+                     "decode_into": lambda d=decode_into, b=blob: d(b, target)}
             for operation, fn in cases.items():
                 for threads, seconds in (("main", per_call(fn)), ("2 workers", on_two_threads(fn))):
                     results.setdefault((name, operation, threads), []).append(seconds)

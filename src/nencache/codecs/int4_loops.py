@@ -1,5 +1,5 @@
-"""The int4 codec's codes and decoding, compiled by numba (see `nencache.codecs.kernels`, which imports this module on first
-use so that importing NenCache never imports numba).
+"""The int4 codec's codes and decoding, compiled by numba (see `nencache.codecs.kernels`, which imports this
+module on first use so that importing NenCache never imports numba).
 
 Like int8's loops (`nencache.codecs.int8_loops`; the groups' ranges are `loop_elements.ranges`), with the
 int4 codec's groups: keys per channel over groups

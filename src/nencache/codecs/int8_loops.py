@@ -1,8 +1,8 @@
-"""The int8 codec's codes and decoding, compiled by numba (see `nencache.codecs.kernels`, which imports this module on first
-use so that importing NenCache never imports numba).
+"""The int8 codec's codes and decoding, compiled by numba (see `nencache.codecs.kernels`, which imports this
+module on first use so that importing NenCache never imports numba).
 
-Two loops, codes and decoding; element access and the groups' ranges are `nencache.codecs.loop_elements`. Each writes what
-`kernels` describes; the arithmetic is the torch codec's, so results are the same bit for bit.
+Two loops, codes and decoding; element access and the groups' ranges are `nencache.codecs.loop_elements`. Each
+writes what `kernels` describes; the arithmetic is the torch codec's, so results are the same bit for bit.
 """
 
 # mypy: ignore-errors

@@ -1,4 +1,4 @@
-"""Fused loops of the int8, int4 and fp8 codecs, compiled by numba: a chunk's grid ranges, its codes, and its decoding.
+"""Fused loops of the int8, int4 and fp8 codecs, compiled by numba: a chunk's ranges, codes and decoding.
 
 torch runs each step of a quantizer as its own pass over the chunk (convert to fp32, multiply-add,
 round, clamp, narrow), each with a chunk-sized or layer-sized temporary; these loops read the chunk
@@ -18,10 +18,11 @@ The int4 functions (`grouped_ranges`, `quantize_packed`, `dequantize_packed`) ta
 (keys over `key_group` tokens, values over `value_group` channels) and its codes packed two a byte; the fp8
 ones (`fp8_absmax`, `fp8_quantize`, `fp8_dequantize`) one scale per layer, K/V and head.
 
-numba is imported on first use and the loops are compiled for each element type then, and cached on
-disk (numba's `cache=True`; where numba finds no writable place for that cache, in a private temporary
-directory instead, so such a process compiles them afresh): nothing happens at import. The one difference from torch: a value group
-holding zeros of both signs gets -0 as its minimum and +0 as its maximum (torch's amin/amax return either).
+numba is imported on first use and the loops are compiled for each element type then, and cached on disk
+(numba's `cache=True`; where numba finds no writable place for that cache, in a private temporary directory
+instead, so such a process compiles them afresh): nothing happens at import. The one difference from torch: a
+value group holding zeros of both signs gets -0 as its minimum and +0 as its maximum (torch's amin/amax return
+either).
 """
 
 from __future__ import annotations
@@ -123,8 +124,9 @@ def dequantize(codes: torch.Tensor, key_low: torch.Tensor, key_step: torch.Tenso
     `low`/`step` fp32 per key channel `[layers, heads, head_dim]` and per value token and head
     `[layers, tokens, heads]`."""
     layers, _, tokens, heads, head_dim = out.shape
-    _loops("int8_loops").dequantize(codes.reshape(-1).numpy(), _f32(key_low), _f32(key_step), _f32(val_low), _f32(val_step),
-                          out.data, out.layer, out.kind_stride, out.token, layers, tokens, heads, head_dim)
+    _loops("int8_loops").dequantize(codes.reshape(-1).numpy(), _f32(key_low), _f32(key_step), _f32(val_low),
+                                    _f32(val_step), out.data, out.layer, out.kind_stride, out.token, layers, tokens,
+                                    heads, head_dim)
 
 
 def grouped_ranges(chunk: FlatChunk, key_group: int, value_group: int) -> tuple[torch.Tensor, torch.Tensor] | None:

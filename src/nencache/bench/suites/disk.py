@@ -1,12 +1,13 @@
 """`disk`: KV tokens per second to and from disk, by disk codec, against LMCache's raw disk backend.
 
-On raw bytes both NenCache and LMCache write at 0.8-0.9 of what `dd` does (see the `tiers` suite), so
-the way to move KV 2-3x faster than LMCache is to move fewer bytes. Each rep stores fresh SmolLM2-135M
-KV (normal values) through a `KVCache` with the CPU tier off (`local_cpu: false`) and the disk tier in
-the user's `disk_path` (else /var/tmp), `store` + `flush` (durable), then reads it back with the page
-cache dropped (`retrieve` into engine KV), for `disk_codec` raw, int8 (at the model's noise floor), int4
-and zstd+int4 (how much each lossy codec changes the model's output: `benchmarks/codecs.py`); LMCache's local disk backend (raw, CPU tier off, store timed until its files are written and
-fsynced, cold retrieve) takes its rep in turn. Target: 2-3x LMCache's tokens per second.
+On raw bytes both NenCache and LMCache write at 0.8-0.9 of what `dd` does (see the `tiers` suite), so the way
+to move KV 2-3x faster than LMCache is to move fewer bytes. Each rep stores fresh SmolLM2-135M KV (normal
+values) through a `KVCache` with the CPU tier off (`local_cpu: false`) and the disk tier in the user's
+`disk_path` (else /var/tmp), `store` + `flush` (durable), then reads it back with the page cache dropped
+(`retrieve` into engine KV), for `disk_codec` raw, int8 (at the model's noise floor), int4 and zstd+int4 (how
+much each lossy codec changes the model's output: `benchmarks/codecs.py`); LMCache's local disk backend (raw,
+CPU tier off, store timed until its files are written and fsynced, cold retrieve) takes its rep in turn.
+Target: 2-3x LMCache's tokens per second.
 """
 
 from __future__ import annotations
