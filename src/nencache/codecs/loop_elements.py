@@ -1,12 +1,12 @@
-"""What numba's quantizer loops (`nencache.codecs.int8_loops`, `int4_loops`, `fp8_loops`) share: element
-access, each group's range and grid parameters; imported with them on first use (see `nencache.codecs.kernels`).
+"""What numba's quantizer loops (`nencache.codecs.int8_loops`, `int4_loops`, `fp8_loops`) share: element access,
+each group's range and grid parameters; imported with them on first use (see `nencache.codecs.kernels`).
 
 `load`/`store` read an element as fp32 and write fp32 back rounded to nearest even: fp32 as it is, bf16 and
 fp16 as 16-bit patterns (numba has no bf16 type, and no fp16 arrays). `special` and `order_key` look at the
-bits (a NaN or an infinity; an integer ordered as the value is; `magnitude_key` as its magnitude is), so
-that a range's min/max is an integer reduction, which LLVM vectorizes. `ranges` finds every group's min and max (int8's groups are int4's with one
-key group of all tokens and one value group of the whole head); `grid_params` is
-`nencache.codecs.common.affine_params` in one loop.
+bits (a NaN or an infinity; an integer ordered as the value is; `magnitude_key` as its magnitude is), so that
+a range's min/max is an integer reduction, which LLVM vectorizes. `ranges` finds every group's min and max
+(int8's groups are int4's with one key group of all tokens and one value group of the whole head);
+`grid_params` is `nencache.codecs.common.affine_params` in one loop.
 """
 
 # mypy: ignore-errors
