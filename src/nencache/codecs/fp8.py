@@ -57,7 +57,7 @@ class Fp8Codec(InPlaceSectionCodec):
         layers, _, tokens, heads, head_dim = chunk.shape
         if tokens == 0:
             return [torch.ones(layers, 2, heads)], 0, lambda codes: None
-        source = kernels.flat(chunk if kernels.supports(chunk) else chunk.contiguous())
+        source = kernels.readable(chunk)
         absmax = kernels.fp8_absmax(source)  # [layers, 2, heads]
         if absmax is None:
             raise LayoutError("chunk contains NaN or inf values; lossy codecs need finite KV (use raw for these)")
@@ -78,10 +78,7 @@ class Fp8Codec(InPlaceSectionCodec):
 
     def decode_sections_into(self, header: ChunkHeader, sections: list[torch.Tensor], out: torch.Tensor) -> None:
         scale, codes = sections
-        target = out if kernels.supports(out) else torch.empty(out.shape, dtype=out.dtype)
-        kernels.fp8_dequantize(codes, scale, kernels.flat(target))
-        if target is not out:
-            out.copy_(target)
+        kernels.decode_to(out, lambda target: kernels.fp8_dequantize(codes, scale, target))
 
     def max_encoded_size(self, layout: KVLayout, num_tokens: int) -> int:
         return HEADER_SIZE + section_bytes(_spec(layout.num_layers, num_tokens, layout.num_kv_heads, layout.head_dim))

@@ -116,7 +116,7 @@ class Int4Codec(InPlaceSectionCodec):
         if rest == 0:
             return [exact, *(torch.empty(shape, dtype=dt) for dt, shape in spec[1:-1])], params.pack(), lambda c: None
         key_group, value_group = params.key or rest, params.value or head_dim
-        source = kernels.flat(body if kernels.supports(body) else body.contiguous())
+        source = kernels.readable(body)
         lo_hi = kernels.grouped_ranges(source, key_group, value_group)
         if lo_hi is None:
             raise LayoutError("chunk contains NaN or inf values; lossy codecs need finite KV (use raw for these)")
@@ -149,12 +149,9 @@ class Int4Codec(InPlaceSectionCodec):
         rest = header.num_tokens - params.exact
         if rest == 0:
             return
-        body = out[:, :, params.exact:]
-        target = body if kernels.supports(body) else torch.empty(body.shape, dtype=body.dtype)
-        kernels.dequantize_packed(codes, params.key or rest, params.value or header.head_dim, key_low, key_step,
-                                  val_low, val_step, kernels.flat(target))
-        if target is not body:
-            body.copy_(target)
+        key_group, value_group = params.key or rest, params.value or header.head_dim
+        kernels.decode_to(out[:, :, params.exact:], lambda target: kernels.dequantize_packed(
+            codes, key_group, value_group, key_low, key_step, val_low, val_step, target))
 
     def max_encoded_size(self, layout: KVLayout, num_tokens: int) -> int:
         params = self._params(num_tokens, layout.head_dim)

@@ -68,7 +68,7 @@ class Int8Codec(InPlaceSectionCodec):
             zeros = torch.zeros(layers, heads, head_dim, dtype=torch.bfloat16)
             none = torch.empty(layers, 0, heads, dtype=torch.bfloat16)
             return [zeros, zeros, none, none], 0, lambda codes: None
-        source = kernels.flat(chunk if kernels.supports(chunk) else chunk.contiguous())
+        source = kernels.readable(chunk)
         lo_hi = kernels.ranges(source)  # the key channels' ranges, then the value tokens'
         if lo_hi is None:
             raise LayoutError("chunk contains NaN or inf values; lossy codecs need finite KV (use raw for these)")
@@ -97,10 +97,7 @@ class Int8Codec(InPlaceSectionCodec):
 
     def decode_sections_into(self, header: ChunkHeader, sections: list[torch.Tensor], out: torch.Tensor) -> None:
         key_low, key_step, val_low, val_step, codes = sections
-        target = out if kernels.supports(out) else torch.empty(out.shape, dtype=out.dtype)
-        kernels.dequantize(codes, key_low, key_step, val_low, val_step, kernels.flat(target))
-        if target is not out:
-            out.copy_(target)
+        kernels.decode_to(out, lambda target: kernels.dequantize(codes, key_low, key_step, val_low, val_step, target))
 
     def max_encoded_size(self, layout: KVLayout, num_tokens: int) -> int:
         return HEADER_SIZE + section_bytes(_spec(layout.num_layers, num_tokens, layout.num_kv_heads, layout.head_dim))

@@ -31,6 +31,7 @@ import importlib
 import logging
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,22 @@ def flat(tensor: torch.Tensor) -> FlatChunk:
     bits = _BITS.get(tensor.dtype)
     data = storage.numpy() if bits is None else storage.view(torch.int16).numpy().view(bits)
     return FlatChunk(data, strides[0], strides[1], strides[2], (layers, 2, tokens, heads, head_dim))
+
+
+def readable(chunk: torch.Tensor) -> FlatChunk:
+    """`chunk` as the loops read it: where it is if `supports` takes it, else a contiguous copy."""
+    return flat(chunk if supports(chunk) else chunk.contiguous())
+
+
+def decode_to(out: torch.Tensor, decode: Callable[[FlatChunk], None]) -> None:
+    """Run `decode` on `out` where the loops can write it as it is, else on a contiguous tensor of its shape and
+    dtype that is then copied into `out`."""
+    if supports(out):
+        decode(flat(out))
+        return
+    target = torch.empty(out.shape, dtype=out.dtype)
+    decode(flat(target))
+    out.copy_(target)
 
 
 def ranges(chunk: FlatChunk) -> tuple[torch.Tensor, torch.Tensor] | None:
