@@ -112,3 +112,23 @@ def test_a_chunk_a_codec_refuses_evicts_nothing(name: str) -> None:
         tier.put_filled(make_key(2), 4, lambda target: target.copy_(bad))
     assert make_key(0) in tier and make_key(1) in tier and make_key(2) not in tier
     assert tier.stats().evicted_chunks == 0 and tier.pool.free_pages == 0
+
+
+def test_small_raw_chunks_read_under_the_lock_into_any_out() -> None:
+    """A small raw chunk is copied under the index lock into a matching tensor, and through the pinned
+    path into anything else; a page reused by another chunk reads as that chunk."""
+    tier = MemoryTier(MemoryPool(2 * raw_page_bytes(LAYOUT, 4), raw_page_bytes(LAYOUT, 4)), LAYOUT)
+    tier.put_tensor(make_key(0), chunk(0))
+    outs = [torch.zeros(LAYOUT.shape(4), dtype=LAYOUT.dtype),
+            torch.zeros(2, 2, 2, 4, 8, dtype=LAYOUT.dtype).permute(0, 1, 3, 2, 4),
+            torch.zeros(LAYOUT.shape(4), dtype=torch.float32)]
+    for out in outs:
+        assert tier.read_into(make_key(0), out)
+        assert torch.equal(out, chunk(0).to(out.dtype))
+    assert tier.pool.refcount(tier._index[make_key(0)].page) == 1  # every read gave its pin back
+    tier.put_tensor(make_key(1), chunk(1))
+    tier.put_tensor(make_key(2), chunk(2))  # evicts 0: its page now holds 2
+    assert not tier.read_into(make_key(0), outs[0])
+    assert tier.read_into(make_key(2), outs[0]) and torch.equal(outs[0], chunk(2))
+    stats = tier.stats()
+    assert (stats.hits, stats.misses, stats.read_bytes) == (4, 1, 4 * LAYOUT.nbytes(4))

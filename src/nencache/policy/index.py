@@ -51,6 +51,13 @@ class PolicyIndex(Generic[V]):
         else:
             self.policy.touch(key)
 
+    def use(self, key: Key) -> V | None:
+        """The value of `key`, marked as used now; None when it is not held (`get` and `move_to_end` in one)."""
+        value = self._map.get(key)
+        if value is not None:
+            self.policy.touch(key)
+        return value
+
     def move_to_end(self, key: Key) -> None:
         """Mark `key` as used now."""
         if key in self._map:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from nencache.policy.base import Evictable, Key
 
@@ -12,16 +12,15 @@ class LruPolicy:
     """Resident keys in an `OrderedDict`, least recently used first."""
 
     name = "lru"
-    __slots__ = ("_keys",)
+    __slots__ = ("_keys", "touch")
 
     def __init__(self) -> None:
         self._keys: OrderedDict[Key, None] = OrderedDict()
+        # Mark `key` as used now: the dict's own method, so a hit runs no Python frame here.
+        self.touch: Callable[[Key], None] = self._keys.move_to_end
 
     def insert(self, key: Key) -> None:
         self._keys[key] = None
-
-    def touch(self, key: Key) -> None:
-        self._keys.move_to_end(key)
 
     def remove(self, key: Key) -> None:
         self._keys.pop(key, None)

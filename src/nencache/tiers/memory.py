@@ -23,7 +23,7 @@ import torch
 from nencache.codecs import Codec, RawCodec
 from nencache.codecs.base import EncodesInPlace
 from nencache.codecs.raw import header_for
-from nencache.copy import as_numpy, copy_into
+from nencache.copy import SmallCopier, as_numpy, copy_into
 from nencache.errors import LayoutError, PoolExhaustedError, TierError
 from nencache.format import HEADER_SIZE
 from nencache.layout import KVLayout
@@ -35,6 +35,11 @@ from nencache.tiers.base import Distance, TierStats
 Fill = Callable[[torch.Tensor], object] | torch.Tensor
 """A chunk for the pool: a callable that writes it into the `[layers, 2, tokens, heads, dim]` tensor it is
 given, or the chunk itself (any strides, any device)."""
+
+
+SMALL_READ = 1 << 16
+"""Bytes: a raw chunk this small is copied out under the index lock (a few microseconds at most) instead
+of being pinned and copied outside it: the pin and its release cost more than such a copy."""
 
 
 def raw_page_bytes(layout: KVLayout, num_tokens: int) -> int:
@@ -52,6 +57,8 @@ class Entry:
     is_blob: bool
     stamped: bool = False  # a raw chunk's header is in its page's header slot
     view: torch.Tensor | None = None  # a raw chunk's tensor over its page, made once at store time for reads
+    small_bytes: memoryview | None = None  # a small raw chunk's bytes: read under the index lock, unpinned (`SMALL_READ`)
+    shape: torch.Size | None = None  # a small raw chunk's tensor shape
 
 
 class ChunkLease:
@@ -95,7 +102,10 @@ class MemoryTier:
             self.codec if not self._raw and isinstance(self.codec, EncodesInPlace) else None)
         self._index: PolicyIndex[Entry] = PolicyIndex(policy)
         self._lock = threading.Lock()
-        self._stats = TierStats(capacity_bytes=pool.capacity_bytes)
+        # One lock for the index and the counters: a small read takes it once.
+        self._stats = TierStats(capacity_bytes=pool.capacity_bytes, lock=self._lock)
+        self._small = SmallCopier()
+        self._dtype = layout.dtype if layout is not None else None
         self.on_evict: Callable[[bytes], None] | None = None  # told each evicted key (must be quick, never raise)
 
     # --- the tensor path used by KVCache -------------------------------------------------------
@@ -167,22 +177,27 @@ class MemoryTier:
         entry = Entry(page, nbytes, num_tokens, is_blob=not self._raw)
         if self._raw:
             entry.view = self._as_tensor(entry, key)
+            if nbytes <= SMALL_READ:
+                entry.small_bytes, entry.shape = memoryview(as_numpy(self.payload(entry))), entry.view.shape
         return ChunkLease(self, key, entry) if self._insert(key, entry, started, pin=True) else None
 
     def read_into(self, key: bytes, out: torch.Tensor) -> bool:
         """Copy a held chunk into `out` (a `[layers, 2, tokens, heads, dim]` view); False on a miss.
 
-        The hot path of a retrieve: the page is pinned under the index lock and copied outside it."""
+        The hot path of a retrieve. A small raw chunk is copied under the index lock, which also guards
+        the counters; any other chunk is pinned under it and copied outside it."""
         with self._lock:
-            entry = self._index.get(key)
-            if entry is not None:
-                self._index.move_to_end(key)
-                self.pool.acquire(entry.page)
-        if entry is None:
-            with self._stats.lock:
+            entry = self._index.use(key)
+            if entry is None:
                 self._stats.misses += 1
-            return False
-        started = time.perf_counter()
+                return False
+            started = time.perf_counter()
+            if entry.small_bytes is not None and self._small.copy(out, self._dtype, entry.shape, entry.small_bytes):
+                self._stats.hits += 1
+                self._stats.read_bytes += entry.nbytes
+                self._stats.read_seconds += time.perf_counter() - started
+                return True
+            self.pool.acquire(entry.page)
         try:
             self._copy_out(entry, key, out)
         finally:
@@ -355,7 +370,8 @@ class MemoryTier:
         """Copy a pinned chunk into `out`: a raw chunk's view copied, a blob decoded (straight into `out`
         when the codec can and `out` is a CPU tensor of the layout's dtype)."""
         if entry.view is not None:
-            copy_into(out, entry.view)
+            if entry.small_bytes is None or not self._small.copy(out, self._dtype, entry.shape, entry.small_bytes):
+                copy_into(out, entry.view)
         elif (self._in_place is not None and entry.is_blob and out.device.type == "cpu"
               and out.dtype == self.layout.dtype):
             self._in_place.decode_into(memoryview(self.payload(entry).numpy()), out, key)
