@@ -22,12 +22,17 @@ def test_a_placement_round_trips_and_anything_else_is_refused() -> None:
         assert Placement.unpack(bad) is None
 
 
-def test_a_reader_takes_only_whole_chunks_at_page_starts_and_only_while_their_page_is_held() -> None:
+def one_page_held() -> tuple[SharedRegion, MemoryPool, int, MappedRegion]:
+    """A 4-page region whose pool holds one page, and the region mapped as a reader maps it."""
     region = SharedRegion(num_pages=4, page_bytes=8192)
     pool = MemoryPool(4 * 8192, 8192, pin_memory=False, buffer=region.buffer, generations=region.generations)
     page = pool.allocate()
     assert page is not None
-    mapped = MappedRegion.attach(region.describe())
+    return region, pool, page, MappedRegion.attach(region.describe())
+
+
+def test_a_reader_takes_only_whole_chunks_at_page_starts_and_only_while_their_page_is_held() -> None:
+    region, pool, page, mapped = one_page_held()
     start = region.pool_offset + page * 8192
     spot = Spot(start, 5000, int(region.generations[page]))
     assert mapped.page_of(spot) == page and mapped.current(spot)
@@ -40,6 +45,18 @@ def test_a_reader_takes_only_whole_chunks_at_page_starts_and_only_while_their_pa
         assert not mapped.copy(bad, memoryview(bytearray(9000)))
     pool.release(page)
     assert not mapped.current(spot)  # freed: the spot no longer names this chunk
+
+
+def test_a_mapped_reader_finds_a_recorded_chunk_only_while_its_page_holds_it() -> None:
+    region, pool, page, mapped = one_page_held()
+    key, inside = os.urandom(16), os.urandom(16)
+    spot = Spot(region.pool_offset + page * 8192, 5000, int(region.generations[page]))
+    region.record(key, spot)
+    region.record(inside, Spot(spot.offset + 64, 100, spot.generation))  # never where a chunk starts
+    assert mapped.find(key) == spot
+    assert mapped.find(inside) is None and mapped.find(os.urandom(16)) is None
+    pool.release(page)
+    assert mapped.find(key) is None  # freed: the directory's entry is stale
 
 
 def test_only_a_cache_pool_vouches_for_its_payloads(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -62,4 +79,25 @@ def test_a_mapping_notices_that_its_owner_closed_the_region() -> None:
     mapped = MappedRegion.attach(region.describe())
     assert mapped.alive()
     region.close()
+    assert mapped.alive(max_age=60.0)  # found running a moment ago: not looked for again yet
     assert not mapped.alive()
+    assert not mapped.alive(max_age=60.0)  # a closed region is never reported alive from an older look
+
+
+def test_a_region_without_a_directory_is_still_mapped_and_finds_nothing() -> None:
+    """A pool made before directories existed (zeros where the directory's place is) maps as before;
+    every lookup then goes to the index."""
+    import struct
+
+    region, pool, page, _ = one_page_held()
+    control = struct.Struct("<8s16sQQQQQ")
+    fields = list(control.unpack_from(region._map, 0))
+    key = os.urandom(16)
+    region.record(key, Spot(region.pool_offset + page * 8192, 100, int(region.generations[page])))
+    region._map[: control.size] = control.pack(*fields[:5], 0, 0)
+    mapped = MappedRegion.attach(region.describe())
+    assert mapped.find(key) is None and mapped.pages == 4
+    region._map[: control.size] = control.pack(*fields[:5], 64, 1 << 20)  # a directory past the pool's start
+    with pytest.raises(ValueError, match="does not fit"):
+        MappedRegion.attach(region.describe())
+    pool.release(page)

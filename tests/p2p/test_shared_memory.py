@@ -200,9 +200,12 @@ def test_a_placement_left_in_the_index_after_its_page_was_reused_is_not_a_hit(re
         assert b.retrieve_prefix(prefix) == 0
 
 
-def test_forged_placements_never_serve_wrong_bytes(redis_server: RedisServer) -> None:
+def test_forged_placements_never_serve_wrong_bytes(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Placements come from Redis, so they are checked like any input: another pool's nonce, a spot inside
     a page, or another chunk's spot are never served for this key; the chunk is asked of its holder."""
+    from nencache.net.shared import MappedRegion
+
+    monkeypatch.setattr(MappedRegion, "find", lambda self, key: None)  # A's directory is not asked: only the index
     first, second = tokens(400, CHUNK), tokens(97_000, CHUNK)
     a, b = _placed_pair(redis_server, a_pages=4)
     with a, b:
@@ -222,3 +225,32 @@ def test_forged_placements_never_serve_wrong_bytes(redis_server: RedisServer) ->
             assert b.lookup(first) == CHUNK
             assert bit_equal(b.retrieve(first), compute_kv(first))
         assert b.stats()["tiers"]["p2p"]["corrupt"] == 1  # the other chunk's bytes, refused by their key
+
+
+def test_a_mapped_holders_directory_answers_lookups_without_the_index(own_redis: RedisServer,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once B has mapped A's pool, B finds A's chunks in A's directory: no index round trip, and hits
+    even while the index is down. A chunk A no longer holds is not found there."""
+    first, second = tokens(500, 2 * CHUNK), tokens(98_000, CHUNK)
+    with KVCache(config(own_redis.url), LAYOUT, MODEL) as a, KVCache(config(own_redis.url), LAYOUT, MODEL) as b:
+        a.store(first, compute_kv(first))
+        assert a.flush(timeout=10)
+        assert b.retrieve_prefix(first) == len(first)  # maps A's pool
+        b.memory.clear()
+        index = peer_tier(b).index
+        asked: list[int] = []
+        real_lookup = index.lookup
+        monkeypatch.setattr(index, "lookup", lambda keys: asked.append(len(keys)) or real_lookup(keys))
+        assert b.lookup(first) == len(first)
+        assert bit_equal(b.retrieve(first), compute_kv(first))
+        assert asked == []
+        own_redis.kill()
+        a.store(second, compute_kv(second))  # publishing fails; A's directory has it all the same
+        assert a.flush(timeout=10)
+        b.memory.clear()
+        assert b.lookup(second) == len(second)
+        assert bit_equal(b.retrieve(second), compute_kv(second))
+        a.memory.clear()  # A's pages are freed: its directory's entries are stale
+        b.memory.clear()
+        assert b.lookup(first) == 0 and b.retrieve_prefix(second) == 0
+        assert b.stats()["tiers"]["p2p"]["corrupt"] == 0

@@ -10,7 +10,10 @@ block, then the pool::
     offset 24  pages        u64
     offset 32  page_bytes   u64
     offset 40  pool_offset  u64       where page 0 starts (a multiple of 4096)
+    offset 48  directory_at u64       where the directory starts (a multiple of 64)
+    offset 56  slots        u64       the directory's slots (a power of two)
     offset 64  generations  u64 per page, bumped by the server each time the page is freed
+    then       directory    where each published chunk sits (`nencache.net.directory`)
 
 The server pins nothing for these reads. It answers LOCATE with each chunk's offset, length and page
 generation; the client copies the bytes, then reads the generation again. If the page was freed in
@@ -27,7 +30,9 @@ which the owner's own reads of its pool do not check either: the copy is exactly
 memory-tier hit there.
 
 A `Placement` (nonce + spot) is a spot that travels without LOCATE: P2P caches publish one per chunk in
-the index, so a peer that has mapped their region copies the chunk without asking them first.
+the index, so a peer that has mapped their region copies the chunk without asking them first. They
+also record each chunk's spot in the region's directory, where such a peer finds it without asking
+the index either (`MappedRegion.find`).
 """
 
 from __future__ import annotations
@@ -36,14 +41,17 @@ import mmap
 import os
 import platform
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from nencache.net.directory import SLOT_BYTES, Directory, slot_count
+
 MAGIC = b"NENCSHM1"
-_CONTROL = struct.Struct("<8s16sQQQ")
+_CONTROL = struct.Struct("<8s16sQQQQQ")
 # loads and stores kept in order by the CPU, which the generation check relies on (see the module docstring)
 ORDERED_MEMORY = platform.machine().lower() in {"x86_64", "amd64", "i386", "i686"}
 _GENERATIONS_AT = 64
@@ -59,7 +67,9 @@ class SharedRegion:
 
     def __init__(self, num_pages: int, page_bytes: int, *, checked: bool = False) -> None:
         self.checked = checked  # every chunk's payload was checked when it entered (see the module docstring)
-        self.pool_offset = _round_up(_GENERATIONS_AT + 8 * num_pages, _ALIGN)
+        slots = slot_count(num_pages)
+        directory_at = _round_up(_GENERATIONS_AT + 8 * num_pages, 64)
+        self.pool_offset = _round_up(directory_at + SLOT_BYTES * slots, _ALIGN)
         self.size = self.pool_offset + num_pages * page_bytes
         self.nonce = os.urandom(16)
         self.fd = os.memfd_create("nencache-pool", os.MFD_CLOEXEC)
@@ -69,11 +79,23 @@ class SharedRegion:
         except BaseException:
             os.close(self.fd)
             raise
-        self._map[: _CONTROL.size] = _CONTROL.pack(MAGIC, self.nonce, num_pages, page_bytes, self.pool_offset)
+        self._map[: _CONTROL.size] = _CONTROL.pack(MAGIC, self.nonce, num_pages, page_bytes, self.pool_offset,
+                                                   directory_at, slots)
         self.pages, self.page_bytes = num_pages, page_bytes
         self.buffer = torch.frombuffer(self._map, dtype=torch.uint8, count=num_pages * page_bytes,
                                        offset=self.pool_offset)
         self.generations = np.frombuffer(self._map, dtype=np.uint64, count=num_pages, offset=_GENERATIONS_AT)
+        self.directory = Directory(self._map, directory_at, slots, live=self._holds)
+
+    def _holds(self, offset: int, generation: int) -> bool:
+        """True while the page at `offset` has not been freed since it was at `generation`."""
+        page, within = divmod(offset - self.pool_offset, self.page_bytes)
+        return (offset >= self.pool_offset and not within and page < self.pages
+                and int(self.generations[page]) == generation)
+
+    def record(self, key: bytes, spot: Spot) -> None:
+        """Say in the directory where the chunk `key` sits, for peers on this machine that mapped the region."""
+        self.directory.record(key, spot.offset, spot.length, spot.generation)
 
     @classmethod
     def create(cls, num_pages: int, page_bytes: int, *, checked: bool = False) -> SharedRegion | None:
@@ -132,17 +154,22 @@ class MappedRegion:
     """The client side: a read-only mapping of a server's region."""
 
     def __init__(self, mapping: mmap.mmap, nonce: bytes) -> None:
-        magic, found, pages, page_bytes, pool_offset = _CONTROL.unpack_from(mapping, 0)
+        magic, found, pages, page_bytes, pool_offset, directory_at, slots = _CONTROL.unpack_from(mapping, 0)
         if magic != MAGIC or found != nonce:
             raise ValueError("the mapped file is not this server's pool")
-        if pool_offset < _GENERATIONS_AT + 8 * pages or pool_offset + pages * page_bytes > len(mapping):
+        directory_fits = not slots or _GENERATIONS_AT + 8 * pages <= directory_at <= pool_offset - SLOT_BYTES * slots
+        if pool_offset < _GENERATIONS_AT + 8 * pages or pool_offset + pages * page_bytes > len(mapping) \
+                or not directory_fits:
             raise ValueError("the pool's control block does not fit the mapping")
         self.nonce, self.pages, self.page_bytes, self.pool_offset = nonce, pages, page_bytes, pool_offset
         self.checked = False  # copies need no checksum pass: the server vouches for its payloads, and this CPU
         # keeps loads in order (`SharedRegion.checked`, `ORDERED_MEMORY`)
         self._source: tuple[str, int] | None = None  # the path it was opened by and the file's inode
+        self._seen_alive = -float("inf")  # when `alive` last found the owner's file
         self._map = mapping
         self._generations = np.frombuffer(mapping, dtype=np.uint64, count=pages, offset=_GENERATIONS_AT)
+        # A region made before directories existed has none (`slots` 0): the index answers for all of it.
+        self._directory = Directory(mapping, directory_at, slots) if slots else None
 
     @classmethod
     def attach(cls, info: dict[str, Any]) -> MappedRegion:
@@ -162,14 +189,23 @@ class MappedRegion:
         region._source = (path, found.st_ino)
         return region
 
-    def alive(self) -> bool:
-        """False once the server has closed the region or exited (this mapping alone keeps the memory then)."""
+    def alive(self, max_age: float = 0.0) -> bool:
+        """False once the server has closed the region or exited (this mapping alone keeps the memory then).
+
+        A True found less than `max_age` seconds ago is answered again without a new look (a `stat` of
+        /proc, tens of microseconds when cold). Meanwhile a closed region's pages no longer change, so a
+        copy out of one is still checked, and still the chunk its key names."""
         if self._source is None:
             return True
+        now = time.monotonic()
+        if now - self._seen_alive < max_age:
+            return True
         try:
-            return os.stat(self._source[0]).st_ino == self._source[1]
+            alive = os.stat(self._source[0]).st_ino == self._source[1]
         except OSError:
-            return False
+            alive = False
+        self._seen_alive = now if alive else -float("inf")
+        return alive
 
     def page_of(self, spot: Spot) -> int | None:
         """The page a spot names, or None unless it is a whole chunk at the start of a page of this pool."""
@@ -177,6 +213,15 @@ class MappedRegion:
         if spot.offset < self.pool_offset or page >= self.pages or within or not 0 < spot.length <= self.page_bytes:
             return None
         return page
+
+    def find(self, key: bytes) -> Spot | None:
+        """Where the region's directory says the chunk `key` sits, if its page still holds it; None otherwise
+        (the copy that follows is checked as any: generation after the copy, header and key)."""
+        found = self._directory.find(key) if self._directory is not None else None
+        if found is None:
+            return None
+        spot = Spot(*found)
+        return spot if self.current(spot) else None
 
     def current(self, spot: Spot) -> bool:
         """True while the page at `spot` still holds what it held when the spot was taken (not freed since)."""

@@ -136,10 +136,15 @@ class PeerStore:
     # --- headers ---------------------------------------------------------------------------------
     def prepare(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """Stamp the headers of raw chunks about to be published, so serving them is a lookup; where each
-        sits in the shared pool (a packed `Placement`; None where the pool is not shared or it is gone)."""
+        sits in the shared pool (a packed `Placement`; None where the pool is not shared or it is gone),
+        also recorded in the pool's directory for peers on this machine."""
         if self.region is not None:
-            nonce = self.region.nonce
-            return [None if spot is None else Placement(nonce, spot).pack() for spot in self._spots(keys)]
+            placements: list[bytes | None] = []
+            for key, spot in zip(keys, self._spots(keys)):
+                if spot is not None:
+                    self.region.record(key, spot)
+                placements.append(None if spot is None else Placement(self.region.nonce, spot).pack())
+            return placements
         for key in keys:
             lease = self.memory.lease(key, count=False)
             if lease is not None:

@@ -57,7 +57,7 @@ class Entry:
     is_blob: bool
     stamped: bool = False  # a raw chunk's header is in its page's header slot
     view: torch.Tensor | None = None  # a raw chunk's tensor over its page, made once at store time for reads
-    small_bytes: memoryview | None = None  # a small raw chunk's bytes: read under the index lock, unpinned (`SMALL_READ`)
+    small_bytes: memoryview | None = None  # a small raw chunk's bytes, read under the index lock (`SMALL_READ`)
     shape: torch.Size | None = None  # a small raw chunk's tensor shape
 
 

@@ -3,12 +3,14 @@
 Peer A (`nencache.bench.p2p_peer`, its own process) holds one 256-token chunk of each size in a
 `KVCache` with `enable_p2p`; the index is the config's `p2p_index_url` (else a throwaway Redis). Peer B
 (this process) fetches it two ways:
-- same machine: through A's shared pool (`p2p_shared_memory`: the index gives the chunk's placement
-  in A's pool, mapped once, so the fetch is one copy and a generation check; A is not asked);
+- same machine: through A's shared pool (`p2p_shared_memory`: A's pool, mapped once, holds a directory
+  of where each chunk A published sits, so the lookup asks neither the index nor A, and the fetch is
+  one copy and a generation check);
 - across machines: over the socket (`p2p_shared_memory: false`), as from another machine; loopback
   stands in for the network, so the raw socket beside it is the bound.
 Per sample, in turn: the raw socket moving the same bytes (no framing, no index), then each way as
-P2P fetch = index lookup (one Redis round trip) + fetch from A with the peer tier's own checks (header,
+P2P fetch = lookup (`PeerTier.holders`: A's directory on the same machine, one Redis round trip across
+machines) + fetch from A with the peer tier's own checks (header,
 length, key; the payload's CRC-32 for bytes that came over the socket) + check (what the store adds:
 the header again, and the CRC-32 only for a tier that does not check it). Also `KVCache.retrieve_prefix`
 of the chunk into engine KV (B's pool emptied first). Targets: same machine, 5.9 MB p50 < 1 ms; across
@@ -74,10 +76,10 @@ class _Way:
 
     def sample(self, keep: bool) -> None:
         t0 = time.perf_counter()
-        [holders] = self.tier.index.lookup([self.key])
+        [holders] = self.tier.holders([self.key])
         t1 = time.perf_counter()
         if not holders:
-            raise RuntimeError("the index lists no holder of the peer's chunk")
+            raise RuntimeError("no holder of the peer's chunk was found")
         [blob] = self.tier.clients.get(holders[0].address, [self.key], [holders[0].placement])
         t2 = time.perf_counter()
         if blob is None:
@@ -169,7 +171,7 @@ def run(ctx: BenchContext) -> SuiteResult:
     result.targets.append(TargetCheck(
         "P2P, same machine (5.9 MB chunk)", f"p50 < {SAME_MACHINE_US:.0f} us",
         f"p50 {same['total_p50_us']:.0f} us (fetch {same['fetch_p50_us']:.0f} us), p99 {same['total_p99_us']:.0f} us",
-        same["total_p50_us"] < SAME_MACHINE_US, "lookup + fetch through the shared pool + check"))
+        same["total_p50_us"] < SAME_MACHINE_US, "lookup in the holder's directory + fetch through the shared pool + check"))
     ratios = {label: result.figures[f"{label}, across machines"]["total_p50_us"] /
               result.figures[f"{label}, across machines"]["raw_socket_p50_us"] for label in SIZES}
     worst = max(ratios, key=lambda label: ratios[label])

@@ -31,12 +31,14 @@ from nencache.net.warn import ThrottledWarning
 from nencache.net.wire import (
     ErrorReply, Target, WireConnection, blob_ok, describe_failure, token_bytes,
 )
+from nencache.tiers.peer.index import Holder
 
 log = logging.getLogger("nencache.p2p")
 T = TypeVar("T")
 _FAILURES = (OSError, ProtocolError, ErrorReply, ValueError, KeyError)
 _MAX_IDLE = 4  # idle connections kept per peer
 _MAX_PEERS = 64  # peers with cached connections
+_ALIVE_AGE = 1.0  # seconds a mapped pool's owner, once found running, is not looked for again
 
 
 def parse_peer(address: str) -> Target:
@@ -84,6 +86,21 @@ class PeerClients:
     def exists(self, peer: str, keys: Sequence[bytes]) -> int:
         """How many of `keys`, from the first, `peer` holds (0 when it fails)."""
         return self._call(peer, lambda conn: count_present(conn, self.namespace, keys), 0) if keys else 0
+
+    def find_local(self, keys: Sequence[bytes]) -> list[Holder | None]:
+        """For each key, a peer whose pool is mapped here and whose directory places the chunk in a page
+        that still holds it, with that placement; None where no such peer does (the index is asked)."""
+        with self._lock:
+            mapped = [(peer, region) for peer, region in self._regions.items() if region is not None]
+        regions = [(peer, region) for peer, region in mapped if self._mapped(peer) is region and self.usable(peer)]
+        out: list[Holder | None] = [None] * len(keys)
+        if regions:
+            for i, key in enumerate(keys):
+                for peer, region in regions:
+                    if (spot := region.find(key)) is not None:
+                        out[i] = Holder(peer, Placement(region.nonce, spot).pack())
+                        break
+        return out
 
     def confirm(self, peer: str, placements: Sequence[bytes | None]) -> int:
         """How many of `placements`, from the first, still hold their chunk in `peer`'s mapped pool: an
@@ -163,7 +180,7 @@ class PeerClients:
             return None
         with self._lock:
             region = self._regions.get(peer)
-        if region is not None and not region.alive():
+        if region is not None and not region.alive(max_age=_ALIVE_AGE):
             with self._lock:
                 self._regions.pop(peer, None)
             return None

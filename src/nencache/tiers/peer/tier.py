@@ -1,8 +1,10 @@
 """`PeerTier`: other peers' memory as a byte tier, found through the P2P index.
 
-`contains_prefix` asks the index for the holders of the keys in one round trip, then makes sure the
-chosen holder still has them: where the index gave the chunks' placements in a holder's shared pool
-that is mapped here, by reading the pages' generations, else by asking it (EXISTS). `get` copies
+`contains_prefix` finds the holders of the keys: in the directories of the pools of peers on this
+machine that are mapped here (`nencache.net.directory`), else in the index, in one round trip. Then
+it makes sure the chosen holder still has them: where the chunks' placements in a holder's shared
+pool are known and that pool is mapped here, by reading the pages' generations, else by asking it
+(EXISTS). While the index is down, chunks found in those directories are still hits. `get` copies
 placed chunks straight out of that pool, and fetches the rest from the holders. `put` publishes keys
 (with their placements where this cache's pool is shared) only: no chunk bytes leave this process on
 store (peers fetch them from this cache's `PeerEndpoint`). Evicted, deleted and cleared keys are
@@ -91,7 +93,7 @@ class PeerTier:
 
     # --- the Tier protocol -----------------------------------------------------------------------
     def contains_prefix(self, keys: Sequence[bytes]) -> int:
-        holders = self._lookup(keys)
+        holders = self.holders(keys)
         run = 0
         while run < len(holders) and holders[run]:
             run += 1
@@ -111,7 +113,7 @@ class PeerTier:
         candidates = self._cached_holders(keys)
         unknown = [i for i, c in enumerate(candidates) if c is None]
         if unknown:
-            for i, found in zip(unknown, self._lookup([keys[i] for i in unknown])):
+            for i, found in zip(unknown, self.holders([keys[i] for i in unknown])):
                 candidates[i] = found
         for attempt in range(2):  # the first holder of each key, then the second for what it lacked
             wanted: dict[str, list[int]] = {}
@@ -183,15 +185,18 @@ class PeerTier:
         self._wake.set()
 
     # --- lookups ---------------------------------------------------------------------------------
-    def _lookup(self, keys: Sequence[bytes]) -> list[list[Holder]]:
-        """Usable holders of each key (not this peer, not a peer being skipped): one index round trip."""
+    def holders(self, keys: Sequence[bytes]) -> list[list[Holder]]:
+        """Usable holders of each key (not this peer, not a peer being skipped). A key a peer on this machine
+        holds is found in the directory of its pool, where that pool is mapped here; the others take one
+        index round trip."""
         if not keys:
             return []
-        found = self._index_call(lambda: self.index.lookup(keys), None)
-        if found is None:
-            return [[] for _ in keys]
-        holders = [[h for h in peers if h.address != self.address and self.clients.usable(h.address)]
-                   for peers in found]
+        holders: list[list[Holder]] = [[] if local is None else [local] for local in self.clients.find_local(keys)]
+        ask = [i for i, found in enumerate(holders) if not found]
+        if ask:
+            found = self._index_call(lambda: self.index.lookup([keys[i] for i in ask]), None)
+            for i, peers in zip(ask, found or ()):
+                holders[i] = [h for h in peers if h.address != self.address and self.clients.usable(h.address)]
         expires = time.monotonic() + _HOLDERS_TTL
         with self._lock:
             if len(self._holders) + len(keys) > _MAX_HOLDERS:
