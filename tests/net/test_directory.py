@@ -93,3 +93,40 @@ def test_a_directory_must_fit_its_buffer() -> None:
     for offset, slots in ((0, 3), (0, 0), (8, 4), (-1, 4)):
         with pytest.raises(ValueError):
             Directory(bytearray(SLOT_BYTES * 4), offset, slots)
+
+
+def test_a_reader_in_another_process_never_sees_a_half_written_slot() -> None:
+    """The owner rewrites one key's slot as fast as it can while a reader process looks it up: every spot
+    found is one the owner recorded whole (its three fields agree), never a mix of two."""
+    import multiprocessing
+    import time
+
+    slots = 8
+    shared = mmap.mmap(-1, SLOT_BYTES * slots)
+    k = os.urandom(16)
+    Directory(shared, 0, slots).record(k, 4096, 1, 1)
+    stop = multiprocessing.get_context("fork").Event()
+
+    def write() -> None:
+        owner, n = Directory(shared, 0, slots), 1
+        while not stop.is_set():
+            n += 1
+            owner.record(k, 4096 * n, n, n)
+
+    writer = multiprocessing.get_context("fork").Process(target=write, daemon=True)
+    writer.start()
+    try:
+        reader, found, misses = Directory(shared, 0, slots), set(), 0
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            spot = reader.find(k)
+            if spot is None:
+                misses += 1
+                continue
+            offset, length, generation = spot
+            assert offset == 4096 * length and generation == length, f"a torn slot was read: {spot}"
+            found.add(length)
+        assert len(found) > 100  # the reader saw the owner's writes as they went on
+    finally:
+        stop.set()
+        writer.join(10)
