@@ -2,8 +2,11 @@
 
     python benchmarks/compare_trees.py --before 1c6d565 --rounds 5 -- server.py --reps 1 --no-lmcache
 
+    python benchmarks/compare_trees.py --before 6d68338 --rounds 9 -- bench:latency
+
 `--before` is a git revision of this repository (exported with `git archive`) or a directory holding
-a checkout. Each round runs the script once on each tree (the order alternates round by round), each
+a checkout. `bench:SUITE` runs `nencache bench SUITE` of each tree instead of a script, and compares
+the numbers of its `bench.json` figures whose name ("figure: field") matches `--fields` (default: p50). Each round runs the script once on each tree (the order alternates round by round), each
 tree with its own `src/` and its own copy of the script, in a child process; the copies write their
 RESULTS.md into a scratch directory, not into this one. Every ratio cell of the Markdown tables the
 script prints (a column whose header has "/", "ratio" or "speedup") is collected, and the comparison
@@ -15,6 +18,7 @@ cancel out of it. The table is written to RESULTS.md under "compare trees: SCRIP
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -32,6 +36,7 @@ HERE = Path(__file__).resolve().parent.parent
 RATIO_HEADER = re.compile(r" / |ratio|speedup", re.I)
 MEASURE_HEADER = re.compile(r"\(|/|ratio|speedup|GB|p50|p99|us\b|µs|ms\b", re.I)
 NUMBER = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(%|x)?")
+BENCH = "bench:"
 
 
 def export(revision: str, into: Path) -> Path:
@@ -83,12 +88,32 @@ def run_once(tree: Path, scratch: Path, script: str, args: list[str], timeout: f
     return ratio_cells(done.stdout)
 
 
+def bench_once(tree: Path, scratch: Path, suite: str, fields: re.Pattern[str], timeout: float) -> dict[str, float]:
+    """`nencache bench SUITE` of `tree`, run on `tree`'s package; the numbers of its figures named by `fields`."""
+    out = scratch / "bench-out"
+    shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=str(tree / "src"))
+    done = subprocess.run([sys.executable, "-m", "nencache.cli", "bench", suite, "--out", str(out)], cwd=tree,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise SystemExit(f"nencache bench {suite} failed on {tree} (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    cells: dict[str, float] = {}
+    for result in json.loads((out / "bench.json").read_text())["suites"]:
+        for label, value in result["figures"].items():
+            for field, number in (value.items() if isinstance(value, dict) else [("", value)]):
+                name = f"{label}: {field}" if field else label
+                if isinstance(number, (int, float)) and not isinstance(number, bool) and fields.search(name):
+                    cells[name] = float(number)
+    return cells
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", required=True, help="a git revision of this repository, or a checkout's directory")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one run of the script may take")
-    parser.add_argument("script", help="a script in benchmarks/, e.g. server.py")
+    parser.add_argument("--fields", default="p50", help="with bench:SUITE, a regex of the figures to compare")
+    parser.add_argument("script", help="a script in benchmarks/, e.g. server.py; or bench:SUITE")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="its arguments (after --)")
     opts = parser.parse_args()
     args = [a for a in opts.args if a != "--"]
@@ -101,7 +126,13 @@ def main() -> None:
             order = ["before", "after"] if round_no % 2 == 0 else ["after", "before"]
             for side in order:
                 started = time.monotonic()
-                got[side].append(run_once(sides[side], Path(tmp) / side, opts.script, args, opts.timeout))
+                scratch = Path(tmp) / side
+                if opts.script.startswith(BENCH):
+                    scratch.mkdir(exist_ok=True)
+                    got[side].append(bench_once(sides[side], scratch, opts.script[len(BENCH):],
+                                                re.compile(opts.fields), opts.timeout))
+                else:
+                    got[side].append(run_once(sides[side], scratch, opts.script, args, opts.timeout))
                 print(f"round {round_no + 1}/{opts.rounds} {side}: {time.monotonic() - started:.0f} s", flush=True)
             loads.append(os.getloadavg()[0])
     keys = [k for k in got["after"][0] if all(k in run for run in got["before"] + got["after"])]
@@ -112,15 +143,21 @@ def main() -> None:
         quotients = [x / y for x, y in zip(a, b) if y]
         rows.append([key, f"{median(b):.3g} ({min(b):.3g}-{max(b):.3g})", f"{median(a):.3g} ({min(a):.3g}-{max(a):.3g})",
                      f"{median(quotients):.3f} ({min(quotients):.3f}-{max(quotients):.3f})" if quotients else "-"])
-    body = (f"`{opts.script} {' '.join(args)}` run {opts.rounds} times on each tree, the two in turn round by round "
-            f"(order alternating); before: `{opts.before}`, after: this tree. Each cell: median (range) over rounds of "
-            "the script's own ratio; after / before: median (range) of the per-round quotients (1.000 = unchanged; "
-            "for a ratio where higher is better, below 1 is slower after). Load average (1 min) at the start and after "
+    what = (f"`nencache bench {opts.script[len(BENCH):]}`, its figures matching `{opts.fields}`"
+            if opts.script.startswith(BENCH) else f"`{opts.script} {' '.join(args)}`, the script's own ratios")
+    body = (f"{what}: run {opts.rounds} times on each tree, the two in turn round by round "
+            f"(order alternating); before: `{opts.before}`, after: this tree. Each cell: median (range) over rounds; "
+            "after / before: median (range) of the per-round quotients (1.000 = unchanged; for a ratio where higher "
+            "is better, below 1 is slower after; for a time, below 1 is faster after). Load average (1 min) at the "
+            "start and after "
             f"each round: {', '.join(f'{x:.1f}' for x in loads)} on {os.cpu_count()} cores.\n\n"
-            + table(["row: ratio", "before", "after", "after / before"], rows))
+            + table(["figure: field" if opts.script.startswith(BENCH) else "row: ratio", "before", "after",
+                     "after / before"], rows))
     print(body)
+    fields = ["--fields", opts.fields] if opts.script.startswith(BENCH) else []
     write_section(f"compare trees: {opts.script}", body, "python " + " ".join(
-        ["benchmarks/compare_trees.py", "--before", opts.before, "--rounds", str(opts.rounds), "--", opts.script, *args]))
+        ["benchmarks/compare_trees.py", "--before", opts.before, "--rounds", str(opts.rounds), *fields, "--",
+         opts.script, *args]))
 
 
 if __name__ == "__main__":
