@@ -16,7 +16,8 @@ is pushed out only when one bucket holds more chunks than it has ways. A slot is
 
 The owner writes a slot under its sequence number; a reader takes the slot only if the number was
 even and unchanged across its read (a seqlock: x86 keeps stores in order and loads in order, which
-`nencache.net.shared` relies on already). Entries are never removed. One whose page was freed since
+`nencache.net.shared` relies on already; on CPUs that reorder them, a spot read torn would still fail
+the checks below, and there every copy's checksum is verified too). Entries are never removed. One whose page was freed since
 carries an old generation, which the reader checks before trusting it, and the copy that follows is
 checked again as any shared-pool copy is; a key pushed out of its bucket is not found, and the index
 answers for it.
