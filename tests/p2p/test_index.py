@@ -118,6 +118,35 @@ def test_wrong_password_says_what_to_fix(tmp_path) -> None:
         index = PeerIndex(f"redis://:wrong@127.0.0.1:{server.port}", "auth", ttl=5, timeout=2.0)
         with pytest.raises(OSError, match="check the user and password"):
             index.check()
+        with pytest.raises(OSError, match="check the user, password"):  # the lookup's own connection says so too
+            index.holders([b"k" * 16])
         index.close()
     finally:
         server.kill()
+
+
+def test_a_single_servers_lookups_skip_redis_py_and_answer_the_same(redis_server: RedisServer,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lookups on one server run on a bare RESP connection: the same holders and placements as redis-py
+    gives, and a connection the server dropped is replaced on the next call."""
+    from nencache.tiers.redis.control import RedisControl
+
+    index = PeerIndex(redis_server.url, "bare", ttl=30, timeout=2.0)
+    try:
+        keys = [bytes([i]) * 16 for i in range(3)]
+        index.publish(keys[:2], "10.0.0.1:7000", [b"p" * 40, None])
+        index.publish(keys[:1], "10.0.0.2:7000")
+        expected = index.lookup(keys)
+        assert [[h.address for h in found] for found in expected] == [["10.0.0.2:7000", "10.0.0.1:7000"],
+                                                                      ["10.0.0.1:7000"], []]
+        assert expected[0][1].placement == b"p" * 40 and expected[1][0].placement is None
+        monkeypatch.setattr(RedisControl, "pipeline", lambda *a, **k: pytest.fail("a lookup went through redis-py"))
+        assert index.lookup(keys) == expected
+        import redis
+
+        killer = redis.Redis.from_url(redis_server.url)
+        assert killer.execute_command("CLIENT", "KILL", "TYPE", "normal") >= 1  # the lookup's connection dropped
+        killer.close()
+        assert index.lookup(keys) == expected  # the dropped idle connection is noticed and replaced
+    finally:
+        index.close()

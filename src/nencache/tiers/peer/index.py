@@ -7,8 +7,10 @@ up. Beside it, a hash (the same key + `:at`) maps a holder whose pool is shared 
 sits in it (a packed `nencache.net.shared.Placement`), so a peer on the same machine copies the chunk
 without asking the holder first; it expires with the sorted set, and a holder's field is only read
 while the holder is listed. Publishing, unpublishing and looking up holders are each one redis-py
-pipeline (per node, for a cluster, where redis-py follows MOVED/ASK and failovers). Failures raise
-`ControlError` (an `OSError`); `PeerTier` turns them into misses.
+pipeline (per node, for a cluster, where redis-py follows MOVED/ASK and failovers), except lookups on a
+single server: they run on a bare connection of the Redis tier's RESP client, which after other work
+costs half of redis-py's round trip (benchmarks/RESULTS.md, "p2p: the index lookup on a bare RESP
+connection"). Failures raise `ControlError` (an `OSError`); `PeerTier` turns them into misses.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nencache.errors import ConfigError
-from nencache.tiers.redis.control import ControlError, RedisControl
+from nencache.tiers.redis.control import ControlError, ControlReplyError, RedisControl
+from nencache.tiers.redis.resp import ConnectionPool, ReplyError
 from nencache.tiers.redis.url import parse_url
 
 BATCH_KEYS = 2048  # keys per pipeline when publishing many
@@ -49,6 +52,9 @@ class PeerIndex:
             raise ConfigError(f"p2p_index_url: {exc}") from None
         self.url = target.display()
         self._control = RedisControl(target, timeout)
+        # A single server's lookups skip redis-py (see the module docstring); a cluster's need its routing.
+        self._bare = None if target.cluster else ConnectionPool(target, timeout, max_idle=4)
+        self._node = target.nodes[0]
         self.ttl_ms = max(1, math.ceil(ttl * 1000))
         self._prefix = f"{key_prefix}:p2p:{namespace}:".encode()
 
@@ -88,13 +94,40 @@ class PeerIndex:
         commands: list[tuple[Any, ...]] = []
         for key in keys:
             commands += [("ZREVRANGEBYSCORE", self.rkey(key), "+inf", f"({now}"), ("HGETALL", self.rkey(key) + b":at")]
-        replies = _raise_errors(self._control.pipeline(commands))
+        replies = self._lookup_replies(commands)
         out: list[list[Holder]] = []
         for members, placed in zip(replies[::2], replies[1::2]):
+            if isinstance(placed, list):  # HGETALL over RESP2: field, value, field, value, ...
+                placed = {bytes(k): v for k, v in zip(placed[::2], placed[1::2])}
             at = {bytes(k): bytes(v) for k, v in placed.items()} if isinstance(placed, dict) else {}
             out.append([Holder(bytes(m).decode("utf-8", "replace"), at.get(bytes(m)))
                         for m in (members if isinstance(members, list) else [])])
         return out
+
+    def _lookup_replies(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies of a lookup's commands, in one round trip; `ControlError` on any failure."""
+        if self._bare is None:
+            return _raise_errors(self._control.pipeline(commands))
+        try:
+            conn = self._bare.acquire(self._node)
+        except ReplyError as exc:  # AUTH or SELECT refused
+            raise ControlReplyError(f"{exc}; check the user, password and database in the Redis URL", exc.code) from exc
+        except OSError as exc:
+            raise ControlError(str(exc) or type(exc).__name__) from exc
+        try:
+            conn.send(commands)
+            replies = conn.read(len(commands))
+        except OSError as exc:
+            conn.close()
+            raise ControlError(str(exc) or type(exc).__name__) from exc
+        except BaseException:
+            conn.close()
+            raise
+        self._bare.release(conn)
+        for reply in replies:
+            if isinstance(reply, ReplyError):
+                raise ControlReplyError(str(reply), reply.code)
+        return replies
 
     def holders(self, keys: Sequence[bytes]) -> list[list[str]]:
         """The addresses of the live holders of each key, most recently published first: one round trip."""
@@ -107,9 +140,13 @@ class PeerIndex:
     def reset(self) -> None:
         """Drop every connection (after a failure; the next call reconnects and re-reads a cluster's topology)."""
         self._control.reset()
+        if self._bare is not None:
+            self._bare.reset()
 
     def close(self) -> None:
         self._control.close()
+        if self._bare is not None:
+            self._bare.reset()
 
 
 def _now_ms() -> int:

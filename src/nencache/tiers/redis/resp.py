@@ -3,8 +3,9 @@
 Large values are sent straight from the caller's buffers (`sendmsg`) and received straight into their
 final buffers (`recv_into`); every socket operation has a timeout. Error replies inside a pipeline come
 back as `ReplyError` objects in place; transport failures raise `OSError` (`ConnectionError`,
-`TimeoutError`, `ssl.SSLError`, `ProtocolError`). Everything else (topology, control commands)
-uses redis-py; see `nencache.tiers.redis.control` and benchmarks/RESULTS.md for why this one stays.
+`TimeoutError`, `ssl.SSLError`, `ProtocolError`). The P2P index's lookups on a single server use its
+connections too (`nencache.tiers.peer.index`). Everything else (topology, control commands) uses
+redis-py; see `nencache.tiers.redis.control` and benchmarks/RESULTS.md for why this one stays.
 """
 
 from __future__ import annotations
