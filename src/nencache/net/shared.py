@@ -62,6 +62,12 @@ def _round_up(value: int, step: int) -> int:
     return (value + step - 1) // step * step
 
 
+def _page_starting_at(offset: int, pool_offset: int, page_bytes: int, pages: int) -> int | None:
+    """The page of the pool that starts at `offset` in the region, or None if no page starts there."""
+    page, within = divmod(offset - pool_offset, page_bytes)
+    return page if offset >= pool_offset and not within and page < pages else None
+
+
 class SharedRegion:
     """The server side: a memfd holding the control block and the pool (see the module docstring)."""
 
@@ -89,9 +95,8 @@ class SharedRegion:
 
     def _holds(self, offset: int, generation: int) -> bool:
         """True while the page at `offset` has not been freed since it was at `generation`."""
-        page, within = divmod(offset - self.pool_offset, self.page_bytes)
-        return (offset >= self.pool_offset and not within and page < self.pages
-                and int(self.generations[page]) == generation)
+        page = _page_starting_at(offset, self.pool_offset, self.page_bytes, self.pages)
+        return page is not None and int(self.generations[page]) == generation
 
     def record(self, key: bytes, spot: Spot) -> None:
         """Say in the directory where the chunk `key` sits, for peers on this machine that mapped the region."""
@@ -209,10 +214,9 @@ class MappedRegion:
 
     def page_of(self, spot: Spot) -> int | None:
         """The page a spot names, or None unless it is a whole chunk at the start of a page of this pool."""
-        page, within = divmod(spot.offset - self.pool_offset, self.page_bytes)
-        if spot.offset < self.pool_offset or page >= self.pages or within or not 0 < spot.length <= self.page_bytes:
+        if not 0 < spot.length <= self.page_bytes:
             return None
-        return page
+        return _page_starting_at(spot.offset, self.pool_offset, self.page_bytes, self.pages)
 
     def find(self, key: bytes) -> Spot | None:
         """Where the region's directory says the chunk `key` sits, if its page still holds it; None otherwise
