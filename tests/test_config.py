@@ -80,7 +80,8 @@ def test_flat_keys_are_prefix_and_field_unless_declared() -> None:
     assert FLAT_KEYS["enable_p2p"] == ("p2p", "enabled")
     assert FLAT_KEYS["io_threads"] == ("tiers", "io_threads")
     assert FLAT_KEYS["server_max_keys"] == ("server", "max_keys")
-    assert len(set(FLAT_KEYS.values())) == len(FLAT_KEYS) == 47
+    assert len(set(FLAT_KEYS.values())) == len(FLAT_KEYS) == 48
+    assert FLAT_KEYS["p2p_mirror_keys"] == ("p2p", "mirror_keys")
 
 
 def test_errors_name_the_flat_key() -> None:

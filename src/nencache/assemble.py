@@ -126,7 +126,7 @@ def peer_tier(config: CacheConfig, namespace: str, memory: MemoryTier, layout: K
                             max_chunk_bytes=HEADER_SIZE + layout.nbytes(config.chunk_size),
                             region=region_of(memory.pool) if config.p2p.shared_memory else None)
     try:
-        peer = PeerTier(index, endpoint, clients, ttl=config.p2p.ttl)
+        peer = PeerTier(index, endpoint, clients, ttl=config.p2p.ttl, mirror_keys=config.p2p.mirror_keys)
     except BaseException:
         endpoint.close()
         raise

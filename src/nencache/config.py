@@ -139,9 +139,12 @@ class P2PConfig:
     port: int = 0
     ttl: float = 30.0  # seconds an index entry lives unless its holder refreshes it
     shared_memory: bool = True  # peers on this machine copy chunks out of each other's pool (Linux memfd)
+    mirror_keys: int = 65536  # keys in the local copy of the index (found without asking Redis); 0: no copy
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        if self.mirror_keys < 0:
+            raise ConfigError(f"p2p_mirror_keys must be 0 (no local copy of the index) or more, got {self.mirror_keys}")
 
 
 @dataclass(slots=True)

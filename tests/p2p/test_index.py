@@ -7,6 +7,7 @@ import time
 import pytest
 
 from nencache.tiers.peer.index import Holder, PeerIndex
+from nencache.tiers.peer.mirror import IndexMirror
 from nencache.tiers.redis.url import parse_url
 from nencache.tiers.redis.resp import Connection
 from tests.redis_util import RedisServer
@@ -62,19 +63,25 @@ def test_holders_come_with_the_placements_they_published(redis_server: RedisServ
 
 
 def test_index_on_a_cluster_spreads_holder_sets_and_follows_the_topology(tmp_path) -> None:
-    """redis-py routes every sorted set to its slot's node; after a node's restart the index answers again."""
+    """redis-py routes every sorted set to its slot's node; after a node's restart the index answers again.
+    The announcements reach a mirror subscribed to one node, whichever node each PUBLISH went to."""
+    from tests.p2p.util import settle
     from tests.redis_util import start_cluster
 
     cluster = start_cluster(tmp_path)
     index = PeerIndex(cluster.url, "index-cluster", ttl=30, timeout=2.0)
+    mirror = IndexMirror(index.subscribe, max_keys=1024).start()
     keys = [bytes([i]) * 16 for i in range(32)]
     try:
         index.check()
+        settle(mirror, index)  # subscribed: what follows is announced to it
         index.publish(keys, "127.0.0.1:2001")
         assert index.holders(keys) == [["127.0.0.1:2001"]] * len(keys)
         assert all(int(node.cli("dbsize")) > 0 for node in cluster.nodes)  # no hash tag: every node holds some
         index.unpublish(keys[:16], "127.0.0.1:2001")
         assert index.holders(keys) == [[]] * 16 + [["127.0.0.1:2001"]] * 16
+        settle(mirror, index)
+        assert mirror.lookup(keys) == [None] * 16 + [[Holder("127.0.0.1:2001")]] * 16
         cluster.nodes[1].kill()
         with pytest.raises(OSError):
             index.holders(keys)
@@ -92,6 +99,7 @@ def test_index_on_a_cluster_spreads_holder_sets_and_follows_the_topology(tmp_pat
         index.publish(keys, "127.0.0.1:2002")
         assert all(h[0] == "127.0.0.1:2002" for h in index.holders(keys))
     finally:
+        mirror.close()
         index.close()
         cluster.kill()
 

@@ -13,8 +13,9 @@ import nencache.net.shared_pool as shared
 from nencache import KVCache
 from nencache.keys import chunk_keys
 from nencache.net.shared import Placement, Spot
+from nencache.tiers.peer.index import Holder
 from nencache.tiers.peer.tier import PeerTier
-from tests.p2p.util import CHUNK, LAYOUT, MODEL, PeerProcess, compute_kv, config, tokens
+from tests.p2p.util import CHUNK, LAYOUT, MODEL, PeerProcess, compute_kv, config, settle, tokens
 from tests.redis_util import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -143,9 +144,9 @@ def test_once_a_holders_pool_is_mapped_a_lookup_and_a_read_ask_it_nothing_and_re
         assert b.stats()["tiers"]["p2p"]["errors"] == 0 and b.stats()["tiers"]["p2p"]["corrupt"] == 0
 
 
-def _placed_pair(redis_server: RedisServer, a_pages: int) -> tuple[KVCache, KVCache]:
+def _placed_pair(redis_server: RedisServer, a_pages: int, **b_changes: Any) -> tuple[KVCache, KVCache]:
     a = KVCache(config(redis_server.url, cpu_size=a_pages * (LAYOUT.nbytes(CHUNK) + 64)), LAYOUT, MODEL)
-    return a, KVCache(config(redis_server.url), LAYOUT, MODEL)
+    return a, KVCache(config(redis_server.url, **b_changes), LAYOUT, MODEL)
 
 
 def _held_by_a_and_mapped_by_b(a: KVCache, b: KVCache, prefix: list[int]) -> None:
@@ -200,14 +201,19 @@ def test_a_placement_left_in_the_index_after_its_page_was_reused_is_not_a_hit(re
         assert b.retrieve_prefix(prefix) == 0
 
 
-def test_forged_placements_never_serve_wrong_bytes(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Placements come from Redis, so they are checked like any input: another pool's nonce, a spot inside
-    a page, or another chunk's spot are never served for this key; the chunk is asked of its holder."""
+@pytest.mark.parametrize("mirror_keys", [0, 1024], ids=["index", "mirror"])
+def test_forged_placements_never_serve_wrong_bytes(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
+                                                   mirror_keys: int) -> None:
+    """Placements come from Redis (the index, or the announcements B's mirror follows), so they are checked
+    like any input: another pool's nonce, a spot inside a page, or another chunk's spot are never served
+    for this key; the chunk is asked of its holder."""
     from nencache.net.shared import MappedRegion
 
-    monkeypatch.setattr(MappedRegion, "find", lambda self, key: None)  # A's directory is not asked: only the index
+    monkeypatch.setattr(MappedRegion, "find", lambda self, key: None)  # A's directory is not asked
     first, second = tokens(400, CHUNK), tokens(97_000, CHUNK)
-    a, b = _placed_pair(redis_server, a_pages=4)
+    a, b = _placed_pair(redis_server, a_pages=4, p2p_mirror_keys=mirror_keys)
+    mirror = peer_tier(b).mirror
+    assert (mirror is not None) == bool(mirror_keys)
     with a, b:
         a.store(first, compute_kv(first))
         _held_by_a_and_mapped_by_b(a, b, second)
@@ -222,6 +228,9 @@ def test_forged_placements_never_serve_wrong_bytes(redis_server: RedisServer, mo
         for forged in (others.placement, inside.pack(), foreign.pack()):
             b.memory.clear()
             index.publish([key], real.address, [forged])
+            if mirror is not None:
+                settle(mirror, index)
+                assert mirror.lookup([key]) == [[Holder(real.address, forged)]]
             assert b.lookup(first) == CHUNK
             assert bit_equal(b.retrieve(first), compute_kv(first))
         assert b.stats()["tiers"]["p2p"]["corrupt"] == 1  # the other chunk's bytes, refused by their key

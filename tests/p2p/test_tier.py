@@ -11,7 +11,7 @@ shared memory off. Both caches are built as a `KVCache` builds its store (`build
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -23,6 +23,7 @@ from nencache.layout import KVLayout
 from nencache.tiers.peer.tier import PeerTier
 from nencache.tiers.base import Tier, TierStats
 from nencache.tiers.memory import MemoryTier, raw_page_bytes
+from tests.p2p.util import settle
 from tests.redis_util import RedisServer
 from tests.tiers.contract import TierContract
 
@@ -42,23 +43,29 @@ class HoldingCache:
     lands in A's memory tier, then A's `PeerTier` is told its key with an empty value (as the store's
     write-behind tells a publish-only tier). `delete` and `clear` go to A's `PeerTier` alone: they
     unpublish, while A's memory still holds the bytes, so reads through B show that the tier forgot
-    them, not that A could no longer serve them."""
+    them, not that A could no longer serve them. Each change then waits for B's mirror of the index
+    (`settled`) to have applied its announcement, so that B's reads see it whichever way B looks."""
 
     memory: MemoryTier
     peer: Tier
+    settled: Callable[[], None]
 
     def put(self, items: Sequence[tuple[bytes, bytes | bytearray | memoryview]]) -> None:
         self.memory.put(items)
         self.peer.put([(key, b"") for key, _ in items])
+        self.settled()
 
     def flush(self) -> None:
         self.peer.flush()
+        self.settled()
 
     def delete(self, keys: Sequence[bytes]) -> None:
         self.peer.delete(keys)
+        self.settled()
 
     def clear(self) -> None:
         self.peer.clear()
+        self.settled()
 
     def stats(self) -> TierStats:
         return self.peer.stats()
@@ -81,8 +88,9 @@ def pair(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[
         a.store.close()
         raise
     try:
-        assert a.peer is not None and b.peer is not None
-        yield Pair(HoldingCache(a.store.memory, a.peer), b.peer)
+        assert isinstance(a.peer, PeerTier) and isinstance(b.peer, PeerTier) and b.peer.mirror is not None
+        reader = b.peer
+        yield Pair(HoldingCache(a.store.memory, a.peer, lambda: settle(reader.mirror, reader.index)), reader)
     finally:
         b.store.close()
         a.store.close()

@@ -12,6 +12,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ from typing import Any
 import torch
 
 from nencache import CacheConfig, KVCache, KVLayout
+from nencache.tiers.peer.index import PeerIndex
+from nencache.tiers.peer.mirror import IndexMirror
 
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16)
 CHUNK = 16
@@ -34,6 +38,21 @@ def compute_kv(tokens: list[int]) -> torch.Tensor:
     cell = cell.view(LAYOUT.num_layers, 2, 1, LAYOUT.num_kv_heads, LAYOUT.head_dim)
     mixed = (t * 2654435761 + pos * 40503 + cell * 97) % 65521
     return (mixed.to(torch.float32) / 65521.0 - 0.5).to(LAYOUT.dtype)
+
+
+def settle(mirror: IndexMirror, index: PeerIndex, timeout: float = 5.0) -> None:
+    """Return once `mirror` has applied every announcement made on `index`'s channel before this call: a
+    sentinel key is announced after them and, one channel keeping its order, arrives last."""
+    sentinel, peer = uuid.uuid4().bytes, f"settle-{uuid.uuid4().hex}:1"
+    deadline = time.monotonic() + timeout
+    while not mirror.live:  # announcements made before the subscription were never the mirror's to apply
+        assert time.monotonic() < deadline, "the mirror did not subscribe"
+        time.sleep(0.005)
+    index.publish([sentinel], peer)
+    while mirror.lookup([sentinel]) == [None]:
+        assert time.monotonic() < deadline, "the mirror did not receive the sentinel announcement"
+        time.sleep(0.001)
+    index.unpublish([sentinel], peer)
 
 
 def config(index_url: str, **changes: Any) -> CacheConfig:

@@ -97,7 +97,8 @@ def test_a_page_freed_during_the_copy_is_fetched_again(server: BackgroundServer,
 
 
 def test_chunks_only_on_disk_are_promoted_and_shared(tmp_path: Path) -> None:
-    settings = small_settings(pool_bytes=4 << 20, disk_path=str(tmp_path), disk_bytes=64 << 20)
+    # The disk reads are waited for (a loaded machine may take longer than the default 0.1 s wait for them)
+    settings = small_settings(pool_bytes=4 << 20, disk_path=str(tmp_path), disk_bytes=64 << 20, disk_read_wait=5.0)
     with BackgroundServer(settings) as srv:
         tier = ServerTier(srv.url, "ab" * 16, timeout=5.0)
         try:

@@ -9,8 +9,8 @@ Peer A (`nencache.bench.p2p_peer`, its own process) holds one 256-token chunk of
 - across machines: over the socket (`p2p_shared_memory: false`), as from another machine; loopback
   stands in for the network, so the raw socket beside it is the bound.
 Per sample, in turn: the raw socket moving the same bytes (no framing, no index), then each way as
-P2P fetch = lookup (`PeerTier.holders`: A's directory on the same machine, one Redis round trip across
-machines) + fetch from A with the peer tier's own checks (header,
+P2P fetch = lookup (`PeerTier.holders`: A's directory on the same machine; across machines, B's mirror
+of the index, which B's caches subscribe to before A starts, as in a running fleet) + fetch from A with the peer tier's own checks (header,
 length, key; the payload's CRC-32 for bytes that came over the socket) + check (what the store adds:
 the header again, and the CRC-32 only for a tier that does not check it). Also `KVCache.retrieve_prefix`
 of the chunk into engine KV (B's pool emptied first). Targets: same machine, 5.9 MB p50 < 1 ms; across
@@ -102,6 +102,16 @@ class _Way:
         self.cache.close()
 
 
+def _wait(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Whether `condition` came true within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def _us(values: list[float], q: float) -> float:
     return percentile(values, q) * 1e6
 
@@ -112,12 +122,11 @@ def run(ctx: BenchContext) -> SuiteResult:
     if index is None:
         result.skipped = "no p2p_index_url in the config and no redis-server installed to hold the index"
         return result
-    ctx.progress.step("starting the serving peer")
-    proc, _ = _start_peer(index, shared=True)
     ways: dict[tuple[str, str], _Way] = {}
     raws: dict[str, RawSocket] = {}
     raw_samples: dict[str, list[float]] = {label: [] for label in SIZES}
     closers: list[Callable[[], None]] = []
+    proc: subprocess.Popen[str] | None = None
     try:
         for label, (layers, heads, dim) in SIZES.items():
             layout = KVLayout(layers, heads, dim, torch.bfloat16)
@@ -126,6 +135,11 @@ def run(ctx: BenchContext) -> SuiteResult:
                 closers.append(ways[(label, way)].close)
             raws[label] = RawSocket(HEADER_SIZE + layout.nbytes(CHUNK))
             closers.append(raws[label].close)
+        _wait(lambda: all(w.tier.mirror is None or w.tier.mirror.live for w in ways.values()))
+        ctx.progress.step("starting the serving peer")
+        proc, _ = _start_peer(index, shared=True)  # B's mirrors follow the index already, as in a running fleet
+        mirrored = _wait(lambda: all(w.tier.mirror is not None and w.tier.mirror.lookup([w.key]) != [None]
+                                     for w in ways.values()))
         samples, warmup = ctx.scale.samples, 10
         ctx.progress.step(f"{samples} fetches per size and way, interleaved with the raw socket")
         for rep in range(warmup + samples):
@@ -140,9 +154,10 @@ def run(ctx: BenchContext) -> SuiteResult:
     finally:
         for close in reversed(closers):
             close()
-        if proc.stdin is not None:
-            proc.stdin.close()
-        proc.wait(30)
+        if proc is not None:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            proc.wait(30)
     table = Table(["chunk", "way", "lookup p50 us", "fetch p50 us", "check p50 us", "P2P fetch p50 us",
                    "P2P fetch p99 us", "raw socket p50 us", "P2P / raw", "KVCache.retrieve p50 us"], [])
     series = {way: Series(f"P2P fetch, {way}", [], []) for way in ("same machine", "across machines")}
@@ -187,6 +202,11 @@ def run(ctx: BenchContext) -> SuiteResult:
     result.notes.append(f"{ctx.scale.samples} samples per size and way after 10 warm-up rounds; p50/p99 in "
                         f"microseconds. Index: {index}. Chunks copied out of the peer's shared pool: "
                         f"{shared_reads} (same machine), {socket_shared} (across machines, must be 0).")
+    result.figures["lookups answered by the mirror of the index"] = mirrored
+    result.notes.append("B's caches start first, so their mirrors of the index (`p2p_mirror_keys`, docs/p2p.md) "
+                        "receive A's announcements: across machines the lookup is answered by the mirror, without a "
+                        "round trip to Redis" if mirrored else "B's mirrors of the index did not list A's chunks "
+                        "within 10 s: across machines, lookups were answered by the index")
     result.notes.append("Across machines is measured over loopback TCP with shared memory off: the protocol's and "
                         "the checks' costs beside the raw socket; a real network adds its own latency to both.")
     result.notes.append("Fetch includes the peer tier's own checks: header, length and key, and the payload's CRC-32 "

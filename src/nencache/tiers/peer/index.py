@@ -10,7 +10,9 @@ while the holder is listed. Publishing, unpublishing and looking up holders are 
 pipeline (per node, for a cluster, where redis-py follows MOVED/ASK and failovers), except lookups on a
 single server: they run on a bare connection of the Redis tier's RESP client, which after other work
 costs half of redis-py's round trip (benchmarks/RESULTS.md, "p2p: the index lookup on a bare RESP
-connection"). Failures raise `ControlError` (an `OSError`); `PeerTier` turns them into misses.
+connection"). Each publish and unpublish also PUBLISHes an announcement
+(`nencache.tiers.peer.announce`) on the namespace's channel, which peers' mirrors follow
+(`nencache.tiers.peer.mirror`). Failures raise `ControlError` (an `OSError`); `PeerTier` turns them into misses.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nencache.errors import ConfigError
-from nencache.tiers.redis.control import ControlError, ControlReplyError, RedisControl
+from nencache.tiers.peer.announce import Announcement
+from nencache.tiers.redis.control import ControlError, ControlReplyError, RedisControl, Subscription
 from nencache.tiers.redis.resp import ConnectionPool, ReplyError
 from nencache.tiers.redis.url import parse_url
 
@@ -57,6 +60,7 @@ class PeerIndex:
         self._node = target.nodes[0]
         self.ttl_ms = max(1, math.ceil(ttl * 1000))
         self._prefix = f"{key_prefix}:p2p:{namespace}:".encode()
+        self.channel = self._prefix + b"announce"  # pub/sub: every publish and unpublish, for peers' mirrors
 
     def rkey(self, key: bytes) -> bytes:
         """The Redis key of a chunk key's holder set."""
@@ -76,14 +80,20 @@ class PeerIndex:
                     commands.append(("HDEL", rkey + b":at", peer))
                 else:
                     commands += [("HSET", rkey + b":at", peer, placement), ("PEXPIRE", rkey + b":at", self.ttl_ms)]
+            batch = keys[start : start + BATCH_KEYS]
+            batch_placements = placements[start : start + BATCH_KEYS] if placements is not None else [None] * len(batch)
+            commands.append(("PUBLISH", self.channel,
+                             Announcement(peer, True, now + self.ttl_ms, batch, batch_placements).pack()))
             _raise_errors(self._control.pipeline(commands))
 
     def unpublish(self, keys: Sequence[bytes], peer: str) -> None:
         """Remove `peer` from the holders of `keys`."""
         for start in range(0, len(keys), BATCH_KEYS):
             commands: list[tuple[Any, ...]] = []
-            for key in keys[start : start + BATCH_KEYS]:
+            batch = keys[start : start + BATCH_KEYS]
+            for key in batch:
                 commands += [("ZREM", self.rkey(key), peer), ("HDEL", self.rkey(key) + b":at", peer)]
+            commands.append(("PUBLISH", self.channel, Announcement(peer, False, 0, batch, [None] * len(batch)).pack()))
             _raise_errors(self._control.pipeline(commands))
 
     def lookup(self, keys: Sequence[bytes]) -> list[list[Holder]]:
@@ -128,6 +138,10 @@ class PeerIndex:
             if isinstance(reply, ReplyError):
                 raise ControlReplyError(str(reply), reply.code)
         return replies
+
+    def subscribe(self) -> Subscription:
+        """The announcements of this namespace's publishes and unpublishes from now on (`IndexMirror`)."""
+        return self._control.subscribe(self.channel)
 
     def holders(self, keys: Sequence[bytes]) -> list[list[str]]:
         """The addresses of the live holders of each key, most recently published first: one round trip."""

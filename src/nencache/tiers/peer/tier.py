@@ -1,7 +1,8 @@
 """`PeerTier`: other peers' memory as a byte tier, found through the P2P index.
 
 `contains_prefix` finds the holders of the keys: in the directories of the pools of peers on this
-machine that are mapped here (`nencache.net.directory`), else in the index, in one round trip. Then
+machine that are mapped here (`nencache.net.directory`), else in the local copy of the index that the
+peers' announcements keep (`nencache.tiers.peer.mirror`), else in the index, in one round trip. Then
 it makes sure the chosen holder still has them: where the chunks' placements in a holder's shared
 pool are known and that pool is mapped here, by reading the pages' generations, else by asking it
 (EXISTS). While the index is down, chunks found in those directories are still hits. `get` copies
@@ -24,6 +25,7 @@ from typing import Protocol, TypeVar
 
 from nencache.tiers.peer.client import PeerClients
 from nencache.tiers.peer.index import Holder, PeerIndex
+from nencache.tiers.peer.mirror import IndexMirror
 from nencache.tiers.base import Distance, TierStats
 from nencache.tiers.redis.resp import ReplyError
 from nencache.net.warn import ThrottledWarning
@@ -64,8 +66,10 @@ class PeerTier:
     publish_only = True  # `put` publishes keys; peers fetch the bytes from this cache's endpoint
     distance = Distance.PEER
 
-    def __init__(self, index: PeerIndex, endpoint: Endpoint, clients: PeerClients, *, ttl: float) -> None:
+    def __init__(self, index: PeerIndex, endpoint: Endpoint, clients: PeerClients, *, ttl: float,
+                 mirror_keys: int = 0) -> None:
         self.index, self.endpoint, self.clients = index, endpoint, clients
+        self.mirror = IndexMirror(index.subscribe, max_keys=mirror_keys).start() if mirror_keys else None
         clients.on_failure = lambda: self._stats.add(errors=1)
         clients.on_corrupt = lambda count: self._stats.add(corrupt=count)
         self.address = endpoint.address
@@ -172,6 +176,8 @@ class PeerTier:
         self._closed.set()
         self._wake.set()
         self._thread.join(timeout=5.0)
+        if self.mirror is not None:
+            self.mirror.close()
         self.endpoint.close()
         self.clients.close()
         self.index.close()
@@ -187,16 +193,20 @@ class PeerTier:
     # --- lookups ---------------------------------------------------------------------------------
     def holders(self, keys: Sequence[bytes]) -> list[list[Holder]]:
         """Usable holders of each key (not this peer, not a peer being skipped). A key a peer on this machine
-        holds is found in the directory of its pool, where that pool is mapped here; the others take one
-        index round trip."""
+        holds is found in the directory of its pool, where that pool is mapped here; then in the mirror of
+        the index; the others take one index round trip."""
         if not keys:
             return []
         holders: list[list[Holder]] = [[] if local is None else [local] for local in self.clients.find_local(keys)]
         ask = [i for i, found in enumerate(holders) if not found]
+        if ask and self.mirror is not None:
+            for i, peers in zip(ask, self.mirror.lookup([keys[i] for i in ask])):
+                holders[i] = self._usable(peers or ())
+            ask = [i for i in ask if not holders[i]]
         if ask:
             found = self._index_call(lambda: self.index.lookup([keys[i] for i in ask]), None)
             for i, peers in zip(ask, found or ()):
-                holders[i] = [h for h in peers if h.address != self.address and self.clients.usable(h.address)]
+                holders[i] = self._usable(peers)
         expires = time.monotonic() + _HOLDERS_TTL
         with self._lock:
             if len(self._holders) + len(keys) > _MAX_HOLDERS:
@@ -207,6 +217,9 @@ class PeerTier:
                 else:  # the index no longer lists a holder: a read must not use an older answer
                     self._holders.pop(bytes(key), None)
         return holders
+
+    def _usable(self, holders: Sequence[Holder]) -> list[Holder]:
+        return [h for h in holders if h.address != self.address and self.clients.usable(h.address)]
 
     def _cached_holders(self, keys: Sequence[bytes]) -> list[list[Holder] | None]:
         now = time.monotonic()

@@ -15,6 +15,7 @@ or `ControlReplyError` for an error reply.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -29,9 +30,10 @@ except ImportError as exc:  # the `redis` extra
 
 from nencache.tiers.redis.url import Address, RedisTarget
 
-__all__ = ["SLOTS", "ControlError", "ControlReplyError", "RedisControl", "key_slot"]
+__all__ = ["SLOTS", "ControlError", "ControlReplyError", "RedisControl", "Subscription", "key_slot"]
 
 SLOTS = 16384
+PING_EVERY = 5.0  # seconds of silence on a subscription before it is asked for a PONG
 
 
 class ControlError(ConnectionError):
@@ -119,6 +121,10 @@ class RedisControl:
             if state != "ok":
                 raise ControlError(f"a cluster node reports cluster_state {state}, not ok", "CLUSTERDOWN")
 
+    def subscribe(self, channel: bytes) -> Subscription:
+        """The messages PUBLISHed on `channel` from now on (once this returns, the subscription is in place)."""
+        return Subscription(self, channel, self._timeout)
+
     # -- cluster topology ----------------------------------------------------------------------
 
     def slot_owners(self) -> list[Address | None]:
@@ -202,6 +208,50 @@ class RedisControl:
             raise ControlReplyError(str(exc), _code(exc)) from exc
         except (errors.RedisError, OSError) as exc:
             raise ControlError(str(exc) or type(exc).__name__, _code(exc)) from exc
+
+
+class Subscription:
+    """One channel's messages, through redis-py's PubSub (on one node of a cluster: PUBLISH reaches them all).
+
+    A connection that stops answering is found out: after `PING_EVERY` seconds without a message it is
+    sent a PING, and `next` raises `ControlError` if no answer comes within the timeout.
+    """
+
+    def __init__(self, control: RedisControl, channel: bytes, timeout: float) -> None:
+        self._call, self._timeout = control._call, timeout
+        self._pubsub = self._call(lambda: control.client().pubsub())
+        try:
+            self._call(lambda: self._pubsub.subscribe(channel))
+            deadline = time.monotonic() + timeout
+            while (message := self._call(lambda: self._pubsub.get_message(timeout=0.05))) is None \
+                    or message["type"] != "subscribe":
+                if time.monotonic() > deadline:
+                    raise ControlError(f"Redis did not confirm the subscription to {channel!r} within {timeout}s")
+        except BaseException:
+            self.close()
+            raise
+        self._heard = time.monotonic()
+        self._pinged: float | None = None
+
+    def next(self, timeout: float) -> bytes | None:
+        """The next message, waiting at most `timeout` seconds; None if none came. `ControlError` on failure."""
+        message = self._call(lambda: self._pubsub.get_message(timeout=timeout))
+        now = time.monotonic()
+        if message is not None:
+            self._heard, self._pinged = now, None
+            return bytes(message["data"]) if message["type"] == "message" else None
+        if self._pinged is not None and now - self._pinged > self._timeout:
+            raise ControlError(f"the Redis subscription did not answer a PING within {self._timeout}s")
+        if self._pinged is None and now - self._heard > PING_EVERY:
+            self._call(self._pubsub.ping)
+            self._pinged = now
+        return None
+
+    def close(self) -> None:
+        try:
+            self._pubsub.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection must not fail the caller
+            pass
 
 
 def _code(exc: BaseException) -> str:

@@ -1,0 +1,198 @@
+"""`IndexMirror` against a real redis-server: it follows the index's announcements, bounded, and is dropped
+while its subscription is down. And `PeerTier` finds holders in it without asking the index."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import nencache.tiers.peer.mirror as mirror_module
+import nencache.tiers.redis.control as control
+from nencache import KVCache
+from nencache.keys import chunk_keys
+from nencache.tiers.peer.index import Holder, PeerIndex
+from nencache.tiers.peer.mirror import IndexMirror
+from nencache.tiers.peer.tier import PeerTier
+from nencache.tiers.redis.resp import Connection
+from nencache.tiers.redis.url import parse_url
+from tests.p2p.util import CHUNK, LAYOUT, MODEL, compute_kv, config, settle, tokens
+from tests.redis_util import RedisServer
+
+pytestmark = pytest.mark.redis
+KEYS = [bytes([i]) * 16 for i in range(8)]
+
+
+def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def index(redis_server: RedisServer) -> Iterator[PeerIndex]:
+    one = PeerIndex(redis_server.url, f"mirror-{uuid.uuid4().hex}", ttl=30, timeout=2.0)
+    yield one
+    one.close()
+
+
+def follow(index: PeerIndex, max_keys: int = 1000) -> IndexMirror:
+    mirror = IndexMirror(index.subscribe, max_keys=max_keys).start()
+    until(lambda: mirror.live)
+    return mirror
+
+
+def test_the_mirror_lists_what_the_index_lists(index: PeerIndex) -> None:
+    mirror = follow(index)
+    try:
+        placed = [bytes([i]) * 40 for i in range(3)]
+        index.publish(KEYS[:3], "127.0.0.1:3001", placed)
+        time.sleep(0.01)  # scores and expiries are milliseconds: the later publish comes first
+        index.publish(KEYS[:2], "127.0.0.1:3002")
+        settle(mirror, index)
+        assert mirror.lookup(KEYS[:4]) == index.lookup(KEYS[:3]) + [None]
+        assert mirror.lookup(KEYS[:1]) == [[Holder("127.0.0.1:3002"), Holder("127.0.0.1:3001", placed[0])]]
+        index.unpublish(KEYS[:1], "127.0.0.1:3002")
+        index.unpublish(KEYS[2:3], "127.0.0.1:3001")
+        settle(mirror, index)
+        assert mirror.lookup(KEYS[:3]) == [[Holder("127.0.0.1:3001", placed[0])], [Holder("127.0.0.1:3002"),
+                                           Holder("127.0.0.1:3001", placed[1])], None]
+        assert mirror.lookup(KEYS[:3]) == index.lookup(KEYS[:2]) + [None]
+    finally:
+        mirror.close()
+
+
+def test_entries_expire_with_the_index(redis_server: RedisServer, index: PeerIndex) -> None:
+    short = PeerIndex(redis_server.url, index.channel.decode().split(":")[2], ttl=0.3, timeout=2.0)
+    assert short.channel == index.channel
+    mirror = follow(index)
+    try:
+        short.publish(KEYS[:2], "127.0.0.1:4001")
+        index.publish(KEYS[1:2], "127.0.0.1:4002")
+        settle(mirror, index)
+        assert mirror.lookup(KEYS[:2]) == [[Holder("127.0.0.1:4002"), Holder("127.0.0.1:4001")][1:],
+                                           [Holder("127.0.0.1:4002"), Holder("127.0.0.1:4001")]]
+        time.sleep(0.4)
+        assert mirror.lookup(KEYS[:2]) == [None, [Holder("127.0.0.1:4002")]] == [None, *index.lookup(KEYS[1:2])]
+    finally:
+        mirror.close()
+        short.close()
+
+
+def test_the_mirror_is_bounded_and_makes_room_from_expired_entries(redis_server: RedisServer, index: PeerIndex,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mirror_module, "_SWEEP_EVERY", 0.0)
+    short = PeerIndex(redis_server.url, index.channel.decode().split(":")[2], ttl=0.2, timeout=2.0)
+    mirror = follow(index, max_keys=5)
+    try:
+        index.publish(KEYS[:7], "127.0.0.1:5001")
+        until(lambda: mirror.dropped == 2)
+        assert len(mirror) == 5 and mirror.lookup(KEYS[5:7]) == [None, None]  # left to the index
+        index.unpublish(KEYS[:7], "127.0.0.1:5001")
+        until(lambda: len(mirror) == 0)
+        short.publish(KEYS[:5], "127.0.0.1:5002")
+        until(lambda: len(mirror) == 5)
+        time.sleep(0.3)  # the five entries expired; new keys take their room
+        index.publish(KEYS[5:7], "127.0.0.1:5001")
+        until(lambda: mirror.lookup(KEYS[5:7]) == [[Holder("127.0.0.1:5001")]] * 2)
+        assert len(mirror) == 2 and mirror.dropped == 2
+    finally:
+        mirror.close()
+        short.close()
+
+
+def test_a_message_that_is_not_an_announcement_is_counted_and_changes_nothing(redis_server: RedisServer,
+                                                                              index: PeerIndex) -> None:
+    mirror = follow(index)
+    try:
+        index.publish(KEYS[:1], "127.0.0.1:6001")
+        target = parse_url(redis_server.url)
+        with Connection(target.nodes[0], target, 2.0) as conn:
+            conn.call("PUBLISH", index.channel, b"NCAN\x01\x01" + b"\xff" * 40)
+        settle(mirror, index)
+        assert mirror.malformed == 1 and mirror.live
+        assert mirror.lookup(KEYS[:1]) == [[Holder("127.0.0.1:6001")]]
+    finally:
+        mirror.close()
+
+
+def test_a_lost_subscription_drops_the_copy_until_it_subscribes_again(own_redis: RedisServer) -> None:
+    index = PeerIndex(own_redis.url, "mirror-lost", ttl=30, timeout=1.0)
+    mirror = follow(index)
+    try:
+        index.publish(KEYS[:1], "127.0.0.1:7001")
+        settle(mirror, index)
+        own_redis.kill()
+        until(lambda: not mirror.live)
+        assert mirror.lookup(KEYS[:1]) == [None] and len(mirror) == 0
+        own_redis.start()
+        until(lambda: mirror.live)
+        assert mirror.lookup(KEYS[:1]) == [None]  # announced before: the holder's next refresh brings it back
+        index.publish(KEYS[:1], "127.0.0.1:7001")
+        settle(mirror, index)
+        assert mirror.lookup(KEYS[:1]) == [[Holder("127.0.0.1:7001")]]
+    finally:
+        mirror.close()
+        index.close()
+
+
+def test_a_subscription_that_stops_answering_is_found_out(own_redis: RedisServer,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Redis that is alive but silent (stopped) is noticed by an unanswered PING, not waited on forever."""
+    monkeypatch.setattr(control, "PING_EVERY", 0.2)
+    index = PeerIndex(own_redis.url, "mirror-silent", ttl=30, timeout=0.5)
+    mirror = follow(index)
+    assert own_redis.proc is not None
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    try:
+        until(lambda: not mirror.live, timeout=5.0)
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+        mirror.close()
+        index.close()
+
+
+def test_a_peer_finds_holders_in_its_mirror_without_asking_the_index(redis_server: RedisServer,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """B finds A's chunks over the socket with no index round trip once A's announcements reached B's
+    mirror; a chunk A unpublished is asked of the index again."""
+    first, second = tokens(700, 2 * CHUNK), tokens(71_000, CHUNK)
+    settings = config(redis_server.url, p2p_shared_memory=False)
+    with KVCache(settings, LAYOUT, MODEL) as a, KVCache(settings, LAYOUT, MODEL) as b:
+        tier = b.peer
+        assert isinstance(tier, PeerTier) and tier.mirror is not None
+        a.store(first, compute_kv(first))
+        assert a.flush(timeout=10)
+        settle(tier.mirror, tier.index)
+        asked: list[int] = []
+        real_lookup = tier.index.lookup
+        monkeypatch.setattr(tier.index, "lookup", lambda keys: asked.append(len(keys)) or real_lookup(keys))
+        assert b.retrieve_prefix(first) == len(first)
+        assert asked == []
+        assert b.lookup(second) == 0 and asked == [1]  # not in the mirror: the index is asked
+        assert a.peer is not None
+        a.peer.delete(chunk_keys(first, CHUNK, a.namespace))  # unpublished (A's pool still holds them)
+        settle(tier.mirror, tier.index)
+        b.memory.clear()
+        assert b.lookup(first) == 0 and asked == [1, 2]
+        assert b.stats()["tiers"]["p2p"]["corrupt"] == 0
+
+
+def test_with_no_mirror_every_lookup_asks_the_index(redis_server: RedisServer,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    first = tokens(900, CHUNK)
+    settings = config(redis_server.url, p2p_shared_memory=False, p2p_mirror_keys=0)
+    with KVCache(settings, LAYOUT, MODEL) as a, KVCache(settings, LAYOUT, MODEL) as b:
+        tier = b.peer
+        assert isinstance(tier, PeerTier) and tier.mirror is None
+        a.store(first, compute_kv(first))
+        assert a.flush(timeout=10)
+        asked: list[int] = []
+        real_lookup = tier.index.lookup
+        monkeypatch.setattr(tier.index, "lookup", lambda keys: asked.append(len(keys)) or real_lookup(keys))
+        assert b.retrieve_prefix(first) == len(first) and asked == [1]
