@@ -14,6 +14,7 @@ import pytest
 import nencache.tiers.peer.mirror as mirror_module
 import nencache.tiers.redis.control as control
 from nencache import KVCache
+from nencache.format import split_blob
 from nencache.keys import chunk_keys
 from nencache.tiers.peer.index import Holder, PeerIndex
 from nencache.tiers.peer.mirror import IndexMirror
@@ -196,3 +197,39 @@ def test_with_no_mirror_every_lookup_asks_the_index(redis_server: RedisServer,
         real_lookup = tier.index.lookup
         monkeypatch.setattr(tier.index, "lookup", lambda keys: asked.append(len(keys)) or real_lookup(keys))
         assert b.retrieve_prefix(first) == len(first) and asked == [1]
+
+
+@pytest.mark.parametrize("mirror_keys", [1024, 0], ids=["mirror", "no-mirror"])
+def test_a_chunk_gone_from_the_local_holder_is_read_from_a_second_holder_the_mirror_lists(
+        redis_server: RedisServer, mirror_keys: int) -> None:
+    """B finds the chunk in local A's directory, A first; the mirror adds C (another machine: its pool is
+    not shared). When A's page is freed between the lookup and the read, the read gets it from C instead
+    of missing. Without a mirror, A is the only holder named, and the read misses."""
+    first, mapping = tokens(800, CHUNK), tokens(95_000, CHUNK)
+    a_config = config(redis_server.url)
+    with KVCache(a_config, LAYOUT, MODEL) as a, \
+            KVCache(config(redis_server.url, p2p_shared_memory=False), LAYOUT, MODEL) as c, \
+            KVCache(config(redis_server.url, p2p_mirror_keys=mirror_keys), LAYOUT, MODEL) as b:
+        tier = b.peer
+        assert isinstance(tier, PeerTier) and a.peer is not None and c.peer is not None
+        if tier.mirror is not None:
+            settle(tier.mirror, tier.index)  # subscribed before A and C publish
+        a.store(mapping, compute_kv(mapping))
+        a.store(first, compute_kv(first))
+        c.store(first, compute_kv(first))
+        assert a.flush(timeout=10) and c.flush(timeout=10)
+        assert b.retrieve_prefix(mapping) == CHUNK  # only A holds it: B maps A's pool
+        if tier.mirror is not None:
+            settle(tier.mirror, tier.index)
+        [key] = chunk_keys(first, CHUNK, b.namespace)
+        [found] = tier.holders([key])
+        named = [h.address for h in found]
+        assert named == ([a.peer.address, c.peer.address] if mirror_keys else [a.peer.address])
+        a.memory.clear()  # A's page is freed after the lookup, before the read
+        [blob] = tier.get([key])
+        if not mirror_keys:
+            assert blob is None
+            return
+        assert blob is not None
+        split_blob(blob, key, verify=True)  # C's copy: its key and its payload's checksum
+        assert b.stats()["tiers"]["p2p"]["corrupt"] == 0

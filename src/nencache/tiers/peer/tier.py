@@ -193,16 +193,16 @@ class PeerTier:
     # --- lookups ---------------------------------------------------------------------------------
     def holders(self, keys: Sequence[bytes]) -> list[list[Holder]]:
         """Usable holders of each key (not this peer, not a peer being skipped). A key a peer on this machine
-        holds is found in the directory of its pool, where that pool is mapped here; then in the mirror of
-        the index; the others take one index round trip."""
+        holds is found in the directory of its pool, where that pool is mapped here, and that peer comes
+        first; the mirror of the index adds the other holders it lists (a read tries a second holder when
+        the first no longer has the chunk); the keys neither knows take one index round trip."""
         if not keys:
             return []
         holders: list[list[Holder]] = [[] if local is None else [local] for local in self.clients.find_local(keys)]
+        if self.mirror is not None:
+            for found, peers in zip(holders, self.mirror.lookup(keys)):
+                found.extend(h for h in self._usable(peers or ()) if not found or h.address != found[0].address)
         ask = [i for i, found in enumerate(holders) if not found]
-        if ask and self.mirror is not None:
-            for i, peers in zip(ask, self.mirror.lookup([keys[i] for i in ask])):
-                holders[i] = self._usable(peers or ())
-            ask = [i for i in ask if not holders[i]]
         if ask:
             found = self._index_call(lambda: self.index.lookup([keys[i] for i in ask]), None)
             for i, peers in zip(ask, found or ()):
