@@ -233,3 +233,27 @@ def test_a_chunk_gone_from_the_local_holder_is_read_from_a_second_holder_the_mir
         assert blob is not None
         split_blob(blob, key, verify=True)  # C's copy: its key and its payload's checksum
         assert b.stats()["tiers"]["p2p"]["corrupt"] == 0
+
+
+def test_a_redis_that_allows_no_pub_sub_still_holds_the_index(redis_server: RedisServer,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Where the index's user may not PUBLISH or SUBSCRIBE (an ACL), publishing still updates the index (the
+    refused announcements are counted and logged once), the mirror never goes live, and lookups ask the index."""
+    user = f"nopubsub{uuid.uuid4().hex[:8]}"
+    redis_server.cli("ACL", "SETUSER", user, "on", ">secret", "~*", "+@all", "-publish", "-subscribe")
+    url = f"redis://{user}:secret@127.0.0.1:{redis_server.port}"
+    index = PeerIndex(url, "mirror-acl", ttl=30, timeout=2.0)
+    mirror = IndexMirror(index.subscribe, max_keys=100).start()
+    try:
+        with caplog.at_level("WARNING", logger="nencache.p2p"):
+            index.publish(KEYS[:2], "127.0.0.1:8001")
+            index.publish(KEYS[2:3], "127.0.0.1:8001")
+            index.unpublish(KEYS[:1], "127.0.0.1:8001")
+        assert index.announce_failures == 3
+        assert sum("refused an announcement" in r.getMessage() for r in caplog.records) == 1
+        assert index.holders(KEYS[:3]) == [[], ["127.0.0.1:8001"], ["127.0.0.1:8001"]]
+        time.sleep(0.5)
+        assert not mirror.live and mirror.lookup(KEYS[1:2]) == [None]
+    finally:
+        mirror.close()
+        index.close()

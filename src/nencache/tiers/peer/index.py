@@ -17,6 +17,7 @@ connection"). Each publish and unpublish also PUBLISHes an announcement
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from nencache.tiers.redis.control import ControlError, ControlReplyError, RedisC
 from nencache.tiers.redis.resp import ConnectionPool, ReplyError
 from nencache.tiers.redis.url import parse_url
 
+log = logging.getLogger("nencache.p2p")
 BATCH_KEYS = 2048  # keys per pipeline when publishing many
 
 
@@ -61,6 +63,7 @@ class PeerIndex:
         self.ttl_ms = max(1, math.ceil(ttl * 1000))
         self._prefix = f"{key_prefix}:p2p:{namespace}:".encode()
         self.channel = self._prefix + b"announce"  # pub/sub: every publish and unpublish, for peers' mirrors
+        self.announce_failures = 0  # announcements Redis refused (no pub/sub allowed): see `_run_announced`
 
     def rkey(self, key: bytes) -> bytes:
         """The Redis key of a chunk key's holder set."""
@@ -84,7 +87,7 @@ class PeerIndex:
             batch_placements = placements[start : start + BATCH_KEYS] if placements is not None else [None] * len(batch)
             commands.append(("PUBLISH", self.channel,
                              Announcement(peer, True, now + self.ttl_ms, batch, batch_placements).pack()))
-            _raise_errors(self._control.pipeline(commands))
+            self._run_announced(commands)
 
     def unpublish(self, keys: Sequence[bytes], peer: str) -> None:
         """Remove `peer` from the holders of `keys`."""
@@ -94,7 +97,20 @@ class PeerIndex:
             for key in batch:
                 commands += [("ZREM", self.rkey(key), peer), ("HDEL", self.rkey(key) + b":at", peer)]
             commands.append(("PUBLISH", self.channel, Announcement(peer, False, 0, batch, [None] * len(batch)).pack()))
-            _raise_errors(self._control.pipeline(commands))
+            self._run_announced(commands)
+
+    def _run_announced(self, commands: list[tuple[Any, ...]]) -> None:
+        """Run index changes whose last command is their announcement. A refused announcement (a Redis whose
+        ACL or configuration allows no pub/sub) is counted and logged once: the index itself is updated,
+        and peers' mirrors fall back to asking it."""
+        replies = self._control.pipeline(commands)
+        _raise_errors(replies[:-1])
+        if isinstance(replies[-1], ControlError):
+            self.announce_failures += 1
+            if self.announce_failures == 1:
+                log.warning("the P2P index %s refused an announcement (%s); peers will ask the index for every "
+                            "lookup instead of their mirror (allow PUBLISH and SUBSCRIBE on %r to use it)",
+                            self.url, replies[-1], self.channel.decode("utf-8", "replace"))
 
     def lookup(self, keys: Sequence[bytes]) -> list[list[Holder]]:
         """The live holders of each key, most recently published first, with their placements: one round trip."""
