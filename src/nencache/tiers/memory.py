@@ -55,7 +55,7 @@ class Entry:
     nbytes: int
     num_tokens: int
     is_blob: bool
-    stamped: bool = False  # a raw chunk's header is in its page's header slot
+    stamped: memoryview | None = None  # a raw chunk as a blob (its header stamped in the page's header slot)
     view: torch.Tensor | None = None  # a raw chunk's tensor over its page, made once at store time for reads
     small_bytes: memoryview | None = None  # a small raw chunk's bytes, read under the index lock (`SMALL_READ`)
     shape: torch.Size | None = None  # a small raw chunk's tensor shape
@@ -386,15 +386,18 @@ class MemoryTier:
         return page.view(self.layout.dtype).view(self.layout.shape(entry.num_tokens))
 
     def _blob(self, entry: Entry, key: bytes) -> memoryview:
+        if entry.stamped is not None:
+            return entry.stamped
         if entry.is_blob:
             return memoryview(self.payload(entry).numpy())
+        # Once per stored chunk: the page holds these bytes until it is freed, and the view is kept for the
+        # chunk's later reads (a peer's GET, a server's reply), which then make no torch or numpy view.
         page = as_numpy(self.pool.page(entry.page))
-        if not entry.stamped:  # once per stored chunk: the page holds these bytes until it is freed
-            payload = memoryview(page[HEADER_SIZE : HEADER_SIZE + entry.nbytes])
-            header = header_for(self._as_tensor(entry, key), RawCodec.codec_id, payload, key).pack()
-            page[:HEADER_SIZE] = np.frombuffer(header, dtype=np.uint8)
-            entry.stamped = True
-        return memoryview(page[: HEADER_SIZE + entry.nbytes])
+        payload = memoryview(page[HEADER_SIZE : HEADER_SIZE + entry.nbytes])
+        header = header_for(self._as_tensor(entry, key), RawCodec.codec_id, payload, key).pack()
+        page[:HEADER_SIZE] = np.frombuffer(header, dtype=np.uint8)
+        entry.stamped = memoryview(page[: HEADER_SIZE + entry.nbytes])
+        return entry.stamped
 
     def _take_page(self, nbytes: int) -> int:
         """A free page, evicting unpinned chunks in the policy's order if needed."""
