@@ -30,7 +30,7 @@ from nencache.pinned import PinnedChunk, PinnedPrefix
 from nencache.policy.live import CachePolicies
 from nencache.stats import CacheCounters
 from nencache.store import Store, Want
-from nencache.tiers.base import Tier
+from nencache.tiers.base import ReportsLookups, Tier
 from nencache.tiers.disk.io import disk_path
 from nencache.tiers.memory import Fill, MemoryTier
 from nencache.writer import LowerTier
@@ -297,6 +297,8 @@ class KVCache:
                     pool_bytes=self.memory.pool.capacity_bytes, pool_used_bytes=memory["bytes_used"])
         data.update(self._store.write_stats())
         data["tiers"] = tiers
+        if isinstance(self.peer, ReportsLookups):
+            data["p2p"] = self.peer.lookup_stats()
         return data
 
     def close(self) -> None:

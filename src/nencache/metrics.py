@@ -57,6 +57,23 @@ CACHE_COUNTERS = {  # KVCache.stats() key -> help
     "write_failed_chunks": "Chunks a tier below memory did not take.",
     "tier_errors": "Failed calls to any tier below memory (per tier: nencache_tier_errors).",
 }
+LOOKUP_STATS = {  # KVCache.stats()["p2p"] key -> (metric, kind, help), with enable_p2p
+    "found_directory": ("nencache_p2p_found_directory_keys", "counter",
+                        "Chunk keys whose holder was found in a local peer's shared-pool directory."),
+    "found_mirror": ("nencache_p2p_found_mirror_keys", "counter",
+                     "Chunk keys whose holders were found in the local mirror of the P2P index."),
+    "asked_index": ("nencache_p2p_asked_index_keys", "counter",
+                    "Chunk keys looked up in the P2P index in Redis (one round trip per lookup)."),
+    "mirror_live": ("nencache_p2p_mirror_live", "gauge",
+                    "1 while the mirror of the P2P index is subscribed to the peers' announcements."),
+    "mirror_keys": ("nencache_p2p_mirror_keys", "gauge", "Chunk keys the mirror of the P2P index lists."),
+    "mirror_malformed": ("nencache_p2p_mirror_malformed", "counter",
+                         "Messages on the announcement channel that were not announcements (ignored)."),
+    "mirror_dropped": ("nencache_p2p_mirror_dropped_keys", "counter",
+                       "Announced keys the mirror did not copy because it was full (p2p_mirror_keys)."),
+    "announce_failures": ("nencache_p2p_announce_failures", "counter",
+                          "Announcements Redis refused (no pub/sub allowed); peers then ask the index."),
+}
 _RENAMED = {"tier_errors": "lower_tier_errors"}  # a cache-wide count, apart from the per-tier family
 
 
@@ -165,6 +182,11 @@ class CacheCollector:
                 for key, (suffix, doc) in TIER_GAUGES.items():
                     family(GaugeMetricFamily, f"nencache_tier_{suffix}", doc, [*base, "tier"]).add_metric(
                         [*ident, tier], counts.get(key, 0))
+            for key, value in stats.get("p2p", {}).items():
+                if key in LOOKUP_STATS:
+                    name, kind, doc = LOOKUP_STATS[key]
+                    family(CounterMetricFamily if kind == "counter" else GaugeMetricFamily, name, doc,
+                           base).add_metric(ident, value)
             histogram = family(HistogramMetricFamily, "nencache_request_seconds",
                                "Latency of the cache's loads (retrieve) and saves (store).", [*base, "op"])
             for op, (buckets, total) in cache.latency.snapshot().items():

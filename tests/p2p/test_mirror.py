@@ -10,12 +10,14 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 import nencache.tiers.peer.mirror as mirror_module
 import nencache.tiers.redis.control as control
 from nencache import KVCache
 from nencache.format import split_blob
 from nencache.keys import chunk_keys
+from nencache.metrics import register
 from nencache.tiers.peer.index import Holder, PeerIndex
 from nencache.tiers.peer.mirror import IndexMirror
 from nencache.tiers.peer.tier import PeerTier
@@ -175,7 +177,16 @@ def test_a_peer_finds_holders_in_its_mirror_without_asking_the_index(redis_serve
         monkeypatch.setattr(tier.index, "lookup", lambda keys: asked.append(len(keys)) or real_lookup(keys))
         assert b.retrieve_prefix(first) == len(first)
         assert asked == []
+        found = b.stats()["p2p"]
+        assert found["found_mirror"] >= 2 and found["asked_index"] == 0 and found["found_directory"] == 0
+        assert found["mirror_live"] == 1 and found["mirror_keys"] >= 2
         assert b.lookup(second) == 0 and asked == [1]  # not in the mirror: the index is asked
+        assert b.stats()["p2p"]["asked_index"] == 1
+        registry = CollectorRegistry()
+        register(b, registry)
+        exposed = generate_latest(registry).decode()
+        assert 'nencache_p2p_asked_index_keys_total{model="p2p-test-model"' in exposed
+        assert "nencache_p2p_mirror_live{" in exposed and "nencache_p2p_found_mirror_keys_total{" in exposed
         assert a.peer is not None
         a.peer.delete(chunk_keys(first, CHUNK, a.namespace))  # unpublished (A's pool still holds them)
         settle(tier.mirror, tier.index)

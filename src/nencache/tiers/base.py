@@ -106,3 +106,13 @@ class Tier(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class ReportsLookups(Protocol):
+    """A tier that finds holders before it reads, and counts where it found them (the peer tier)."""
+
+    def lookup_stats(self) -> dict[str, int]:
+        """Counters and gauges of its lookups, named as `nencache.metrics.LOOKUP_STATS` lists them."""
+        ...
+

@@ -151,6 +151,8 @@ def run(ctx: BenchContext) -> SuiteResult:
                     ways[(label, way)].sample(rep >= warmup)
         shared_reads = sum(w.tier.clients.shared_reads for (_, way), w in ways.items() if way == "same machine")
         socket_shared = sum(w.tier.clients.shared_reads for (_, way), w in ways.items() if way != "same machine")
+        across_lookups = {name: sum(w.tier.lookup_stats()[name] for (_, way), w in ways.items()
+                                    if way == "across machines") for name in ("found_mirror", "asked_index")}
     finally:
         for close in reversed(closers):
             close()
@@ -203,6 +205,7 @@ def run(ctx: BenchContext) -> SuiteResult:
                         f"microseconds. Index: {index}. Chunks copied out of the peer's shared pool: "
                         f"{shared_reads} (same machine), {socket_shared} (across machines, must be 0).")
     result.figures["lookups answered by the mirror of the index"] = mirrored
+    result.figures["lookups, across machines (keys)"] = across_lookups
     result.notes.append("B's caches start first, so their mirrors of the index (`p2p_mirror_keys`, docs/p2p.md) "
                         "receive A's announcements: across machines the lookup is answered by the mirror, without a "
                         "round trip to Redis" if mirrored else "B's mirrors of the index did not list A's chunks "

@@ -76,6 +76,8 @@ class PeerTier:
         self._interval = ttl / 3
         self._stats = TierStats()
         self._lock = threading.Lock()
+        # Keys whose holders were found in local peers' directories, in the mirror, and keys asked of the index.
+        self._lookups = {"found_directory": 0, "found_mirror": 0, "asked_index": 0}
         self._published: dict[bytes, bytes | None] = {}  # key -> its placement in this cache's shared pool
         self._gone: set[bytes] = set()  # evicted keys waiting to be unpublished
         self._holders: dict[bytes, tuple[float, list[Holder]]] = {}
@@ -163,6 +165,16 @@ class PeerTier:
         """Unpublish the evicted keys now."""
         self._unpublish_gone()
 
+    def lookup_stats(self) -> dict[str, int]:
+        """Keys found in local peers' directories, in the mirror, and asked of the index; the mirror's state."""
+        mirror = self.mirror
+        with self._lock:
+            out = dict(self._lookups)
+        out.update(mirror_live=int(mirror is not None and mirror.live), mirror_keys=len(mirror) if mirror else 0,
+                   mirror_malformed=mirror.malformed if mirror else 0, mirror_dropped=mirror.dropped if mirror else 0,
+                   announce_failures=self.index.announce_failures)
+        return out
+
     def stats(self) -> TierStats:
         with self._lock, self._stats.lock:
             self._stats.chunks = len(self._published)
@@ -199,16 +211,21 @@ class PeerTier:
         if not keys:
             return []
         holders: list[list[Holder]] = [[] if local is None else [local] for local in self.clients.find_local(keys)]
+        local = sum(1 for found in holders if found)
         if self.mirror is not None:
             for found, peers in zip(holders, self.mirror.lookup(keys)):
                 found.extend(h for h in self._usable(peers or ()) if not found or h.address != found[0].address)
         ask = [i for i, found in enumerate(holders) if not found]
+        mirrored = len(keys) - len(ask) - local
         if ask:
             found = self._index_call(lambda: self.index.lookup([keys[i] for i in ask]), None)
             for i, peers in zip(ask, found or ()):
                 holders[i] = self._usable(peers)
         expires = time.monotonic() + _HOLDERS_TTL
         with self._lock:
+            self._lookups["found_directory"] += local
+            self._lookups["found_mirror"] += mirrored
+            self._lookups["asked_index"] += len(ask)
             if len(self._holders) + len(keys) > _MAX_HOLDERS:
                 self._holders.clear()
             for key, peers in zip(keys, holders):
