@@ -94,7 +94,7 @@ class IndexMirror:
                         if not peers:
                             del self._holders[key]
                 return
-            entry = announcement.expires_ms
+            expires = announcement.expires_ms
             for key, placement in zip(announcement.keys, announcement.placements):
                 peers = self._holders.get(key)
                 if peers is None:
@@ -102,7 +102,7 @@ class IndexMirror:
                         self.dropped += 1
                         continue
                     peers = self._holders[key] = {}
-                peers[announcement.peer] = (entry, placement)
+                peers[announcement.peer] = (expires, placement)
 
     def __len__(self) -> int:
         with self._lock:

@@ -216,16 +216,17 @@ class PeerTier:
             for found, peers in zip(holders, self.mirror.lookup(keys)):
                 found.extend(h for h in self._usable(peers or ()) if not found or h.address != found[0].address)
         ask = [i for i, found in enumerate(holders) if not found]
-        mirrored = len(keys) - len(ask) - local
+        mirrored, asked = len(keys) - len(ask) - local, 0
         if ask:
             found = self._index_call(lambda: self.index.lookup([keys[i] for i in ask]), None)
+            asked = len(ask) if found is not None else 0  # None: the index is down, or failed this time
             for i, peers in zip(ask, found or ()):
                 holders[i] = self._usable(peers)
         expires = time.monotonic() + _HOLDERS_TTL
         with self._lock:
             self._lookups["found_directory"] += local
             self._lookups["found_mirror"] += mirrored
-            self._lookups["asked_index"] += len(ask)
+            self._lookups["asked_index"] += asked
             if len(self._holders) + len(keys) > _MAX_HOLDERS:
                 self._holders.clear()
             for key, peers in zip(keys, holders):
