@@ -192,14 +192,16 @@ class Store:
         chunk_bytes = self._layout().nbytes(tokens) if first is None else first.max_encoded_size(self._layout(), tokens)
         per_batch = max(1, FETCH_BATCH_BYTES // max(1, chunk_bytes))  # by the bytes the first tier reads
         batches = [list(wants[i : i + per_batch]) for i in range(0, len(wants), per_batch)]
-        ahead: Future[Any] | None = self._read_ahead(batches[0])
+        # A single batch has nothing to overlap its read with: it is read on this thread, with no hand-off.
+        ahead: Future[Any] | None = self._read_ahead(batches[0]) if len(batches) > 1 else None
         for index, batch in enumerate(batches):
             for order, lower in enumerate(self.lower):
                 wanted = [want for want in batch if want.key not in fetched]
                 if not wanted:
                     break
-                if order == 0:
-                    assert ahead is not None
+                if order == 0 and ahead is None:
+                    blobs = self.guard(lower.tier, lambda t=lower.tier: t.get([w.key for w in batch]), None)
+                elif order == 0:
                     blobs = ahead.result()
                     ahead = self._read_ahead(batches[index + 1]) if index + 1 < len(batches) else None
                 else:
