@@ -200,7 +200,7 @@ class Store:
                 if not wanted:
                     break
                 if order == 0 and ahead is None:
-                    blobs = self.guard(lower.tier, lambda t=lower.tier: t.get([w.key for w in batch]), None)
+                    blobs = self._read_first(batch)
                 elif order == 0:
                     blobs = ahead.result()
                     ahead = self._read_ahead(batches[index + 1]) if index + 1 < len(batches) else None
@@ -415,8 +415,12 @@ class Store:
         with self._lock:
             if self._fetcher is None:
                 self._fetcher = ThreadPoolExecutor(max_workers=self.io_threads, thread_name_prefix="nencache-fetch")
+        return self._fetcher.submit(self._read_first, batch)
+
+    def _read_first(self, batch: list[Want]) -> Any:
+        """The first lower tier's blobs of `batch` (None if it failed: counted by `guard`)."""
         tier = self.lower[0].tier
-        return self._fetcher.submit(self.guard, tier, lambda: tier.get([w.key for w in batch]), None)
+        return self.guard(tier, lambda: tier.get([w.key for w in batch]), None)
 
     def _land(self, lower: LowerTier, want: Want, blob: Any) -> bool:
         """Decode one fetched chunk, copy it into its `out` and promote it; False if it was corrupt."""
