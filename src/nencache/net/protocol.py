@@ -6,6 +6,8 @@ bytes of body (chunk blobs, JSON, messages). docs/protocol.md is the full descri
 
 from __future__ import annotations
 
+import hmac
+import json
 import re
 import struct
 from collections.abc import Sequence
@@ -94,6 +96,19 @@ class Frame:
     @property
     def is_error(self) -> bool:
         return bool(self.flags & Flag.ERROR)
+
+
+def reply_meta_size(op: int, count: int) -> int:
+    """Bytes of meta in a (non-error) reply to a request of `op` for `count` keys: GET's blob lengths,
+    LOCATE's nonce and spots; nothing for the other ops."""
+    if op == Op.GET:
+        return 8 * count
+    return NONCE_SIZE + SPOT.size * count if op == Op.LOCATE else 0
+
+
+def reply_header(request: Frame, count: int, meta_len: int, body_len: int) -> bytes:
+    """The packed header of a (non-error) reply to `request`."""
+    return HEADER.pack(MAGIC, VERSION, request.op, Flag.RESPONSE, request.request_id, count, meta_len, 0, body_len)
 
 
 def unpack_header(buf: bytes | bytearray | memoryview) -> Frame:
@@ -199,6 +214,26 @@ def pack_lengths(lengths: Sequence[int]) -> bytes:
 
 def unpack_lengths(meta: bytes | bytearray | memoryview, count: int) -> tuple[int, ...]:
     return struct.unpack_from(f"<{count}Q", meta)
+
+
+def check_authed(op: Op, authed: bool) -> None:
+    """Before a connection has authenticated, only PING and AUTH are answered."""
+    if not authed and op not in (Op.PING, Op.AUTH):
+        raise ProtocolError(Code.AUTH_REQUIRED, "this server requires an auth token: send AUTH first "
+                                                "(set auth_token or NENCACHE_AUTH_TOKEN on the client)")
+
+
+def check_token(token: bytes, expected: bytes | None) -> None:
+    """AUTH's check: the server's token (any token where the server takes none), compared in constant time."""
+    if expected is not None and not hmac.compare_digest(token, expected):
+        raise ProtocolError(Code.AUTH_FAILED, "wrong auth token; give the client the server's auth_token "
+                                              "(NENCACHE_AUTH_TOKEN)")
+
+
+def hello(limits: Limits, *, auth: bool, idle_timeout: float) -> bytes:
+    """AUTH's reply body: the limits a client must keep to on this connection, and how long it may idle."""
+    return json.dumps({"server": "nencache", "protocol": VERSION, "auth": auth, **limits.as_dict(),
+                       "idle_timeout": idle_timeout}).encode()
 
 
 def error_frame(op: int, request_id: int, code: Code, message: str, *, closing: bool) -> tuple[Frame, bytes]:

@@ -42,6 +42,7 @@ import os
 import platform
 import struct
 import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ import numpy as np
 import torch
 
 from nencache.net.directory import SLOT_BYTES, Directory, slot_count
+from nencache.net.protocol import MISSING, SPOT, UNPLACED
 
 MAGIC = b"NENCSHM1"
 _CONTROL = struct.Struct("<8s16sQQQQQ")
@@ -131,6 +133,18 @@ class Spot:
     offset: int
     length: int
     generation: int
+
+
+def locate_reply(nonce: bytes, spots: Sequence[Spot | None], unplaced: Collection[int] = ()) -> bytes:
+    """LOCATE's reply meta: the region's nonce, then per key its spot, or (length 0) UNPLACED for the
+    indexes in `unplaced` (held, but not in the region) and MISSING for the other ones without a spot."""
+    parts = [nonce]
+    for i, spot in enumerate(spots):
+        if spot is not None:
+            parts.append(SPOT.pack(spot.offset, spot.length, spot.generation))
+        else:
+            parts.append(SPOT.pack(UNPLACED if i in unplaced else MISSING, 0, 0))
+    return b"".join(parts)
 
 
 _PLACEMENT = struct.Struct("<16sQQQ")

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ from nencache.format import HEADER_SIZE as CHUNK_HEADER_SIZE
 from nencache.format import NO_KEY, parse_header
 from nencache.net.buffers import BufferPool
 from nencache.net.protocol import (
-    HEADER_SIZE, MAX_MESSAGE, MAX_TOKEN, NONCE_SIZE, SPOT, Code, Flag, Frame, Limits, Op, ProtocolError,
-    unpack_header, unpack_lengths,
+    HEADER_SIZE, MAX_MESSAGE, MAX_TOKEN, Code, Flag, Frame, Limits, Op, ProtocolError,
+    reply_meta_size, unpack_header, unpack_lengths,
 )
 
 Buffer = bytes | bytearray | memoryview
@@ -32,6 +33,8 @@ SCHEMES = frozenset({"nencache", "nencaches"})  # every scheme `parse_url` accep
 _MAX_SMALL_BODY = 16 << 20  # STATS / hello replies
 _MIN_RATE = 50e6  # bytes/s a transfer may not fall below before its deadline passes
 _IOV_MAX = 512
+_INBOX = 4096  # bytes for headers and metas (grown for larger ones)
+_TIMEVAL = struct.Struct("@ll")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +96,18 @@ class WireConnection:
             if target.tls:
                 context = ssl.create_default_context(cafile=target.ca_file)
                 sock = context.wrap_socket(sock, server_hostname=target.host)
+            else:
+                sock.settimeout(None)  # blocking, bounded by the kernel's timeouts (`_wait`)
         except BaseException:
             sock.close()
             raise
         self.sock = sock
+        self._kernel_timeouts = not target.tls  # TLS retries inside its reads, so it keeps Python's timeouts
+        self._armed = {socket.SO_RCVTIMEO: -1.0, socket.SO_SNDTIMEO: -1.0}  # kernel timeouts set now
         self._ids = itertools.count(1)
-        self._header = bytearray(HEADER_SIZE)
+        self._inbox = bytearray(_INBOX)
+        self._ahead = memoryview(self._inbox)[:0]  # bytes received and not yet read (headers, metas)
+        self._expect: dict[int, int] = {}  # request id -> size of its reply's meta, for reading it with the header
         self._deadline = 0.0
         self.limits = Limits(1 << 30, 1 << 30, 1)
         self.idle_timeout = float("inf")  # the server closes the connection after this long without a frame
@@ -126,6 +135,9 @@ class WireConnection:
         self.extend_deadline(body_len)
         header = Frame(op, request_id, count, len(meta), body_len).pack()
         self._send_all([header, meta, *body])
+        if len(self._expect) > 64:
+            self._expect.clear()  # replies that never came (their exchange failed): only a hint is lost
+        self._expect[request_id] = reply_meta_size(op, count)
         return request_id
 
     def call(self, op: Op, *, count: int = 0, meta: bytes = b"", body: Sequence[Buffer] = ()) -> Reply:
@@ -146,14 +158,14 @@ class WireConnection:
 
     def read(self, pending: dict[int, int]) -> Reply:
         """The next reply of one of `pending` (request id -> key count of a GET, else anything)."""
-        self._read_exact(memoryview(self._header))
-        frame = unpack_header(self._header)
+        frame = unpack_header(self._next(HEADER_SIZE, self._expect.get(next(iter(pending), -1), 0)))
+        self._expect.pop(frame.request_id, None)
         if not frame.flags & Flag.RESPONSE:
             raise ProtocolError(Code.BAD_FRAME, "the server sent a request frame")
         if frame.is_error:
             if frame.body_len > MAX_MESSAGE or frame.meta_len:
                 raise ProtocolError(Code.BAD_FRAME, "oversized error frame")
-            message = self._read_bytes(frame.body_len).decode("utf-8", "replace")
+            message = bytes(self._next(frame.body_len)).decode("utf-8", "replace")
             error = ErrorReply(frame.status, message, bool(frame.flags & Flag.CLOSING))
             if error.closing:
                 raise error
@@ -165,16 +177,16 @@ class WireConnection:
             raise ProtocolError(Code.BAD_FRAME, f"reply to unknown request {frame.request_id}")
         keys = pending.pop(frame.request_id)
         if frame.op == Op.LOCATE:
-            if frame.count != keys or frame.meta_len != NONCE_SIZE + SPOT.size * keys or frame.body_len:
+            if frame.count != keys or frame.meta_len != reply_meta_size(Op.LOCATE, keys) or frame.body_len:
                 raise ProtocolError(Code.BAD_FRAME, f"LOCATE reply for {frame.count} keys, asked {keys}")
-            return Reply(frame, body=self._read_bytes(frame.meta_len))
+            return Reply(frame, body=bytes(self._next(frame.meta_len)))
         if frame.op != Op.GET:
             if frame.meta_len or frame.body_len > _MAX_SMALL_BODY:
                 raise ProtocolError(Code.BAD_FRAME, "malformed reply")
             return Reply(frame, body=self._read_bytes(frame.body_len))
-        if frame.count != keys or frame.meta_len != 8 * keys:
+        if frame.count != keys or frame.meta_len != reply_meta_size(Op.GET, keys):
             raise ProtocolError(Code.BAD_FRAME, f"GET reply for {frame.count} keys, asked {keys}")
-        lengths = unpack_lengths(self._read_bytes(frame.meta_len), keys)
+        lengths = unpack_lengths(self._next(frame.meta_len), keys)
         if sum(lengths) != frame.body_len or max(lengths, default=0) > self.limits.max_chunk_bytes:
             raise ProtocolError(Code.BAD_FRAME, "GET reply lengths do not add up")
         self.extend_deadline(frame.body_len)
@@ -195,22 +207,65 @@ class WireConnection:
             raise TimeoutError("the NenCache server did not answer in time (remote_timeout)")
         return min(left, self.timeout)
 
+    def _wait(self, option: int) -> None:
+        """Bound the next send (SO_SNDTIMEO) or receive (SO_RCVTIMEO) by what is left of the exchange.
+
+        On a plain socket these are the kernel's timeouts, set only when they change (near the deadline), so a
+        call is one system call; a TLS socket takes Python's (a poll before each call)."""
+        seconds = self._remaining()
+        if not self._kernel_timeouts:
+            self.sock.settimeout(seconds)
+        elif self._armed[option] != seconds:
+            whole = int(seconds)
+            self.sock.setsockopt(socket.SOL_SOCKET, option,
+                                 _TIMEVAL.pack(whole, max(1, min(999_999, round((seconds - whole) * 1e6)))))
+            self._armed[option] = seconds
+
     def _send_all(self, parts: Sequence[Buffer]) -> None:
         views = [memoryview(p).cast("B") for p in parts if len(p)]
         while views:
-            self.sock.settimeout(self._remaining())
-            sent = self.sock.sendmsg(views[:_IOV_MAX]) if not isinstance(self.sock, ssl.SSLSocket) \
-                else self.sock.send(views[0])
+            self._wait(socket.SO_SNDTIMEO)
+            try:
+                sent = self.sock.sendmsg(views[:_IOV_MAX]) if self._kernel_timeouts else self.sock.send(views[0])
+            except BlockingIOError:  # the kernel's timeout, with nothing sent
+                raise TimeoutError("the NenCache server did not read the request in time (remote_timeout)") from None
             drop_sent(views, sent)
 
+    def _recv_into(self, view: memoryview) -> int:
+        self._wait(socket.SO_RCVTIMEO)
+        try:
+            n = self.sock.recv_into(view)
+        except BlockingIOError:  # the kernel's timeout
+            raise TimeoutError("the NenCache server did not answer in time (remote_timeout)") from None
+        if n == 0:
+            raise ConnectionResetError("the NenCache server closed the connection")
+        return n
+
+    def _next(self, size: int, more: int = 0) -> memoryview:
+        """The next `size` bytes of the stream (valid until the next read). Headers and metas come through
+        here: a receive also asks for the `more` bytes expected next, so that a reply's header and meta
+        usually take one call."""
+        if len(self._ahead) < size:
+            held = bytes(self._ahead)
+            want = size + more
+            if len(self._inbox) < want:
+                self._inbox = bytearray(want)
+            inbox = memoryview(self._inbox)
+            inbox[: len(held)] = held
+            got = len(held)
+            while got < size:
+                got += self._recv_into(inbox[got:want])
+            self._ahead = inbox[:got]
+        out, self._ahead = self._ahead[:size], self._ahead[size:]
+        return out
+
     def _read_exact(self, view: memoryview) -> None:
-        got = 0
+        got = min(len(self._ahead), len(view))
+        if got:
+            view[:got] = self._ahead[:got]
+            self._ahead = self._ahead[got:]
         while got < len(view):
-            self.sock.settimeout(self._remaining())
-            n = self.sock.recv_into(view[got:])
-            if n == 0:
-                raise ConnectionResetError("the NenCache server closed the connection")
-            got += n
+            got += self._recv_into(view[got:])
 
     def _read_bytes(self, nbytes: int) -> bytes:
         out = bytearray(nbytes)

@@ -1,8 +1,8 @@
-"""`PeerEndpoint`: a NenCache server over a `KVCache`'s own memory tier, serving its chunks to peers.
+"""`PeerEndpoint`: a server of the NenCache protocol over a `KVCache`'s own memory tier, serving its chunks to peers.
 
-The server code is the NenCache server's (`nencache.server`); only its store differs: `PeerStore`
-answers the server's store calls from the memory tier of the cache's store (`nencache.store`),
-read-only, and allocates no pool of its own. A raw chunk goes out as its
+The server is `nencache.p2p.server.PeerServer` (a thread per connection; the protocol, limits and
+deadlines of `nencache serve`); its store, `PeerStore`, answers from the memory tier of the cache's
+store (`nencache.store`), read-only, and allocates no pool of its own. A raw chunk goes out as its
 own pool page, the raw-codec header (payload CRC32 included) stamped in the page's header slot when
 the chunk is published (on the background writer). Only EXISTS, GET, PING, AUTH and STATS are served; PUT is refused and DELETE and
 CLEAR are ignored: peers never change this cache. Where the cache's pool is a shared region
@@ -12,6 +12,7 @@ CLEAR are ignored: peers never change this cache. Where the cache's pool is a sh
 from __future__ import annotations
 
 import ipaddress
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,8 +20,7 @@ from nencache.codecs import RawCodec
 from nencache.errors import ConfigError
 from nencache.format import HEADER_SIZE, parse_header
 from nencache.tiers.peer.client import peer_address
-from nencache.net.protocol import Code, ProtocolError
-from nencache.server.server import BackgroundServer
+from nencache.p2p.server import PeerServer
 from nencache.server.settings import ServerSettings
 from nencache.net.shared import Placement, SharedRegion, Spot
 from nencache.server.store import Namespace
@@ -28,59 +28,31 @@ from nencache.tiers.memory import ChunkLease, MemoryTier
 
 
 class PeerStore:
-    """What the NenCache server asks of its store, answered read-only from a cache's memory tier, for one
-    namespace. It allocates nothing: the pool is the cache's."""
+    """What the peer server asks of its store (`nencache.p2p.server.ServedStore`), answered read-only from a
+    cache's memory tier, for one namespace. It allocates nothing: the pool is the cache's."""
 
-    def __init__(self, settings: ServerSettings, memory: MemoryTier, namespace: bytes,
-                 region: SharedRegion | None = None) -> None:
-        self.settings = settings
+    def __init__(self, memory: MemoryTier, namespace: bytes, region: SharedRegion | None = None) -> None:
         self.memory = memory
         self.pool = memory.pool
         self._space = Namespace(namespace, b"")  # memory keys are the bare chunk keys
-        self.disk_root = None  # nothing below memory is served
-        self.writer = None
         self.region = region  # the pool's shared region, which local peers map read-only (None: not shared)
         self.served_chunks = 0
+        self._counting = threading.Lock()  # connections are served on threads of their own
 
     # --- what the server asks ------------------------------------------------------------------
     def known(self, name: bytes) -> Namespace | None:
         return self._space if name == self._space.name else None
 
-    def needs_open(self, name: bytes) -> bool:
-        return False
-
-    def open(self, name: bytes, *, create: bool) -> Namespace | None:
-        if create:
-            raise _read_only()
-        return self.known(name)
-
-    def exists(self, space: Namespace, keys: Sequence[bytes], *, disk: bool = True) -> int:
+    def exists(self, space: Namespace, keys: Sequence[bytes]) -> int:
         return self.memory.contains_prefix(keys)
-
-    def present(self, space: Namespace, keys: Sequence[bytes]) -> list[bool]:
-        return [key in self.memory for key in keys]
-
-    def read_disk(self, space: Namespace, keys: Sequence[bytes]) -> list[Any]:
-        return [None] * len(keys)
-
-    def lease_after_read(self, space: Namespace, keys: Sequence[bytes], held: Sequence[bool]) -> list[ChunkLease | None]:
-        return self.lease(space, keys)
-
-    def take_page(self, nbytes: int) -> tuple[int, memoryview]:
-        raise _read_only()  # a PUT never reaches the cache's pool
-
-    def abandon(self, page: int) -> None:
-        raise _read_only()
-
-    def commit(self, space: Namespace, key: bytes, page: int, nbytes: int) -> bool:
-        raise _read_only()
 
     def lease(self, space: Namespace, keys: Sequence[bytes]) -> list[ChunkLease | None]:
         return [self.memory.lease(k, count=False) for k in keys]  # peers' reads are not this cache's hits
 
     def view(self, lease: ChunkLease) -> Any:
         """The chunk in the shared byte format, as one buffer over the pool."""
-        self.served_chunks += 1
+        with self._counting:
+            self.served_chunks += 1
         if not lease.entry.is_blob:
             return lease.blob()
         page = lease.blob()
@@ -93,7 +65,8 @@ class PeerStore:
         """Where held chunks sit in the shared region, in the shared byte format (a raw chunk's header is
         stamped first); None for the rest. Nothing stays pinned: the reader checks the page's generation."""
         spots = self._spots(keys)
-        self.served_chunks += sum(spot is not None for spot in spots)
+        with self._counting:
+            self.served_chunks += sum(spot is not None for spot in spots)
         return spots
 
     def _spots(self, keys: Sequence[bytes]) -> list[Spot | None]:
@@ -114,18 +87,6 @@ class PeerStore:
             finally:
                 lease.release()
         return spots
-
-    def delete(self, space: Namespace, keys: Sequence[bytes]) -> None:
-        """Peers do not delete this cache's chunks."""
-
-    def clear(self, space: Namespace) -> None:
-        """Peers do not clear this cache."""
-
-    def flush(self) -> None:
-        """Nothing is written here."""
-
-    def close(self) -> None:
-        """The memory tier belongs to its `KVCache`."""
 
     def stats(self) -> dict[str, Any]:
         return {"memory": self.memory.stats().as_dict(),
@@ -156,7 +117,7 @@ class PeerStore:
 
 
 class PeerEndpoint:
-    """A `PeerStore` served on `host:port` (0: any free port) from a server thread of its own."""
+    """A `PeerStore` served on `host:port` (0: any free port) by a `PeerServer`, until `close`."""
 
     def __init__(self, memory: MemoryTier, namespace: str, *, host: str = "127.0.0.1", port: int = 0,
                  auth_token: str | None = None, max_chunk_bytes: int, io_timeout: float = 30.0,
@@ -165,25 +126,18 @@ class PeerEndpoint:
         max_chunk = max(max_chunk_bytes, memory.pool.page_bytes, HEADER_SIZE)
         self.settings = ServerSettings(host=host, port=port, admin_port=None, auth_token=auth_token,
                                        pool_bytes=max(memory.pool.capacity_bytes, max_chunk), max_chunk_bytes=max_chunk,
-                                       max_request_bytes=max(8 * max_chunk, 64 << 20), io_timeout=io_timeout,
-                                       io_threads=2)
-        self.store = PeerStore(self.settings, memory, namespace.encode("ascii"), region)
-        self._server = BackgroundServer(self.settings, self.store)
+                                       max_request_bytes=max(8 * max_chunk, 64 << 20), io_timeout=io_timeout)
+        self.store = PeerStore(memory, namespace.encode("ascii"), region)
+        self._server = PeerServer(self.settings, self.store)
         try:
             self._server.start()
         except ConfigError as exc:
-            raise ConfigError(f"P2P endpoint: {exc}".replace("--port (server_port)", "p2p_port (0: any free port)")) \
-                from None
+            raise ConfigError(f"P2P endpoint: {exc}") from None
         self.host, self.port = host, self._server.port
         self.address = peer_address(host, self.port)
 
     def close(self) -> None:
         self._server.stop()
-
-
-def _read_only() -> ProtocolError:
-    return ProtocolError(Code.UNSUPPORTED, "this is a read-only NenCache peer endpoint: it serves EXISTS and GET of "
-                                           "its own chunks and takes no PUT")
 
 
 def _check_host(host: str) -> None:

@@ -1,16 +1,20 @@
-"""Byte channels of the asyncio server: a plain socket (zero-copy) or a TLS stream.
+"""Sockets of the servers, and the asyncio server's byte channels: a plain socket (zero-copy) or a TLS stream.
 
-`recv_into` fills caller buffers (pool pages included) with `socket.recv_into`; `send` writes
+`listen`, `tune`, `refuse` and `finish` serve both servers (`nencache serve` and the peer endpoint's).
+A channel's `recv_into` fills caller buffers (pool pages included) with `socket.recv_into`; `send` writes
 memoryviews with `socket.sendmsg` (scatter-gather, no joining, no transport buffer copies).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Sequence
 from typing import Protocol
 
+from nencache.errors import ConfigError
+from nencache.net.protocol import Code, error_frame
 from nencache.net.wire import drop_sent
 
 Buffer = bytes | bytearray | memoryview
@@ -31,6 +35,41 @@ class Channel(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def listen(host: str, port: int, *, instead: str) -> socket.socket:
+    """A listening TCP socket on `host:port`; `ConfigError` naming `instead` (the setting to change) if taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(f"cannot listen on {host}:{port} ({reason}); choose another {instead} or stop what "
+                          "uses it") from None
+
+
+def refuse(sock: socket.socket, message: str) -> None:
+    """Answer a connection that is not taken with a closing BUSY frame saying why, and close it."""
+    header, body = error_frame(0, 0, Code.BUSY, message, closing=True)
+    try:
+        sock.setblocking(False)
+        sock.send(header.pack() + body)
+    except OSError:
+        pass
+    sock.close()
+
+
+def finish(sock: socket.socket) -> None:
+    """Close after what was written: send FIN and drop unread input first, so the peer reads the last frame."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.setblocking(False)
+        for _ in range(16):
+            if not sock.recv(1 << 16):
+                break
+    except OSError:
+        pass
+    sock.close()
 
 
 def tune(sock: socket.socket) -> None:
@@ -98,15 +137,7 @@ class SocketChannel:
             pass
 
     def close(self) -> None:
-        """Send FIN after what was written and drop unread input first, so the peer reads the last frame."""
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-            for _ in range(16):
-                if not self.sock.recv(1 << 16):
-                    break
-        except OSError:
-            pass
-        self.sock.close()
+        finish(self.sock)
 
 
 class StreamChannel:

@@ -17,7 +17,6 @@ at once, its body read and discarded.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -27,9 +26,10 @@ from typing import Any, TypeVar
 
 from nencache.errors import PoolExhaustedError
 from nencache.net.protocol import (
-    HEADER_SIZE, KEY_SIZE, MAX_NAMESPACE, MISSING, SPOT, UNPLACED, Code, Flag, Frame, Op, ProtocolError, check_request,
-    error_frame, pack_lengths, parse_keyed_meta, unpack_header,
+    HEADER_SIZE, KEY_SIZE, MAX_NAMESPACE, MISSING, Code, Flag, Frame, Op, ProtocolError, check_authed,
+    check_request, check_token, error_frame, hello, pack_lengths, parse_keyed_meta, unpack_header,
 )
+from nencache.net.shared import locate_reply
 from nencache.server.budget import Holder
 from nencache.server.channel import Buffer, Channel
 from nencache.server.host import Host
@@ -149,9 +149,7 @@ class Connection:
     async def _handle(self, frame: Frame, started: float) -> None:
         check_request(frame, self.limits)
         op = Op(frame.op)
-        if not self.authed and op not in (Op.PING, Op.AUTH):
-            raise ProtocolError(Code.AUTH_REQUIRED, "this server requires an auth token: send AUTH first "
-                                                    "(set auth_token or NENCACHE_AUTH_TOKEN on the client)")
+        check_authed(op, self.authed)
         meta = memoryview(self._meta)[: frame.meta_len] if frame.meta_len else memoryview(b"")
         if frame.meta_len:
             if frame.meta_len > len(self._meta):
@@ -197,13 +195,10 @@ class Connection:
 
     async def _auth(self, frame: Frame, token: bytes, started: float) -> None:
         expected = self.server.token
-        if expected is not None and not hmac.compare_digest(token, expected):
-            raise ProtocolError(Code.AUTH_FAILED, "wrong auth token; give the client the server's auth_token "
-                                                  "(NENCACHE_AUTH_TOKEN)")
+        check_token(token, expected)
         self.authed = True
-        hello = {"server": "nencache", "protocol": 1, "auth": expected is not None, **self.limits.as_dict(),
-                 "idle_timeout": self.idle_timeout}
-        await self._reply(frame, started, body=[json.dumps(hello).encode()])
+        await self._reply(frame, started, body=[hello(self.limits, auth=expected is not None,
+                                                      idle_timeout=self.idle_timeout)])
 
     async def _answer(self, op: Op, frame: Frame, namespace: bytes, keys: list[bytes], started: float) -> None:
         """EXISTS (with a disk tier), GET, LOCATE, DELETE and CLEAR, answered beside the reader loop (in the
@@ -286,13 +281,7 @@ class Connection:
                 spots[i] = spot
                 if spot is None:  # on disk, but memory had no room for it: GET serves it
                     unplaced.add(i)
-        meta = [region.nonce]
-        for i, spot in enumerate(spots):
-            if spot is not None:
-                meta.append(SPOT.pack(spot.offset, spot.length, spot.generation))
-            else:
-                meta.append(SPOT.pack(UNPLACED if i in unplaced else MISSING, 0, 0))
-        await self._reply(frame, started, count=len(keys), meta=b"".join(meta))
+        await self._reply(frame, started, count=len(keys), meta=locate_reply(region.nonce, spots, unplaced))
 
     async def _put(self, frame: Frame, namespace: bytes, keys: list[bytes], lengths: list[int],
                    started: float) -> None:

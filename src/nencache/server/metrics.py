@@ -1,7 +1,8 @@
 """Server counters and latency histograms, and their Prometheus exposition.
 
-Counting is plain Python on the event loop (no locks, no client library on the hot path);
-`prometheus_client` is only imported when `/metrics` is scraped.
+Counting is plain Python, one thread at a time (the event loop of `nencache serve`; the peer endpoint's
+connection threads take a lock), with no client library on the hot path; `prometheus_client` is only
+imported when `/metrics` is scraped.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 from nencache.net.protocol import Code, Op
 
+_OP_NAMES = {int(op): op.name.lower() for op in Op}
+_CODE_NAMES = {int(code): code.name.lower() for code in Code}
 BUCKETS = (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -58,13 +61,13 @@ class ServerCounters:
     errors: dict[str, int] = field(default_factory=lambda: {code.name.lower(): 0 for code in Code})
     latency: dict[str, Histogram] = field(default_factory=lambda: {op.name.lower(): Histogram() for op in Op})
 
-    def request(self, op: Op, started: float) -> None:
-        name = op.name.lower()
+    def request(self, op: int, started: float) -> None:
+        name = _OP_NAMES[op]
         self.requests[name] += 1
         self.latency[name].observe(time.perf_counter() - started)
 
-    def error(self, code: Code) -> None:
-        self.errors[code.name.lower()] += 1
+    def error(self, code: int) -> None:
+        self.errors[_CODE_NAMES[code]] += 1
 
     def as_dict(self) -> dict[str, Any]:
         return {

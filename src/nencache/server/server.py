@@ -18,9 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from nencache.errors import ConfigError
-from nencache.net.protocol import Code, error_frame
+from nencache.net.protocol import Code
 from nencache.server.budget import FairBudget
-from nencache.server.channel import SocketChannel, accept_tls, tune
+from nencache.server.channel import SocketChannel, accept_tls, listen, refuse, tune
 from nencache.server.connection import Connection
 from nencache.server.metrics import ServerCounters
 from nencache.server.settings import ServerSettings
@@ -66,13 +66,7 @@ class NenCacheServer:
 
     async def start(self) -> None:
         """Listen on the data port (and the admin port); returns once both accept connections."""
-        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
-        try:
-            self._listener = socket.create_server((self.settings.host, self.settings.port), family=family,
-                                                  backlog=1024)
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {self.settings.host}:{self.settings.port} ({_reason(exc)}); "
-                              "choose another --port (server_port) or stop what uses it") from None
+        self._listener = listen(self.settings.host, self.settings.port, instead="--port (server_port)")
         self._listener.setblocking(False)
         self.port = self._listener.getsockname()[1]
         self._accepting = asyncio.create_task(self._accept_loop())
@@ -161,13 +155,7 @@ class NenCacheServer:
     def _refuse(self, sock: socket.socket, message: str) -> None:
         self.counters.refused += 1
         self.counters.error(Code.BUSY)
-        header, body = error_frame(0, 0, Code.BUSY, message, closing=True)
-        try:
-            sock.setblocking(False)
-            sock.send(header.pack() + body)
-        except OSError:
-            pass
-        sock.close()
+        refuse(sock, message)
 
     async def _serve(self, sock: socket.socket, peer: str, client: str) -> None:
         try:
