@@ -6,7 +6,9 @@
 
 `--before` is a git revision of this repository (exported with `git archive`) or a directory holding
 a checkout. `bench:SUITE` runs `nencache bench SUITE` of each tree instead of a script, and compares
-the numbers of its `bench.json` figures whose name ("figure: field") matches `--fields` (default: p50). Each round runs the script once on each tree (the order alternates round by round), each
+the numbers of its `bench.json` figures whose name ("figure: field") matches `--fields` (default: p50; a
+figure that lists one number per repetition counts as their median). Each round runs the script once on
+each tree (the order alternates round by round), each
 tree with its own `src/` and its own copy of the script, in a child process; the copies write their
 RESULTS.md into a scratch directory, not into this one. Every ratio cell of the Markdown tables the
 script prints (a column whose header has "/", "ratio" or "speedup") is collected, and the comparison
@@ -22,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -102,9 +105,15 @@ def bench_once(tree: Path, scratch: Path, suite: str, fields: re.Pattern[str], t
         for label, value in result["figures"].items():
             for field, number in (value.items() if isinstance(value, dict) else [("", value)]):
                 name = f"{label}: {field}" if field else label
-                if isinstance(number, (int, float)) and not isinstance(number, bool) and fields.search(name):
+                if isinstance(number, list) and number and all(_is_number(x) for x in number):
+                    number = statistics.median(number)  # one value per repetition (the disk suite): their median
+                if _is_number(number) and fields.search(name):
                     cells[name] = float(number)
     return cells
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def main() -> None:
