@@ -35,6 +35,7 @@ _MIN_RATE = 50e6  # bytes/s a transfer may not fall below before its deadline pa
 _IOV_MAX = 512
 _INBOX = 4096  # bytes for headers and metas (grown for larger ones)
 _TIMEVAL = struct.Struct("@ll")
+_MAX_TIMEOUT = 1e6  # seconds: longer kernel timeouts are this long (struct timeval's range)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,9 +217,7 @@ class WireConnection:
         if not self._kernel_timeouts:
             self.sock.settimeout(seconds)
         elif self._armed[option] != seconds:
-            whole = int(seconds)
-            self.sock.setsockopt(socket.SOL_SOCKET, option,
-                                 _TIMEVAL.pack(whole, max(1, min(999_999, round((seconds - whole) * 1e6)))))
+            set_kernel_timeout(self.sock, option, seconds)
             self._armed[option] = seconds
 
     def _send_all(self, parts: Sequence[Buffer]) -> None:
@@ -271,6 +270,13 @@ class WireConnection:
         out = bytearray(nbytes)
         self._read_exact(memoryview(out))
         return bytes(out)
+
+
+def set_kernel_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    """Set SO_RCVTIMEO or SO_SNDTIMEO: a blocking call on `sock` then fails with EAGAIN after `seconds`."""
+    whole = min(seconds, _MAX_TIMEOUT)
+    micros = max(1, round((whole % 1) * 1e6))  # 0 would mean no timeout at all
+    sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(int(whole), min(micros, 999_999)))
 
 
 def drop_sent(views: list[memoryview], sent: int) -> None:

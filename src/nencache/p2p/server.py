@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ from nencache.net.protocol import (
     check_request, check_token, error_frame, hello, pack_lengths, parse_keyed_meta, reply_header, unpack_header,
 )
 from nencache.net.shared import SharedRegion, Spot, locate_reply
-from nencache.net.wire import drop_sent
+from nencache.net.wire import drop_sent, set_kernel_timeout
 from nencache.pool import MemoryPool
 from nencache.server.channel import Buffer, finish, listen, refuse, tune
 from nencache.server.metrics import ServerCounters
@@ -46,8 +45,6 @@ from nencache.tiers.memory import ChunkLease
 log = logging.getLogger("nencache.p2p")
 GRACE_SECONDS = 10.0  # `stop` lets replies on the wire finish this long before it cuts their connections
 _IOV_MAX = 512
-_TIMEVAL = struct.Struct("@ll")
-_MAX_TIMEOUT = 1e6  # seconds: longer timeouts are this long (struct timeval's range)
 
 
 class ServedStore(Protocol):
@@ -409,9 +406,7 @@ class PeerConnection:
     def _set_timeout(self, option: int, seconds: float) -> None:
         if self._timeouts[option] == seconds:
             return
-        whole = min(seconds, _MAX_TIMEOUT)
-        micros = max(1, round((whole % 1) * 1e6))  # 0 would mean no timeout at all
-        self.sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(int(whole), min(micros, 999_999)))
+        set_kernel_timeout(self.sock, option, seconds)
         self._timeouts[option] = seconds
 
 
