@@ -97,16 +97,19 @@ def main_table(trace: Trace, reps: int) -> tuple[str, dict[tuple[float, str], Si
 
 
 def goals(results: dict[tuple[float, str], SimResult], times: dict[tuple[float, str], list[float]]) -> str:
+    """The issue's goals per capacity: the gap closed at 1, 5 and 10%; beating leaf-lru and s3fifo, and the
+    decision cost, at every capacity measured."""
     rows = []
-    for share in GOAL_CAPACITIES:
+    for share in CAPACITIES:
         get = lambda p: results[(share, p)].token_hit_rate  # noqa: E731
         closed = gap_closed(get("learned"), get("lru"), get("belady"))
         beats = get("learned") > max(get("leaf-lru"), get("s3fifo"))
         cost = statistics.median(times[(share, "learned")])
-        rows.append((f"{share:.0%}", f"{closed:.2f} ({'met' if closed >= 0.5 else 'not met'})",
+        verdict = ("met" if closed >= 0.5 else "not met") if share in GOAL_CAPACITIES else "no goal at this capacity"
+        rows.append((f"{share:.0%}", f"{closed:.2f} ({verdict})",
                      f"{get('learned'):.4f} vs {get('leaf-lru'):.4f} / {get('s3fifo'):.4f} ({'met' if beats else 'not met'})",
                      f"{cost:.2f} ({'met' if cost <= 5 else 'not met'})"))
-    return table(["capacity", "gap closed (goal >= 0.5)", "learned vs leaf-lru / s3fifo (goal: beats both)",
+    return table(["capacity", "gap closed (goal >= 0.5 at 1, 5, 10%)", "learned vs leaf-lru / s3fifo (goal: beats both)",
                   "learned decision us, CPU time (goal <= 5)"], rows)
 
 
@@ -195,7 +198,7 @@ def main() -> int:
         f"time spent waiting for a CPU. Medians and ranges over {args.reps} reps, policies interleaved "
         f"within each rep. The machine is shared: its load average was {load_before:.1f} before and "
         f"{load_after:.1f} after these runs (2 cores).",
-        "### goals (capacity 1%, 5%, 10%)\n\n" + goals(results, times),
+        "### goals\n\n" + goals(results, times),
         body,
         f"![hit rate against capacity]({PLOT.name})",
         "### learned prefetch (CPU tier as above, disk tier holding every unique block, learned eviction)\n\n"
