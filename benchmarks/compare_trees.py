@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -164,7 +165,7 @@ def main() -> None:
                      "after / before"], rows))
     print(body)
     fields = ["--fields", opts.fields] if opts.script.startswith(BENCH) else []
-    write_section(f"compare trees: {opts.script}", body, "python " + " ".join(
+    write_section(f"compare trees: {opts.script}", body, "python " + shlex.join(
         ["benchmarks/compare_trees.py", "--before", opts.before, "--rounds", str(opts.rounds), *fields, "--",
          opts.script, *args]))
 

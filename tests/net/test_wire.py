@@ -106,3 +106,17 @@ def test_a_server_that_stops_answering_times_out_after_the_timeout_not_the_whole
         with pytest.raises(TimeoutError):
             conn.call(Op.PING)
         assert 0.4 < time.monotonic() - started < 1.0  # timeout 0.5 s; the exchange's deadline is 2 s
+
+
+def test_a_request_of_more_parts_than_one_sendmsg_takes_goes_out_whole_and_in_order() -> None:
+    parts = [bytes([i % 251]) * (1 + i % 7) for i in range(700)]  # 702 buffers with the header and meta
+    received: list[bytes] = []
+
+    def script(sock: socket.socket) -> None:
+        put = read_request(sock)
+        received.append(sock.recv(put.body_len, socket.MSG_WAITALL))
+        sock.sendall(reply_header(put, 0, 0, 0))
+
+    with scripted(script) as conn:
+        conn.call(Op.PUT, count=1, meta=b"m", body=[memoryview(p) for p in parts])
+    assert received == [b"".join(parts)]

@@ -170,6 +170,22 @@ def test_requests_split_into_single_bytes_or_sent_together_are_answered(endpoint
         assert reply is not None and reply[0].request_id == 1
 
 
+def test_a_reply_of_more_parts_than_one_sendmsg_takes_arrives_whole() -> None:
+    served = start(max_request_bytes=1024 * LAYOUT.nbytes(BIG))  # GETs of up to 1024 keys
+    try:
+        asked = [served.keys[i % len(served.keys)] for i in range(600)]  # 600 blobs: past the 512 parts of a sendmsg
+        clients = PeerClients(NAMESPACE, timeout=5.0, shared_memory=False)
+        try:
+            blobs = clients.get(served.address, asked)  # each checked: header, key and payload CRC
+        finally:
+            clients.close()
+        assert all(blob is not None for blob in blobs)
+        assert served.server.stats()["server"]["requests"]["get"] == 1  # one request, one reply
+        assert served.pinned_pages() == 0
+    finally:
+        served.server.stop()
+
+
 def test_slow_idle_and_non_reading_connections_are_cut_while_a_peer_is_served(endpoint: Endpoint) -> None:
     good = GoodPeer(endpoint)
     good.start()

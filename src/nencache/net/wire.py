@@ -23,8 +23,8 @@ from nencache.format import HEADER_SIZE as CHUNK_HEADER_SIZE
 from nencache.format import NO_KEY, parse_header
 from nencache.net.buffers import BufferPool
 from nencache.net.protocol import (
-    HEADER_SIZE, MAX_MESSAGE, MAX_TOKEN, Code, Flag, Frame, Limits, Op, ProtocolError,
-    reply_meta_size, unpack_header, unpack_lengths,
+    CLOSING, HEADER, HEADER_SIZE, MAGIC, MAX_MESSAGE, MAX_TOKEN, RESPONSE, VERSION, Code, Frame, Limits, Op,
+    ProtocolError, reply_meta_size, unpack_header, unpack_lengths,
 )
 
 Buffer = bytes | bytearray | memoryview
@@ -132,10 +132,10 @@ class WireConnection:
     def send(self, op: Op, *, count: int = 0, meta: bytes = b"", body: Sequence[Buffer] = ()) -> int:
         """Send one request; its id."""
         request_id = next(self._ids) & 0xFFFFFFFF
-        body_len = sum(memoryview(b).nbytes for b in body)
-        self.extend_deadline(body_len)
-        header = Frame(op, request_id, count, len(meta), body_len).pack()
-        self._send_all([header, meta, *body])
+        body_len = sum(memoryview(b).nbytes for b in body) if body else 0
+        self._deadline += body_len / _MIN_RATE
+        header = HEADER.pack(MAGIC, VERSION, op, 0, request_id, count, len(meta), 0, body_len)
+        self._send_all([header, meta, *body], HEADER_SIZE + len(meta) + body_len)
         if len(self._expect) > 64:
             self._expect.clear()  # replies that never came (their exchange failed): only a hint is lost
         self._expect[request_id] = reply_meta_size(op, count)
@@ -161,13 +161,13 @@ class WireConnection:
         """The next reply of one of `pending` (request id -> key count of a GET, else anything)."""
         frame = unpack_header(self._next(HEADER_SIZE, self._expect.get(next(iter(pending), -1), 0)))
         self._expect.pop(frame.request_id, None)
-        if not frame.flags & Flag.RESPONSE:
+        if not frame.flags & RESPONSE:
             raise ProtocolError(Code.BAD_FRAME, "the server sent a request frame")
         if frame.is_error:
             if frame.body_len > MAX_MESSAGE or frame.meta_len:
                 raise ProtocolError(Code.BAD_FRAME, "oversized error frame")
             message = bytes(self._next(frame.body_len)).decode("utf-8", "replace")
-            error = ErrorReply(frame.status, message, bool(frame.flags & Flag.CLOSING))
+            error = ErrorReply(frame.status, message, bool(frame.flags & CLOSING))
             if error.closing:
                 raise error
             if frame.request_id not in pending:
@@ -220,15 +220,20 @@ class WireConnection:
             set_kernel_timeout(self.sock, option, seconds)
             self._armed[option] = seconds
 
-    def _send_all(self, parts: Sequence[Buffer]) -> None:
-        views = [memoryview(p).cast("B") for p in parts if len(p)]
-        while views:
+    def _send_all(self, parts: list[Buffer], total: int) -> None:
+        """Write `parts` (`total` bytes); on a plain socket the first `sendmsg` usually takes them all (TLS sends
+        one buffer at a time)."""
+        pending: list[Any] = parts if self._kernel_timeouts else unsent(parts, 0)
+        done = 0
+        while done < total:
             self._wait(socket.SO_SNDTIMEO)
             try:
-                sent = self.sock.sendmsg(views[:_IOV_MAX]) if self._kernel_timeouts else self.sock.send(views[0])
+                sent = self.sock.sendmsg(pending[:_IOV_MAX]) if self._kernel_timeouts else self.sock.send(pending[0])
             except BlockingIOError:  # the kernel's timeout, with nothing sent
                 raise TimeoutError("the NenCache server did not read the request in time (remote_timeout)") from None
-            drop_sent(views, sent)
+            done += sent
+            if done < total:
+                pending = unsent(parts, done)
 
     def _recv_into(self, view: memoryview) -> int:
         self._wait(socket.SO_RCVTIMEO)
@@ -277,6 +282,14 @@ def set_kernel_timeout(sock: socket.socket, option: int, seconds: float) -> None
     whole = min(seconds, _MAX_TIMEOUT)
     micros = max(1, round((whole % 1) * 1e6))  # 0 would mean no timeout at all
     sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(int(whole), min(micros, 999_999)))
+
+
+def unsent(parts: Sequence[Buffer], done: int) -> list[memoryview]:
+    """What is left of `parts` after their first `done` bytes were written, as byte views (made only after a
+    write that took part of them: the first write hands `parts` to `sendmsg` as they are)."""
+    views = [memoryview(part).cast("B") for part in parts if len(part)]
+    drop_sent(views, done)
+    return views
 
 
 def drop_sent(views: list[memoryview], sent: int) -> None:

@@ -34,7 +34,7 @@ from nencache.net.protocol import (
     check_request, check_token, error_frame, hello, pack_lengths, parse_keyed_meta, reply_header, unpack_header,
 )
 from nencache.net.shared import SharedRegion, Spot, locate_reply
-from nencache.net.wire import drop_sent, set_kernel_timeout
+from nencache.net.wire import set_kernel_timeout, unsent
 from nencache.pool import MemoryPool
 from nencache.server.channel import Buffer, finish, listen, refuse, tune
 from nencache.server.metrics import ServerCounters
@@ -45,6 +45,7 @@ from nencache.tiers.memory import ChunkLease
 log = logging.getLogger("nencache.p2p")
 GRACE_SECONDS = 10.0  # `stop` lets replies on the wire finish this long before it cuts their connections
 _IOV_MAX = 512
+_NO_FRAME = Frame(0, 0)  # what an error answers before a frame was read
 
 
 class ServedStore(Protocol):
@@ -72,21 +73,28 @@ class PageBudget:
     def __init__(self, total: int) -> None:
         self.total = max(1, total)
         self.free = self.total
-        self._changed = threading.Condition()
+        self._waiting = 0  # threads waiting in `take` (a reply that finds pages free wakes nobody)
+        self._changed = threading.Condition(threading.Lock())
 
     def take(self, pages: int, timeout: float) -> int:
         """Wait up to `timeout` seconds for `pages` (at most the whole budget); the pages taken, 0 if none."""
         pages = min(pages, self.total)
         with self._changed:
-            if self.free < pages and not self._changed.wait_for(lambda: self.free >= pages, timeout):
-                return 0
+            if self.free < pages:
+                self._waiting += 1
+                try:
+                    if not self._changed.wait_for(lambda: self.free >= pages, timeout):
+                        return 0
+                finally:
+                    self._waiting -= 1
             self.free -= pages
         return pages
 
     def give(self, pages: int) -> None:
         with self._changed:
             self.free += pages
-            self._changed.notify_all()
+            if self._waiting:
+                self._changed.notify_all()
 
 
 class PeerServer:
@@ -225,17 +233,17 @@ class PeerConnection:
         self._timeouts = {socket.SO_RCVTIMEO: -1.0, socket.SO_SNDTIMEO: -1.0}  # as set on the socket now
 
     def run(self) -> None:
-        frame = Frame(0, 0)
+        frame = _NO_FRAME
         try:
             tune(self.sock)
             while not self.server.stopping:
-                frame = Frame(0, 0)
+                frame = _NO_FRAME
                 request = self._next_frame()
                 if request is None:
                     return
-                frame, meta, started = request
+                frame, op, meta, started = request
                 try:
-                    self._handle(frame, meta, started)
+                    self._handle(frame, op, meta, started)
                 except ProtocolError as exc:
                     if exc.fatal:
                         raise
@@ -258,8 +266,8 @@ class PeerConnection:
         _shutdown(self.sock, socket.SHUT_RDWR)
 
     # --- reading ---------------------------------------------------------------------------------
-    def _next_frame(self) -> tuple[Frame, memoryview, float] | None:
-        """The next request's header (checked) and meta; None at a clean end of stream."""
+    def _next_frame(self) -> tuple[Frame, Op, memoryview, float] | None:
+        """The next request's header (checked), op and meta; None at a clean end of stream."""
         if self._end == self._start:
             self._start = self._end = 0
             if not self._receive(self._idle_wait()):
@@ -268,15 +276,15 @@ class PeerConnection:
         self._frame_deadline = time.monotonic() + self.settings.io_timeout
         self._fill(HEADER_SIZE)
         frame = unpack_header(self._view[self._start : self._start + HEADER_SIZE])
-        check_request(frame, self.limits)
-        if frame.op == Op.PUT:
+        op = check_request(frame, self.limits)
+        if op is Op.PUT:
             raise ProtocolError(Code.UNSUPPORTED, "this is a read-only NenCache peer endpoint: it serves EXISTS and "
                                                   "GET of its own chunks and takes no PUT")
         size = HEADER_SIZE + frame.meta_len
         self._fill(size)
         meta = self._view[self._start + HEADER_SIZE : self._start + size]
         self._start += size
-        return frame, meta, started
+        return frame, op, meta, started
 
     def _idle_wait(self) -> float:
         if self.authed:
@@ -309,9 +317,9 @@ class PeerConnection:
         return got > 0
 
     # --- answering -------------------------------------------------------------------------------
-    def _handle(self, frame: Frame, meta: memoryview, started: float) -> None:
-        op = Op(frame.op)
-        check_authed(op, self.authed)
+    def _handle(self, frame: Frame, op: Op, meta: memoryview, started: float) -> None:
+        if not self.authed:
+            check_authed(op, self.authed)
         received = HEADER_SIZE + frame.meta_len
         if op is Op.GET:  # by far the most frequent
             namespace, keys, _ = parse_keyed_meta(op, frame.count, meta, self.limits)
@@ -363,7 +371,7 @@ class PeerConnection:
                 blobs = [None if lease is None else self.store.view(lease) for lease in leases]
                 lengths = [MISSING if blob is None else len(blob) for blob in blobs]
                 self._reply(frame, started, received, count=len(keys), meta=pack_lengths(lengths),
-                            body=[blob for blob in blobs if blob is not None])
+                            body=[blob for blob in blobs if blob is not None], body_len=sum(lengths))
             finally:
                 for lease in leases:
                     if lease is not None:
@@ -372,34 +380,41 @@ class PeerConnection:
             self.server.replies.give(pages)
 
     def _reply(self, frame: Frame, started: float, received: int, *, count: int = 0, meta: bytes = b"",
-               body: Sequence[Buffer] = ()) -> None:
-        body_len = sum(len(part) for part in body)
-        self._send([reply_header(frame, count, len(meta), body_len), meta, *body])
-        self.server.count(frame.op, started, received, HEADER_SIZE + len(meta) + body_len)
+               body: Sequence[Buffer] = (), body_len: int | None = None) -> None:
+        """Send a reply; `body_len` is the body's size in bytes where the caller knows it."""
+        if body_len is None:
+            body_len = sum(memoryview(part).nbytes for part in body)
+        total = HEADER_SIZE + len(meta) + body_len
+        self._send([reply_header(frame, count, len(meta), body_len), meta, *body], total)
+        self.server.count(frame.op, started, received, total)
 
     def _fail(self, frame: Frame, exc: ProtocolError) -> None:
         """Send an error frame (best effort); after a fatal one the caller closes the connection."""
         header, body = error_frame(frame.op, frame.request_id, exc.code, str(exc), closing=exc.fatal)
         try:
-            self._send([header.pack(), body])
+            self._send([header.pack(), body], HEADER_SIZE + len(body))
         except OSError:
             pass
         self.server.count_error(exc.code, HEADER_SIZE + len(body))
 
-    def _send(self, parts: Sequence[Buffer]) -> None:
-        """Write `parts` whole within `io_timeout`; a peer that reads too slowly loses its connection."""
-        views = [memoryview(part).cast("B") for part in parts if len(part)]
+    def _send(self, parts: list[Buffer], total: int) -> None:
+        """Write `parts` (`total` bytes) whole within `io_timeout`; a peer that reads too slowly loses its
+        connection. Usually the first `sendmsg` takes them all."""
         timeout = self.settings.io_timeout
         deadline = time.monotonic() + timeout
-        while views:
+        pending: list[Any] = parts
+        done = 0
+        while True:
             self._set_timeout(socket.SO_SNDTIMEO, timeout)
             try:
-                sent = self.sock.sendmsg(views[:_IOV_MAX])
+                done += self.sock.sendmsg(pending[:_IOV_MAX])
             except BlockingIOError:  # the kernel's send timeout, with nothing sent
-                sent = 0
-            drop_sent(views, sent)
+                pass
+            if done == total:
+                return
+            pending = unsent(parts, done)
             timeout = deadline - time.monotonic()
-            if views and timeout <= 0:
+            if timeout <= 0:
                 self.abort()
                 raise TimeoutError("the peer did not read the reply in time (server_io_timeout)")
 

@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 
 from nencache.errors import PoolExhaustedError
 from nencache.net.protocol import (
-    HEADER_SIZE, KEY_SIZE, MAX_NAMESPACE, MISSING, Code, Flag, Frame, Op, ProtocolError, check_authed,
-    check_request, check_token, error_frame, hello, pack_lengths, parse_keyed_meta, unpack_header,
+    HEADER_SIZE, KEY_SIZE, MAX_NAMESPACE, MISSING, Code, Frame, Op, ProtocolError, check_authed,
+    check_request, check_token, error_frame, hello, pack_lengths, parse_keyed_meta, reply_header, unpack_header,
 )
 from nencache.net.shared import locate_reply
 from nencache.server.budget import Holder
@@ -147,8 +147,7 @@ class Connection:
 
     # --- dispatch --------------------------------------------------------------------------------
     async def _handle(self, frame: Frame, started: float) -> None:
-        check_request(frame, self.limits)
-        op = Op(frame.op)
+        op = check_request(frame, self.limits)
         check_authed(op, self.authed)
         meta = memoryview(self._meta)[: frame.meta_len] if frame.meta_len else memoryview(b"")
         if frame.meta_len:
@@ -384,7 +383,7 @@ class Connection:
     async def _reply(self, frame: Frame, started: float, *, count: int = 0, meta: bytes = b"",
                      body: Sequence[Buffer] = ()) -> None:
         body_len = sum(len(part) for part in body)
-        header = Frame(frame.op, frame.request_id, count, len(meta), body_len, int(Flag.RESPONSE)).pack()
+        header = reply_header(frame, count, len(meta), body_len)
         async with self._write:
             try:
                 await self.channel.send([header, meta, *body], self.timeout)
@@ -392,7 +391,7 @@ class Connection:
                 self.channel.abort()  # a peer that does not read its replies loses the connection, and only it
                 raise
         self.counters.sent_bytes += HEADER_SIZE + len(meta) + body_len
-        self.counters.request(Op(frame.op), started)
+        self.counters.request(frame.op, started)
 
     async def _fail(self, frame: Frame, exc: ProtocolError) -> None:
         """Send an error frame (best effort); a fatal error also ends the reader loop (the caller returns)."""

@@ -74,6 +74,8 @@ class PeerClients:
 
     def usable(self, peer: str) -> bool:
         """False while `peer` is being skipped after a failure."""
+        if not self._failed:  # no peer is being skipped (the usual case): no lock taken
+            return True
         with self._lock:
             until = self._failed.get(peer)
             if until is None:
