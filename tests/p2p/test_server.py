@@ -19,7 +19,7 @@ import pytest
 
 from nencache.net.protocol import HEADER_SIZE, MISSING, Code, Flag, Frame, Op, unpack_lengths
 from nencache.p2p.endpoint import PeerStore
-from nencache.p2p.server import PageBudget, PeerServer
+from nencache.p2p.server import PageBudget, PeerConnection, PeerServer
 from nencache.pool import MemoryPool
 from nencache.server.settings import ServerSettings
 from nencache.tiers.memory import MemoryTier
@@ -310,6 +310,61 @@ def test_malformed_frames_get_an_error_or_a_close_and_never_hang(endpoint: Endpo
     while endpoint.server.stats()["server"]["connections"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert endpoint.server.stats()["server"]["connections"] == 0
+    assert endpoint.pinned_pages() == 0
+
+
+def answer(sock: socket.socket) -> tuple[int, int, int, int, int, bytes, bytes] | None:
+    """The endpoint's next frame on `sock` (everything in it), or None if it closed the connection instead."""
+    try:
+        reply = read_frame(sock)
+    except ConnectionResetError:
+        return None
+    if reply is None:
+        return None
+    frame, meta, body = reply
+    return frame.op, frame.flags, frame.status, frame.request_id, frame.count, meta, body
+
+
+def test_a_get_after_the_first_on_a_connection_is_answered_as_on_a_fresh_one(
+        endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Once a connection has named a namespace, its GETs of it skip the general path (`_plain_get`); whatever
+    # that path takes must get the answer the general path gives, and whatever it leaves must reach it.
+    taken = []
+    plain_get = PeerConnection._plain_get
+
+    def spy(self: PeerConnection) -> object:
+        found = plain_get(self)
+        taken.append(found is not None)
+        return found
+
+    monkeypatch.setattr(PeerConnection, "_plain_get", spy)
+    rng = random.Random(11)
+    valid = request(Op.GET, 7, NAMESPACE, endpoint.keys[:3])
+    too_many = [endpoint.keys[i % len(endpoint.keys)] for i in range(9)]  # the endpoint takes 8 keys per GET
+    cases = [valid, request(Op.GET, 8, NAMESPACE, [make_key(999), endpoint.keys[0]]),
+             request(Op.GET, 9, NAMESPACE, too_many), request(Op.GET, 10, NAMESPACE, [])]
+    for _ in range(200):
+        data = bytearray(valid)
+        for _ in range(rng.randrange(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        cases.append(bytes(data))
+    outcomes = []
+    for case in cases:
+        answers = []
+        for first in (b"", request(Op.GET, 1, NAMESPACE, endpoint.keys[:1])):
+            with raw_connect(endpoint.server.port) as sock:
+                sock.sendall(first + case)
+                sock.shutdown(socket.SHUT_WR)
+                if first:
+                    assert answer(sock) is not None
+                answers.append(answer(sock))
+        assert answers[0] == answers[1], case
+        outcomes.append(answers[0])
+    held, one_missing = outcomes[0], outcomes[1]
+    assert held is not None and MISSING not in unpack_lengths(held[5], 3)
+    assert sum(unpack_lengths(held[5], 3)) == len(held[6])
+    assert one_missing is not None and unpack_lengths(one_missing[5], 2)[0] == MISSING
+    assert sum(taken) >= 2  # at least the two unmutated GETs took the plain path on their second connection
     assert endpoint.pinned_pages() == 0
 
 

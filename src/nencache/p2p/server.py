@@ -30,8 +30,9 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from nencache.net.protocol import (
-    HEADER_SIZE, KEY_SIZE, MAX_NAMESPACE, MAX_TOKEN, MISSING, Code, Frame, Op, ProtocolError, check_authed,
-    check_request, check_token, error_frame, hello, pack_lengths, parse_keyed_meta, reply_header, unpack_header,
+    HEADER, HEADER_SIZE, KEY_SIZE, MAGIC, MAX_NAMESPACE, MAX_TOKEN, MISSING, VERSION, Code, Frame, Op, ProtocolError,
+    check_authed, check_request, check_token, error_frame, hello, pack_lengths, parse_keyed_meta, reply_header,
+    unpack_header,
 )
 from nencache.net.shared import SharedRegion, Spot, locate_reply
 from nencache.net.wire import set_kernel_timeout, unsent
@@ -46,6 +47,8 @@ log = logging.getLogger("nencache.p2p")
 GRACE_SECONDS = 10.0  # `stop` lets replies on the wire finish this long before it cuts their connections
 _IOV_MAX = 512
 _NO_FRAME = Frame(0, 0)  # what an error answers before a frame was read
+_GET = int(Op.GET)
+_MAX_SPACES = 16  # namespaces a connection remembers for `_plain_get`
 
 
 class ServedStore(Protocol):
@@ -231,6 +234,9 @@ class PeerConnection:
         self._view = memoryview(self._inbox)
         self._start = self._end = 0
         self._timeouts = {socket.SO_RCVTIMEO: -1.0, socket.SO_SNDTIMEO: -1.0}  # as set on the socket now
+        # Namespaces this connection's GETs have named, as their meta starts (length byte, name) -> the store's
+        # namespace: a GET of one of them is answered without the general path (`_plain_get`).
+        self._spaces: dict[bytes, Namespace] = {}
 
     def run(self) -> None:
         frame = _NO_FRAME
@@ -238,12 +244,18 @@ class PeerConnection:
             tune(self.sock)
             while not self.server.stopping:
                 frame = _NO_FRAME
-                request = self._next_frame()
-                if request is None:
-                    return
-                frame, op, meta, started = request
+                if self._end == self._start:
+                    self._start = self._end = 0
+                    if not self._receive(self._idle_wait()):
+                        return  # a clean end of stream
                 try:
-                    self._handle(frame, op, meta, started)
+                    plain = self._plain_get()
+                    if plain is not None:
+                        frame = plain[0]
+                        self._get(*plain)
+                    else:
+                        frame, op, meta, started = self._next_frame()
+                        self._handle(frame, op, meta, started)
                 except ProtocolError as exc:
                     if exc.fatal:
                         raise
@@ -266,12 +278,31 @@ class PeerConnection:
         _shutdown(self.sock, socket.SHUT_RDWR)
 
     # --- reading ---------------------------------------------------------------------------------
-    def _next_frame(self) -> tuple[Frame, Op, memoryview, float] | None:
-        """The next request's header (checked), op and meta; None at a clean end of stream."""
-        if self._end == self._start:
-            self._start = self._end = 0
-            if not self._receive(self._idle_wait()):
-                return None
+    def _plain_get(self) -> tuple[Frame, Namespace, list[bytes], float, int] | None:
+        """The request at the head of the inbox, if it is a whole GET of a namespace this connection has asked
+        for before (what a peer sends, over and over), unpacked and checked in one step: its frame, namespace,
+        keys, start time and size. None for anything else, valid or not: the general path (`_next_frame`,
+        `_handle`) reads, checks and answers it, errors included."""
+        start, inbox = self._start, self._inbox
+        if self._end - start <= HEADER_SIZE or not self._spaces:
+            return None
+        magic, version, op, flags, request_id, count, meta_len, status, body_len = HEADER.unpack_from(inbox, start)
+        at = start + HEADER_SIZE
+        keys_at = at + 1 + inbox[at]
+        if (op != _GET or flags or status or body_len or magic != MAGIC or version != VERSION
+                or not 0 < count <= self.limits.max_get_keys or meta_len != keys_at - at + KEY_SIZE * count
+                or self._end < at + meta_len):
+            return None
+        space = self._spaces.get(bytes(inbox[at:keys_at]))
+        if space is None:
+            return None
+        started = time.perf_counter()
+        self._start = at + meta_len
+        keys = [bytes(inbox[i : i + KEY_SIZE]) for i in range(keys_at, self._start, KEY_SIZE)]
+        return Frame(op, request_id, count, meta_len), space, keys, started, HEADER_SIZE + meta_len
+
+    def _next_frame(self) -> tuple[Frame, Op, memoryview, float]:
+        """The next request's header (checked), op and meta (the inbox holds at least its first byte)."""
         started = time.perf_counter()
         self._frame_deadline = time.monotonic() + self.settings.io_timeout
         self._fill(HEADER_SIZE)
@@ -323,7 +354,10 @@ class PeerConnection:
         received = HEADER_SIZE + frame.meta_len
         if op is Op.GET:  # by far the most frequent
             namespace, keys, _ = parse_keyed_meta(op, frame.count, meta, self.limits)
-            self._get(frame, self.store.known(namespace), keys, started, received)
+            space = self.store.known(namespace)
+            if space is not None and len(self._spaces) < _MAX_SPACES:
+                self._spaces[bytes(meta[: 1 + len(namespace)])] = space
+            self._get(frame, space, keys, started, received)
         elif op is Op.PING:
             self._reply(frame, started, received)
         elif op is Op.AUTH:
