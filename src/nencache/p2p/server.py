@@ -16,7 +16,11 @@ malformed frame gets an error frame and its connection is closed; nothing on one
 
 The store is read-only and in memory (`ServedStore`): no request waits on a disk, PUT is refused,
 DELETE and CLEAR are ignored. Timeouts are the kernel's (SO_RCVTIMEO, SO_SNDTIMEO), set only when they
-change, so a request that arrives whole is one `recv` and its reply one `sendmsg`.
+change, so a request that arrives whole is one `recv` and its reply one `sendmsg`. A connection's repeated
+GETs of a namespace it has named before are unpacked and checked in one step (`_plain_get`); every other
+frame takes the general path, which answers errors too. After an idle every Python step costs several
+times its warm cost, so the steps a GET takes are what its latency is (RESULTS "p2p: lab notes on the
+ratio to a raw socket").
 """
 
 from __future__ import annotations
