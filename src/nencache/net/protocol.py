@@ -109,6 +109,11 @@ def reply_meta_size(op: int, count: int) -> int:
     return NONCE_SIZE + SPOT.size * count if op == Op.LOCATE else 0
 
 
+def request_header(op: int, request_id: int, count: int, meta_len: int, body_len: int) -> bytes:
+    """The packed header of a request (`Frame.pack` without building the frame)."""
+    return HEADER.pack(MAGIC, VERSION, op, 0, request_id, count, meta_len, 0, body_len)
+
+
 def reply_header(request: Frame, count: int, meta_len: int, body_len: int) -> bytes:
     """The packed header of a (non-error) reply to `request`."""
     return HEADER.pack(MAGIC, VERSION, request.op, RESPONSE, request.request_id, count, meta_len, 0, body_len)

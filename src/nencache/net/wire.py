@@ -23,8 +23,8 @@ from nencache.format import HEADER_SIZE as CHUNK_HEADER_SIZE
 from nencache.format import NO_KEY, parse_header
 from nencache.net.buffers import BufferPool
 from nencache.net.protocol import (
-    CLOSING, HEADER, HEADER_SIZE, MAGIC, MAX_MESSAGE, MAX_TOKEN, RESPONSE, VERSION, Code, Frame, Limits, Op,
-    ProtocolError, reply_meta_size, unpack_header, unpack_lengths,
+    CLOSING, HEADER_SIZE, MAX_MESSAGE, MAX_TOKEN, RESPONSE, Code, Frame, Limits, Op, ProtocolError,
+    reply_meta_size, request_header, unpack_header, unpack_lengths,
 )
 
 Buffer = bytes | bytearray | memoryview
@@ -133,8 +133,8 @@ class WireConnection:
         """Send one request; its id."""
         request_id = next(self._ids) & 0xFFFFFFFF
         body_len = sum(memoryview(b).nbytes for b in body) if body else 0
-        self._deadline += body_len / _MIN_RATE
-        header = HEADER.pack(MAGIC, VERSION, op, 0, request_id, count, len(meta), 0, body_len)
+        self.extend_deadline(body_len)
+        header = request_header(op, request_id, count, len(meta), body_len)
         self._send_all([header, meta, *body], HEADER_SIZE + len(meta) + body_len)
         if len(self._expect) > 64:
             self._expect.clear()  # replies that never came (their exchange failed): only a hint is lost
